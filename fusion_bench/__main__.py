@@ -1,0 +1,3 @@
+from fusion_bench.scripts.cli import main
+
+main()

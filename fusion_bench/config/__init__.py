@@ -1,0 +1,1 @@
+"""Hydra configs shipped with FusionBench (a package so Hydra can find them when installed)."""

@@ -1,0 +1,93 @@
+"""Load datasets from config entries: hub ids, local ``save_to_disk`` folders, or Hydra targets.
+
+A dataset entry in a pool config may be
+  * a string: a hub id (``tanganke/sun397``) or a local folder written by ``save_to_disk``;
+  * a mapping ``{path, name?, split?, data_dir?, revision?}`` passed to
+    ``datasets.load_dataset`` (``path`` may be ``imagefolder`` with ``data_dir``), or to
+    ``datasets.load_from_disk`` when ``path`` is such a local folder;
+  * a mapping with ``_target_`` (called with its other keys).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from fusion_bench.errors import DatasetError
+from fusion_bench.utils.instantiate import call_with_options, resolve_target, to_container
+
+__all__ = ["load_dataset_from_config", "is_saved_to_disk", "check_image_classification_columns"]
+
+_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def is_saved_to_disk(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset(Dict).save_to_disk``."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / m).is_file() for m in _DISK_MARKERS)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+def _pick_split(ds: Any, split: str | None, *, what: str) -> Any:
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            raise DatasetError(f"{what}: the dataset has splits {sorted(ds)}; choose one with 'split'")
+        if split not in ds:
+            raise DatasetError(f"{what}: no split {split!r}; available splits: {sorted(ds)}")
+        return ds[split]
+    return ds
+
+
+def load_dataset_from_config(cfg: Any, *, split: str | None, what: str) -> Any:
+    """Load one split of a dataset described by ``cfg`` (see module docstring).
+
+    Args:
+        cfg: the dataset entry.
+        split: the split to use unless the entry names one.
+        what: the entry's name for messages (e.g. ``"test dataset 'sun397'"``).
+
+    Returns:
+        a ``datasets.Dataset`` (or whatever a ``_target_`` returns).
+    """
+    import datasets
+
+    cfg = to_container(cfg)
+    if isinstance(cfg, str):
+        cfg = {"path": cfg}
+    if not isinstance(cfg, Mapping):
+        raise DatasetError(f"{what}: expected a path string or a mapping, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    if "_target_" in cfg:
+        fn = resolve_target(cfg.pop("_target_"), what=what)
+        return call_with_options(fn, cfg, what=what)
+    cfg.setdefault("split", split)
+    path = cfg.get("path") or cfg.get("name")
+    if not path:
+        raise DatasetError(f"{what}: the entry needs 'path' (hub id or local folder); got keys {sorted(cfg)}")
+    path = str(path)
+    if is_saved_to_disk(path):
+        return _pick_split(datasets.load_from_disk(str(Path(path).expanduser())), cfg["split"], what=what)
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        raise DatasetError(f"{what}: local path {path!r} does not exist")
+    kwargs = {k: v for k, v in cfg.items() if k not in ("path",)}
+    if "path" not in cfg:  # legacy {name: hub_id}
+        kwargs.pop("name")
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
+        raise DatasetError(f"{what}: cannot load dataset {path!r} ({err.__class__.__name__}: {err})") from None
+
+
+def check_image_classification_columns(dataset: Any, *, what: str) -> None:
+    """Raise :class:`DatasetError` unless ``dataset`` has ``image`` and ``label`` columns."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        return  # a custom torch dataset: checked when a sample is read
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise DatasetError(f"{what}: missing column(s) {missing}; it has {list(columns)} (expected 'image' and 'label')")

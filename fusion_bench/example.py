@@ -1,0 +1,39 @@
+"""The built-in offline example: a tiny CLIP, fine-tuned variants and tiny datasets.
+
+Configs refer to it as ``${fusion_bench_example:models/clip-tiny}``; the first use builds
+it (a few seconds, deterministic) under ``$FUSION_BENCH_EXAMPLE_DIR`` (default
+``$FUSION_BENCH_CACHE_DIR/example-v1``, ``FUSION_BENCH_CACHE_DIR`` defaulting to
+``~/.cache/fusion_bench``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+__all__ = ["example_root", "example_path", "register_resolvers"]
+
+
+def example_root() -> Path:
+    """Where the example lives (see module docstring)."""
+    if "FUSION_BENCH_EXAMPLE_DIR" in os.environ:
+        return Path(os.environ["FUSION_BENCH_EXAMPLE_DIR"]).expanduser()
+    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
+    return cache / "example-v1"
+
+
+def example_path(relative: str = "") -> str:
+    """Absolute path of ``relative`` inside the example, building the example if needed."""
+    from fusion_bench.testing.tiny_clip import build_tiny_example
+
+    root = example_root()
+    build_tiny_example(root)
+    return str(root / relative) if relative else str(root)
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers used by the shipped configs (idempotent)."""
+    if not OmegaConf.has_resolver("fusion_bench_example"):
+        OmegaConf.register_new_resolver("fusion_bench_example", example_path)

@@ -1,0 +1,141 @@
+"""The streaming engine of data-free merges.
+
+A merge is a function of one key's tensors: ``merged = f(key, base, [θ_1, ..., θ_T])``.
+:func:`stream_merge` validates the pool (same keys, shapes and dtypes in every model, no
+NaN/Inf), loads one model as the output buffer, and then, key by key, reads that key's
+tensor from each model (one tensor per model at a time, from safetensors) and writes the
+result into the buffer in place. Peak memory is about one model plus one tensor per model,
+whatever the number of models. Methods that need a whole-model statistic (TIES' global
+magnitude threshold) compute it first with :func:`stream_task_vectors`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
+from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
+
+__all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "stream_merge", "stream_task_vectors", "compute_dtype"]
+
+PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
+
+
+def check_pool_compatible(modelpool: BaseModelPool, names: Sequence[str]) -> list[str]:
+    """Check every model has the same keys, shapes and dtypes as the first; return the keys.
+
+    Raises:
+        IncompatibleModelsError: naming the model and tensor, expected vs got.
+    """
+    ref_name = names[0]
+    ref_source = modelpool.tensor_source(ref_name)
+    ref_keys = ref_source.keys()
+    ref_meta = {k: ref_source.shape_dtype(k) for k in ref_keys}
+    for name in names[1:]:
+        source = modelpool.tensor_source(name)
+        keys = set(source.keys())
+        missing, extra = sorted(set(ref_keys) - keys), sorted(keys - set(ref_keys))
+        if missing or extra:
+            raise IncompatibleModelsError(
+                f"model {name!r} has different tensors than {ref_name!r}: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, extra {extra[:3]}{'...' if len(extra) > 3 else ''}"
+            )
+        for key in ref_keys:
+            got = source.shape_dtype(key)
+            if got != ref_meta[key]:
+                raise IncompatibleModelsError(
+                    f"model {name!r}, tensor {key!r}: shape/dtype {tuple(got[0])}/{got[1]} "
+                    f"differs from model {ref_name!r}: {tuple(ref_meta[key][0])}/{ref_meta[key][1]}"
+                )
+    return list(ref_keys)
+
+
+def check_finite(name: str, key: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`IncompatibleModelsError` if a floating tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = "NaN" if torch.isnan(tensor).any() else "Inf"
+        raise IncompatibleModelsError(f"model {name!r}, tensor {key!r} contains {bad}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merges compute in at least float32 (half precision inputs are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _names(modelpool: BaseModelPool, model_names: Sequence[str] | None, min_models: int) -> list[str]:
+    names = list(model_names) if model_names is not None else modelpool.model_names
+    if len(names) < min_models:
+        raise ModelPoolError(f"this method needs at least {min_models} fine-tuned model(s); the pool has {names}")
+    return names
+
+
+def stream_merge(
+    modelpool: BaseModelPool,
+    merge: PerKeyMerge,
+    *,
+    with_base: bool = True,
+    model_names: Sequence[str] | None = None,
+    min_models: int = 1,
+    desc: str = "merging",
+) -> nn.Module:
+    """Merge the pool key by key into one model (see module docstring).
+
+    Args:
+        modelpool: the pool; ``_pretrained_`` is the base (and the output buffer) when
+            ``with_base``, else the first fine-tuned model is the buffer and ``base`` is None.
+        merge: ``(key, base, [θ_i]) -> merged`` over floating tensors upcast to at least
+            float32; the result is cast back to the checkpoint's dtype. Non-floating tensors
+            must be equal in every model and are kept.
+        model_names: the fine-tuned models to merge (default: all, in pool order).
+        min_models: fewest fine-tuned models the method accepts.
+        desc: progress bar label.
+
+    Returns:
+        the merged model (the buffer model, modified in place).
+    """
+    names = _names(modelpool, model_names, min_models)
+    if with_base and not modelpool.has_pretrained:
+        raise ModelPoolError(f"this method needs a {PRETRAINED!r} model in the pool; models: {modelpool.all_model_names}")
+    buffer_name = PRETRAINED if with_base else names[0]
+    keys = check_pool_compatible(modelpool, [buffer_name, *[n for n in names if n != buffer_name]])
+    model = modelpool.load_model(buffer_name)
+    own = modelpool.canonical_state_dict(model)
+    for key in tqdm(keys, desc=desc, leave=False, disable=None):
+        tensors = [modelpool.get_tensor(n, key) for n in names]
+        base = modelpool.get_tensor(PRETRAINED, key) if with_base else None
+        for n, t in zip(names, tensors):
+            check_finite(n, key, t)
+        if base is not None:
+            check_finite(PRETRAINED, key, base)
+        target = own[key]
+        if not target.is_floating_point():
+            _check_equal_non_float(key, names, tensors, target)
+            continue
+        dtype = compute_dtype(target.dtype)
+        merged = merge(key, None if base is None else base.to(dtype), [t.to(dtype) for t in tensors])
+        if tuple(merged.shape) != tuple(target.shape):
+            raise RuntimeError(f"merge of {key!r} returned shape {tuple(merged.shape)}, expected {tuple(target.shape)}")
+        target.copy_(merged.to(target.dtype))
+    return model
+
+
+def _check_equal_non_float(key: str, names: Sequence[str], tensors: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+    for n, t in zip(names, tensors):
+        if not torch.equal(t, target):
+            raise IncompatibleModelsError(f"model {n!r}, non-float tensor {key!r} differs from the base; cannot merge it")
+
+
+def stream_task_vectors(
+    modelpool: BaseModelPool, name: str, keys: Sequence[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, θ_name[key] - θ_0[key])`` for floating tensors, one key at a time (float32+)."""
+    source, base = modelpool.tensor_source(name), modelpool.tensor_source(PRETRAINED)
+    for key in keys if keys is not None else source.keys():
+        t = source.get(key)
+        if t.is_floating_point():
+            dtype = compute_dtype(t.dtype)
+            yield key, t.to(dtype) - base.get(key).to(dtype)

@@ -1,0 +1,13 @@
+"""Model pools: named sets of models with their datasets, loaded lazily."""
+
+from fusion_bench.modelpool.base_pool import MODELPOOLS, PRETRAINED, BaseModelPool, register_modelpool
+from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, HuggingFaceClipVisionPool
+
+__all__ = [
+    "MODELPOOLS",
+    "PRETRAINED",
+    "BaseModelPool",
+    "register_modelpool",
+    "CLIPVisionModelPool",
+    "HuggingFaceClipVisionPool",
+]

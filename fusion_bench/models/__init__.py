@@ -1,0 +1,1 @@
+"""Reusable model surgery and wrappers (CLIP helpers, zero-shot heads, ...)."""

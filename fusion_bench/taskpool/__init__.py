@@ -1,0 +1,7 @@
+"""Task pools: evaluate a model on a set of tasks and return a report."""
+
+from fusion_bench.taskpool.base_pool import TASKPOOLS, BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.clip_vision import CLIPVisionModelTaskPool
+from fusion_bench.taskpool.dummy import DummyTaskPool
+
+__all__ = ["TASKPOOLS", "BaseTaskPool", "register_taskpool", "CLIPVisionModelTaskPool", "DummyTaskPool"]

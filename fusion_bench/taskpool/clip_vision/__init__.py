@@ -1,0 +1,5 @@
+"""Evaluation of CLIP vision encoders."""
+
+from fusion_bench.taskpool.clip_vision.taskpool import CLIPVisionModelTaskPool
+
+__all__ = ["CLIPVisionModelTaskPool"]

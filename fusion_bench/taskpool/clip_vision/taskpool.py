@@ -1,0 +1,253 @@
+"""Zero-shot evaluation of CLIP vision encoders on image classification tasks.
+
+The text tower, ``visual_projection`` and ``logit_scale`` come from the task pool's own
+CLIP model (``clip_model``); the evaluated vision encoder replaces its vision tower. Per
+task: top-1 accuracy over all samples and cross-entropy averaged over *samples* (the
+reference implementation averaged batch means; the two differ when the last batch is
+short). The average is the unweighted mean over tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fusion_bench.data.clip_tasks import canonical_task_name, load_classnames_and_templates
+from fusion_bench.data.loading import check_image_classification_columns, load_dataset_from_config
+from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError, UnknownNameError
+from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
+from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
+from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
+from fusion_bench.utils.instantiate import to_container
+
+__all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"]
+
+log = logging.getLogger(__name__)
+
+LOSS_REDUCTION = "cross-entropy averaged over samples"
+
+
+def default_head_cache_dir() -> str:
+    """``$FUSION_BENCH_CACHE_DIR/zeroshot_heads`` (default ``~/.cache/fusion_bench``)."""
+    root = os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")
+    return str(Path(root).expanduser() / "zeroshot_heads")
+
+
+class _ImageCollate:
+    """Batch of dataset rows -> (pixel_values, labels), images converted to RGB."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [row["image"].convert("RGB") for row in rows]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels, torch.tensor([int(row["label"]) for row in rows])
+
+
+@register_taskpool("clip_vit_classification", "CLIPVisionModelTaskPool")
+class CLIPVisionModelTaskPool(BaseTaskPool):
+    """Evaluate a CLIP vision encoder on image classification tasks (zero-shot heads).
+
+    Args:
+        test_datasets: ``{task: dataset entry}``; an entry may add ``classnames`` and
+            ``templates`` for tasks not among the eight built-in ones.
+        clip_model: the base CLIP model giving the text tower, projection and logit scale
+            (path, ``{pretrained_model_name_or_path}`` or ``_target_`` config).
+        processor: the ``CLIPProcessor`` for the text side (defaults to ``clip_model``'s path).
+        data_processor: the processor for images (defaults to ``processor``).
+        dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (batch_size, num_workers...).
+        layer_wise_feature_save_path: if set, save each encoder layer's output per task there.
+        layer_wise_feature_first_token_only: save only the class token's features.
+        layer_wise_feature_max_num: save at most this many samples per task (None: all).
+        fast_dev_run: ``True`` evaluates one batch per task, an int that many; reports say so.
+        head_cache_dir: where zero-shot heads are cached by content hash (None: no cache).
+    """
+
+    def __init__(
+        self,
+        test_datasets: Mapping[str, Any],
+        *,
+        clip_model: Any,
+        processor: Any = None,
+        data_processor: Any = None,
+        dataloader_kwargs: Mapping[str, Any] | None = None,
+        layer_wise_feature_save_path: str | None = None,
+        layer_wise_feature_first_token_only: bool = True,
+        layer_wise_feature_max_num: int | None = None,
+        fast_dev_run: bool | int = False,
+        head_cache_dir: str | None = "default",
+    ) -> None:
+        entries = to_container(test_datasets)
+        if not isinstance(entries, Mapping) or not entries:
+            raise ConfigError(f"taskpool: 'test_datasets' must be a non-empty mapping of task -> dataset, got {entries!r}")
+        self._dataset_cfgs: dict[str, Any] = {}
+        self._task_text: dict[str, tuple[list[str], list[str]]] = {}
+        for task, entry in entries.items():
+            self._dataset_cfgs[task], self._task_text[task] = self._split_entry(str(task), entry)
+        self._clip_model_cfg = to_container(clip_model)
+        self._processor_cfg = to_container(processor) if processor is not None else self._clip_model_cfg
+        self._data_processor_cfg = to_container(data_processor) if data_processor is not None else self._processor_cfg
+        self.dataloader_kwargs = dict(to_container(dataloader_kwargs) or {})
+        self.dataloader_kwargs.pop("shuffle", None)
+        self.layer_wise_feature_save_path = layer_wise_feature_save_path
+        self.layer_wise_feature_first_token_only = layer_wise_feature_first_token_only
+        self.layer_wise_feature_max_num = layer_wise_feature_max_num
+        self.fast_dev_run = fast_dev_run
+        self.head_cache_dir = default_head_cache_dir() if head_cache_dir == "default" else head_cache_dir
+        self._is_setup = False
+        self._feature_saver: LayerWiseFeatureSaver | None = None
+
+    @staticmethod
+    def _split_entry(task: str, entry: Any) -> tuple[Any, tuple[list[str], list[str]]]:
+        """Separate ``classnames``/``templates`` from the dataset entry (or look them up)."""
+        if isinstance(entry, Mapping) and ("classnames" in entry or "templates" in entry):
+            entry = dict(entry)
+            classnames, templates = entry.pop("classnames", None), entry.pop("templates", None)
+            if not classnames or not templates:
+                raise ConfigError(f"test dataset {task!r}: give both 'classnames' and 'templates', or neither")
+            if any(t.count("{}") != 1 for t in templates):
+                raise ConfigError(f"test dataset {task!r}: every template needs exactly one '{{}}', got {templates!r}")
+            return entry, (list(map(str, classnames)), list(templates))
+        try:
+            return entry, load_classnames_and_templates(canonical_task_name(task))
+        except UnknownNameError as err:
+            raise ConfigError(
+                f"test dataset {task!r}: no built-in class names for this task ({err}); "
+                f"add 'classnames' and 'templates' to its entry"
+            ) from None
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._dataset_cfgs)
+
+    # ---- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the CLIP model, processors and test datasets, checking labels against class names."""
+        if self._is_setup:
+            return
+        self.clip_model = load_clip_model(self._clip_model_cfg).eval().requires_grad_(False)
+        self.processor = load_clip_processor(self._processor_cfg, what="taskpool processor")
+        self.data_processor = load_clip_processor(self._data_processor_cfg, what="taskpool data_processor")
+        self.test_datasets = {task: self._load_dataset(task) for task in self._dataset_cfgs}
+        self._fingerprint = text_tower_fingerprint(self.clip_model) if self.head_cache_dir else None
+        self._is_setup = True
+
+    def _load_dataset(self, task: str) -> Any:
+        what = f"test dataset {task!r}"
+        dataset = load_dataset_from_config(self._dataset_cfgs[task], split="test", what=what)
+        check_image_classification_columns(dataset, what=what)
+        classnames = self._task_text[task][0]
+        feature = getattr(dataset, "features", {}).get("label") if hasattr(dataset, "features") else None
+        num_labels = getattr(feature, "num_classes", None)
+        if num_labels is None and hasattr(dataset, "column_names"):
+            labels = dataset["label"]
+            num_labels = int(max(labels)) + 1 if len(labels) else 0
+            if num_labels > len(classnames):
+                raise DatasetError(f"{what}: label {num_labels - 1} out of range for {len(classnames)} class names")
+        elif num_labels is not None and num_labels != len(classnames):
+            raise DatasetError(f"{what}: the dataset has {num_labels} classes but {len(classnames)} class names are given")
+        return dataset
+
+    def _tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def _image_processor(self) -> Any:
+        return getattr(self.data_processor, "image_processor", self.data_processor)
+
+    def classifier_head(self, task: str) -> torch.Tensor:
+        """The (C, D) zero-shot head of ``task`` (cached on disk by content hash)."""
+        self.setup()
+        classnames, templates = self._task_text[task]
+        return cached_zero_shot_classifier(
+            self.clip_model, self._tokenizer(), classnames, templates,
+            cache_dir=self.head_cache_dir, fingerprint=self._fingerprint,
+        )  # fmt: skip
+
+    def get_classifier(self, model: nn.Module, task: str) -> CLIPZeroShotClassifier:
+        """``model`` with the projection, logit scale and head of ``task``."""
+        return CLIPZeroShotClassifier(
+            model, self.clip_model.visual_projection, self.clip_model.logit_scale, self.classifier_head(task)
+        )
+
+    def get_dataloader(self, task: str) -> DataLoader:
+        self.setup()
+        kwargs = {"batch_size": 128, **self.dataloader_kwargs}
+        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=_ImageCollate(self._image_processor()), **kwargs)
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def on_task_evaluation_begin(self, classifier: CLIPZeroShotClassifier, task_name: str) -> None:
+        """Called before a task's evaluation; registers the layer-wise feature hooks if asked."""
+        if self.layer_wise_feature_save_path is not None:
+            self._feature_saver = LayerWiseFeatureSaver(
+                classifier.vision_model,
+                Path(self.layer_wise_feature_save_path) / f"{task_name}.safetensors",
+                first_token_only=self.layer_wise_feature_first_token_only,
+                max_num=self.layer_wise_feature_max_num,
+            )
+
+    def on_task_evaluation_end(self) -> None:
+        """Called after a task's evaluation; saves and removes the feature hooks."""
+        if self._feature_saver is not None:
+            self._feature_saver.save_and_remove()
+            self._feature_saver = None
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Evaluate ``model`` (a CLIP vision encoder) on every task.
+
+        Returns:
+            ``{task: {"accuracy", "loss"}, ..., "average": {...}}``.
+        """
+        if not is_clip_vision_model(model):
+            raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
+        self.setup()
+        device = self.fabric.device if self.fabric is not None else next(model.parameters()).device
+        model = model.to(device).eval()
+        self.clip_model.to(device)
+        report: dict[str, Any] = {}
+        for task in self.task_names:
+            classifier = self.get_classifier(model, task).to(device)
+            self.on_task_evaluation_begin(classifier, task)
+            try:
+                report[task] = self._evaluate_task(classifier, task, device)
+            finally:
+                self.on_task_evaluation_end()
+        report["average"] = {m: sum(report[t][m] for t in self.task_names) / len(self.task_names) for m in ("accuracy", "loss")}
+        return report
+
+    @torch.inference_mode()
+    def _evaluate_task(self, classifier: CLIPZeroShotClassifier, task: str, device: torch.device) -> dict[str, float]:
+        max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
+        dtype = next(classifier.vision_model.parameters()).dtype
+        correct, loss_sum, count = 0, 0.0, 0
+        loader = self.get_dataloader(task)
+        for i, (pixels, labels) in enumerate(tqdm(loader, desc=f"eval {task}", leave=False, disable=None)):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = classifier(pixels.to(device=device, dtype=dtype))
+            labels = labels.to(device)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            count += labels.numel()
+        if count == 0:
+            raise DatasetError(f"test dataset {task!r} is empty")
+        self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
+        return {"accuracy": correct / count, "loss": loss_sum / count}
+
+    def evaluation_meta(self) -> dict[str, Any]:
+        """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs)."""
+        return {
+            "loss_reduction": LOSS_REDUCTION,
+            "num_samples": dict(getattr(self, "_num_samples", {})),
+            "fast_dev_run": bool(self.fast_dev_run),
+        }

@@ -55,8 +55,14 @@ def check_pool_compatible(modelpool: BaseModelPool, names: Sequence[str]) -> lis
 
 
 def check_finite(name: str, key: str, tensor: torch.Tensor) -> None:
-    """Raise :class:`IncompatibleModelsError` if a floating tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    """Raise :class:`IncompatibleModelsError` if a floating tensor holds NaN or Inf.
+
+    A NaN or Inf makes the sum non-finite, so a finite sum (one cheap reduction) proves the
+    tensor clean; only a non-finite sum (NaN/Inf, or an overflow) takes the exact check.
+    """
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return
+    if not torch.isfinite(tensor).all():
         bad = "NaN" if torch.isnan(tensor).any() else "Inf"
         raise IncompatibleModelsError(f"model {name!r}, tensor {key!r} contains {bad}")
 

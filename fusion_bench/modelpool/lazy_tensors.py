@@ -9,6 +9,9 @@ disk only when asked (``safetensors.safe_open``). Key renaming between checkpoin
 from __future__ import annotations
 
 import json
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol
 
@@ -48,8 +51,40 @@ def safetensors_files_in(directory: Path) -> list[Path] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def _read_header(path: Path, *, what: str) -> dict[str, _Entry]:
+    """Parse a safetensors header: ``{key: _Entry}`` (absolute offsets)."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as err:
+        raise ModelLoadError(f"{what}: cannot read safetensors file {str(path)!r} ({err})") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise ModelLoadError(f"{what}: tensor {key!r} has unsupported dtype {info['dtype']!r}")
+        begin, end = info["data_offsets"]
+        entries[key] = _Entry(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, 8 + size + end)
+    return entries
+
+
 class SafetensorsSource:
     """Tensors of one model spread over one or more safetensors files.
+
+    Tensors are read with positioned reads (``os.pread``) into fresh buffers rather than
+    through a memory map, so pages of the checkpoint files never count towards this
+    process's resident memory: streaming N models holds one tensor per model, not N
+    mapped files.
 
     Args:
         files: the checkpoint's files.
@@ -59,38 +94,39 @@ class SafetensorsSource:
     """
 
     def __init__(self, files: Iterable[Path], *, rename: Callable[[list[str]], Mapping[str, str]], what: str):
-        from safetensors import safe_open
-
         self.what = what
-        self._handles = []
-        raw_to_handle = {}
+        raw: dict[str, _Entry] = {}
         for path in files:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as err:
-                raise ModelLoadError(f"{what}: cannot read safetensors file {str(path)!r} ({err})") from None
-            self._handles.append(handle)
-            for key in handle.keys():
-                raw_to_handle[key] = handle
-        self._map = {canon: (raw_to_handle[raw], raw) for canon, raw in rename(sorted(raw_to_handle)).items()}
+            raw.update(_read_header(Path(path), what=what))
+        self._map = {canon: raw[key] for canon, key in rename(sorted(raw)).items()}
 
     def keys(self) -> list[str]:
         return list(self._map)
 
-    def _lookup(self, key: str):
+    def _lookup(self, key: str) -> _Entry:
         try:
             return self._map[key]
         except KeyError:
             raise ModelLoadError(f"{self.what}: no tensor {key!r} in the checkpoint") from None
 
     def get(self, key: str) -> torch.Tensor:
-        handle, raw = self._lookup(key)
-        return handle.get_tensor(raw)
+        entry = self._lookup(key)
+        raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)  # not zero-filled
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(raw.numpy()), 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], entry.start + done)
+                if n <= 0:
+                    raise ModelLoadError(f"{self.what}: file {str(entry.path)!r} is truncated at tensor {key!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return raw.view(entry.dtype).reshape(entry.shape)
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        handle, raw = self._lookup(key)
-        sl = handle.get_slice(raw)
-        return tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+        entry = self._lookup(key)
+        return entry.shape, entry.dtype
 
 
 class StateDictSource:

@@ -118,12 +118,28 @@ def load_vision_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(mapped, strict=True)
 
 
+def _no_init_weights():
+    """transformers' context that skips random initialisation (its location moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # pragma: no cover
+            import contextlib
+
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def build_clip_vision_model(config, state_dict: Mapping[str, torch.Tensor], *, what: str) -> nn.Module:
     """A ``CLIPVisionModel`` with ``config`` and weights ``state_dict`` (canonical keys),
-    in the checkpoint's floating-point dtype."""
+    in the checkpoint's floating-point dtype. Random initialisation is skipped: every
+    parameter is overwritten (strictly) by the checkpoint."""
     from transformers import CLIPVisionModel
 
-    model = CLIPVisionModel(config)
+    with _no_init_weights():
+        model = CLIPVisionModel(config)
     dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())

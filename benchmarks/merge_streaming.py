@@ -75,6 +75,7 @@ def _status_bytes(field: str) -> int:
 def child(variant: str, dirs: list[str]) -> dict:
     """Run one variant in this (fresh) process; return timings and memory."""
     import torch  # noqa: F401  (imports are part of the idle baseline)
+    from transformers import CLIPVisionModel  # noqa: F401
 
     from fusion_bench.method import ALGORITHMS
     from fusion_bench.modelpool import CLIPVisionModelPool

@@ -11,7 +11,8 @@ magnitude threshold) compute it first with :func:`stream_task_vectors`.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
 
 __all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "stream_merge", "stream_task_vectors", "compute_dtype"]
 
+T = TypeVar("T")
 PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
 
 
@@ -60,7 +62,7 @@ def check_finite(name: str, key: str, tensor: torch.Tensor) -> None:
     A NaN or Inf makes the sum non-finite, so a finite sum (one cheap reduction) proves the
     tensor clean; only a non-finite sum (NaN/Inf, or an overflow) takes the exact check.
     """
-    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float64)):
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
         return
     if not torch.isfinite(tensor).all():
         bad = "NaN" if torch.isnan(tensor).any() else "Inf"
@@ -110,10 +112,13 @@ def stream_merge(
     keys = check_pool_compatible(modelpool, [buffer_name, *[n for n in names if n != buffer_name]])
     model = modelpool.load_model(buffer_name)
     own = modelpool.canonical_state_dict(model)
-    for key in tqdm(keys, desc=desc, leave=False, disable=None):
-        tensors = [modelpool.get_tensor(n, key) for n in names]
+
+    def read(key: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = modelpool.get_tensor(PRETRAINED, key) if with_base else None
-        for n, t in zip(names, tensors):
+        return base, [modelpool.get_tensor(n, key) for n in names]
+
+    for key, (base, tensors) in tqdm(_prefetched(read, keys), total=len(keys), desc=desc, leave=False, disable=None):
+        for n, t in zip(names, tensors):  # checked here, while the reader thread reads ahead
             check_finite(n, key, t)
         if base is not None:
             check_finite(PRETRAINED, key, base)
@@ -127,6 +132,20 @@ def stream_merge(
             raise RuntimeError(f"merge of {key!r} returned shape {tuple(merged.shape)}, expected {tuple(target.shape)}")
         target.copy_(merged.to(target.dtype))
     return model
+
+
+def _prefetched(read: Callable[[str], T], keys: Sequence[str]) -> Iterator[tuple[str, T]]:
+    """Yield ``(key, read(key))`` while a background thread already reads the next key:
+    file reads (which release the GIL) overlap the merge arithmetic."""
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion_bench-read") as pool:
+        pending = pool.submit(read, keys[0])
+        for i, key in enumerate(keys):
+            value = pending.result()
+            if i + 1 < len(keys):
+                pending = pool.submit(read, keys[i + 1])
+            yield key, value
 
 
 def _check_equal_non_float(key: str, names: Sequence[str], tensors: Sequence[torch.Tensor], target: torch.Tensor) -> None:

@@ -115,7 +115,12 @@ def load_vision_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                 f"{what}: tensor {key[len(prefix):]!r} has shape {tuple(tensor.shape)}, "
                 f"the architecture expects {tuple(own[key].shape)}"
             )
-    model.load_state_dict(mapped, strict=True)
+    own_dtypes = {k: v.dtype for k, v in own.items()}
+    if all(mapped[k].dtype == own_dtypes[k] for k in mapped):
+        # adopt the tensors instead of copying them: no second copy of the weights in memory
+        model.load_state_dict(mapped, strict=True, assign=True)
+    else:
+        model.load_state_dict(mapped, strict=True)
 
 
 def _no_init_weights():

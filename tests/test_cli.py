@@ -78,6 +78,25 @@ def test_bad_input_is_one_line_error_without_report(tiny_example, tmp_path, args
     assert not report.exists()
 
 
+def test_non_clip_model_through_cli(tiny_example, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    vit = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4)).save_pretrained(vit)
+    report = tmp_path / "r.json"
+    proc = run_cli(
+        ["modelpool=CLIPVisionModelPool/tiny-clip_example_individual", f"modelpool.models._pretrained_.pretrained_model_name_or_path={vit}",
+         "taskpool=dummy", f"report_save_path={report}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fusion_bench: error: model '_pretrained_' ({vit}) is a 'vit' model, not a CLIP vision model "
+        "(expected model_type 'clip' or 'clip_vision_model')"
+    )
+    assert not report.exists()
+
+
 def test_help_lists_groups(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0

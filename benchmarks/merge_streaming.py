@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 
-
 def naive_merge(pool, method: str) -> dict:
     """The baseline: every state dict in memory at once, then the method's in-memory core."""
     from fusion_bench.method.task_arithmetic import task_arithmetic
@@ -37,8 +36,7 @@ def naive_merge(pool, method: str) -> dict:
     if method == "ties_merging":
         from fusion_bench.method.ties_merging import ties_merging
 
-        task_vectors = [{k: sd[k] - base[k] for k in base} for sd in finetuned]
-        return ties_merging(base, task_vectors, threshold=20, scaling_factor=0.3)
+        return ties_merging(base, finetuned, threshold=20, scaling_factor=0.3)
     raise ValueError(f"no naive baseline for {method!r}")
 
 

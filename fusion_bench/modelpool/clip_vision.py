@@ -206,7 +206,11 @@ class CLIPVisionModelPool(BaseModelPool):
         if self._processor_cfg is None and not isinstance(self._models.get(PRETRAINED), Mapping):
             return
         try:
-            self.load_processor().save_pretrained(directory)
+            processor = self.load_processor()
+            processor.save_pretrained(directory)
+            image_processor = getattr(processor, "image_processor", None)
+            if image_processor is not None:  # transformers 5 nests it in processor_config.json; keep the
+                image_processor.save_pretrained(directory)  # standalone preprocessor_config.json too
         except ModelLoadError as err:  # the weights are still usable without it
             log.warning("merged model saved without a processor: %s", err)
 

@@ -1,0 +1,179 @@
+"""The results table of the built-in offline benchmark (mini CLIP, eight generated tasks).
+
+Runs, through the fusion program (the same code path as the ``fusion_bench`` command, in one
+process so the interpreter starts once):
+
+* ``method=dummy`` on the pre-trained model and on each of the eight experts (the 9×8 matrix);
+* every registered merging method (``fusion_bench.method.ALGORITHMS.names()``) with its
+  shipped config (each YAML of a method is one row) on ``modelpool=CLIPVisionModelPool/mini-clip_TA8``,
+  except methods that train or do not merge (:data:`SKIP`);
+
+then writes the Markdown tables to ``docs/mini_clip_benchmark.md`` (between the markers
+``<!-- mini-clip-table:start -->`` / ``end``) and, with ``--readme``, into README.md between
+the same markers. Every run's JSON report is kept under ``--reports``. Run from the repository
+root:  python benchmarks/mini_clip_table.py [--readme README.md] [--methods task_arithmetic ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fusion_bench.data.mini_tasks import MINI_TASKS, mini_path
+from fusion_bench.utils.io import atomic_write, atomic_write_json
+
+SKIP = {
+    "dummy": "the pre-trained row",
+    "clip_finetune": "trains an expert",
+    "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
+}
+TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "surgery", "concrete")
+MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
+POOLS = {"merge": "CLIPVisionModelPool/mini-clip_TA8", "single": "CLIPVisionModelPool/mini-clip_individual"}
+TASKPOOL = "CLIPVisionModelTaskPool/mini-clip_TA8"
+
+
+def compose(overrides: Sequence[str]) -> Any:
+    """The root config with ``overrides`` (Hydra's compose API over the shipped configs)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fusion_bench.scripts.cli import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("fusion_bench_config", overrides=list(overrides))
+
+
+def run(overrides: Sequence[str], report_path: Path) -> tuple[dict[str, Any], float]:
+    """Run the fusion program with ``overrides``; return its report and wall time."""
+    from fusion_bench.program import FabricModelFusionProgram
+
+    cfg = compose([*overrides, f"taskpool={TASKPOOL}", f"report_save_path={report_path}",
+                   f"fabric.loggers.root_dir={report_path.parent / 'logs'}"])  # fmt: skip
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the program prints each report
+        report = FabricModelFusionProgram(cfg).run()
+    return report, time.perf_counter() - start
+
+
+def method_configs(only: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``(row label, method override)`` for every registered method worth a row.
+
+    Each shipped YAML of a registered method is one row; a registered name without a YAML
+    runs with its defaults (``+method.name=...``). Methods in :data:`SKIP` or that train
+    (:data:`TRAINING_WORDS`) are left out unless named in ``only``.
+    """
+    from fusion_bench.method import ALGORITHMS
+    from fusion_bench.scripts.cli import config_choices
+    from fusion_bench.utils.instantiate import resolve_target
+
+    by_class: dict[type, list[str]] = {}
+    for choice in config_choices("method"):
+        target = compose([f"method={choice}"]).method.get("_target_")
+        if target:
+            by_class.setdefault(resolve_target(target, what=choice), []).append(choice)
+    rows = []
+    for name in ALGORITHMS.names():
+        wanted = name in (only or ()) or (only is None and name not in SKIP and not any(w in name for w in TRAINING_WORDS))
+        if wanted:
+            choices = by_class.get(ALGORITHMS.get(name), [])
+            rows += [(c, f"method={c}") for c in choices] or [(name, f"method=dummy method._target_=null +method.name={name}")]
+    return rows
+
+
+def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]]:
+    """The pre-trained model and each expert, evaluated on all tasks (the 9×8 matrix)."""
+    rows = {}
+    for name in ["clip-mini", *(f"clip-mini_{t}" for t in MINI_TASKS)]:
+        path = mini_path(f"models/{name}")
+        overrides = ["method=dummy", f"modelpool={POOLS['single']}", f"modelpool.models._pretrained_.pretrained_model_name_or_path={path}"]
+        rows[name] = run(overrides, reports_dir / f"{name}.json")
+        print(f"  {name}: average {100 * rows[name][0]['average']['accuracy']:.1f} ({rows[name][1]:.0f}s)", file=sys.stderr)
+    return rows
+
+
+def merge_rows(reports_dir: Path, only: Sequence[str] | None) -> dict[str, tuple[dict[str, Any], float] | str]:
+    """Each method's report (or the error it raised), by row label."""
+    rows: dict[str, tuple[dict[str, Any], float] | str] = {}
+    for label, override in method_configs(only):
+        try:
+            rows[label] = run([*override.split(" "), f"modelpool={POOLS['merge']}"], reports_dir / f"method_{label.replace('/', '_')}.json")
+            print(f"  {label}: average {100 * rows[label][0]['average']['accuracy']:.1f} ({rows[label][1]:.0f}s)", file=sys.stderr)
+        except Exception as err:  # a method under construction must not stop the table
+            rows[label] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            print(f"  {label}: failed: {rows[label]}", file=sys.stderr)
+    return rows
+
+
+def _cells(report: dict[str, Any]) -> str:
+    accs = [f"{100 * report[t]['accuracy']:.1f}" for t in MINI_TASKS]
+    return " | ".join(accs) + f" | **{100 * report['average']['accuracy']:.1f}**"
+
+
+def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) -> str:
+    """The results as Markdown: the methods table, then the 9×8 matrix and notes."""
+    header = "| | " + " | ".join(MINI_TASKS) + " | avg |\n|---|" + "---:|" * (len(MINI_TASKS) + 1) + "\n"
+    own = {t: individual[f"clip-mini_{t}"][0][t]["accuracy"] for t in MINI_TASKS}
+    own_avg = sum(own.values()) / len(own)
+    lines = [header.rstrip("\n"), f"| Pre-trained | {_cells(individual['clip-mini'][0])} |",
+             "| Fine-tuned (each expert on its own task) | " + " | ".join(f"{100 * own[t]:.1f}" for t in MINI_TASKS) + f" | **{100 * own_avg:.1f}** |"]  # fmt: skip
+    failed = []
+    for label, row in merged.items():
+        if isinstance(row, str):
+            failed.append(f"- `{label}`: {row}")
+        else:
+            lines.append(f"| `{label}` ({row[1]:.0f} s) | {_cells(row[0])} |")
+    matrix = [header.rstrip("\n")] + [f"| `{name}` | {_cells(rep)} |" for name, (rep, _) in individual.items()]
+    parts = ["Accuracy (%) on the test splits (500 images per task).", "", *lines, "",
+             "Every model on every task (rows: the pre-trained model and the eight experts):", "", *matrix]  # fmt: skip
+    if failed:
+        parts += ["", "Methods that failed on this run:", "", *failed]
+    return "\n".join(parts) + "\n"
+
+
+def replace_block(path: Path, block: str) -> None:
+    """Put ``block`` between the table markers in ``path`` (appending the markers if absent)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    new = f"{MARK_START}\n{block}{MARK_END}"
+    if MARK_START in text and MARK_END in text:
+        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: new, text, flags=re.S)
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + new + "\n"
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (see module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--doc", default="docs/mini_clip_benchmark.md", help="Markdown file to update")
+    parser.add_argument("--readme", default=None, help="also update this README's table block")
+    parser.add_argument("--reports", default="outputs/mini_clip_table", help="folder for the runs' JSON reports")
+    parser.add_argument("--methods", nargs="*", default=None, help="registered method names to run (default: all data-free ones)")
+    args = parser.parse_args(argv)
+    from fusion_bench.example import register_resolvers
+
+    register_resolvers()
+    reports, start = Path(args.reports), time.perf_counter()
+    print("individual models:", file=sys.stderr)
+    individual = individual_rows(reports)
+    print("merging methods:", file=sys.stderr)
+    merged = merge_rows(reports, args.methods)
+    table = markdown(individual, merged)
+    total = time.perf_counter() - start
+    atomic_write_json(reports / "summary.json", {"seconds": round(total, 1), "markdown": table})
+    block = table + f"\nRegenerated with `python benchmarks/mini_clip_table.py` in {total / 60:.1f} min.\n"
+    for path in filter(None, [args.doc, args.readme]):
+        replace_block(Path(path), block)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The built-in offline benchmark ("mini-clip"): eight generated tasks and a tiny CLIP.
+
+* :mod:`.scenes` renders 32×32 scenes (a coloured shape, handwritten digit or dots on a
+  textured background); :mod:`.tasks` defines the eight tasks, each labelling a different
+  attribute, and builds their datasets; :mod:`.captions` describes scenes for pre-training.
+* The models (a contrastively pre-trained tiny CLIP and eight fine-tuned vision encoders)
+  ship in the package under ``fusion_bench/assets/mini-clip`` and are rebuilt from scratch by
+  ``python -m fusion_bench.scripts.build_mini_clip``.
+
+Configs refer to both with the ``${fusion_bench_mini:...}`` resolver:
+
+* ``${fusion_bench_mini:models/clip-mini}``: a shipped model folder (or, with
+  ``$FUSION_BENCH_MINI_CLIP_DIR`` set, the folder of the same name there: a rebuild);
+* ``${fusion_bench_mini:datasets/shape}``: a task's ``save_to_disk`` folder, generated on first
+  use (seconds, deterministic) under ``$FUSION_BENCH_MINI_TASKS_DIR`` (default
+  ``$FUSION_BENCH_CACHE_DIR/mini_tasks-v1``, ``FUSION_BENCH_CACHE_DIR`` defaulting to
+  ``~/.cache/fusion_bench``).
+
+Importing this package registers the resolver with OmegaConf (like a method registering its
+name where it is defined); :func:`register_resolvers` does it explicitly and is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fusion_bench.data.mini_tasks.captions import caption, caption_vocabulary_corpus
+from fusion_bench.data.mini_tasks.scenes import KINDS, Scene, render_scene, sample_scene
+from fusion_bench.data.mini_tasks.tasks import (
+    DATASET_FORMAT,
+    MINI_TASKS,
+    MiniTask,
+    build_mini_task_datasets,
+    build_task_dataset,
+    get_mini_task,
+    task_text,
+)
+from fusion_bench.errors import ConfigError
+
+__all__ = [
+    "KINDS",
+    "MINI_TASKS",
+    "RESOLVER",
+    "MiniTask",
+    "Scene",
+    "build_mini_task_datasets",
+    "build_task_dataset",
+    "caption",
+    "caption_vocabulary_corpus",
+    "get_mini_task",
+    "mini_clip_dir",
+    "mini_path",
+    "mini_tasks_root",
+    "register_resolvers",
+    "render_scene",
+    "sample_scene",
+    "task_text",
+]
+
+RESOLVER = "fusion_bench_mini"
+
+
+def mini_clip_dir() -> Path:
+    """The folder of the mini CLIP models: ``$FUSION_BENCH_MINI_CLIP_DIR`` or the shipped assets."""
+    if os.environ.get("FUSION_BENCH_MINI_CLIP_DIR"):
+        return Path(os.environ["FUSION_BENCH_MINI_CLIP_DIR"]).expanduser().absolute()
+    return Path(str(resources.files("fusion_bench") / "assets" / "mini-clip"))
+
+
+def mini_tasks_root() -> Path:
+    """Where the tasks' datasets are generated (see module docstring)."""
+    if os.environ.get("FUSION_BENCH_MINI_TASKS_DIR"):
+        return Path(os.environ["FUSION_BENCH_MINI_TASKS_DIR"]).expanduser()
+    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
+    return cache / f"mini_tasks-v{DATASET_FORMAT}"
+
+
+def mini_path(relative: str) -> str:
+    """Absolute path of ``models/<name>`` or ``datasets/<task>`` (see module docstring).
+
+    Args:
+        relative: ``"models/<model folder>"`` or ``"datasets/<task>"``.
+
+    Returns:
+        the path; for datasets, after building them if needed.
+
+    Raises:
+        ConfigError: ``relative`` names neither kind, or an unknown task or model.
+    """
+    kind, _, name = str(relative).partition("/")
+    if kind == "models" and name:
+        path = mini_clip_dir() / name
+        if not path.is_dir():
+            known = sorted(p.name for p in mini_clip_dir().glob("*") if p.is_dir())
+            raise ConfigError(f"${{{RESOLVER}:{relative}}}: no model {name!r} in {str(mini_clip_dir())!r}; models: {known}")
+        return str(path)
+    if kind == "datasets" and name in MINI_TASKS:
+        return str(build_mini_task_datasets(mini_tasks_root()) / name)
+    raise ConfigError(
+        f"${{{RESOLVER}:{relative}}}: expected 'models/<name>' or 'datasets/<task>' with a task among {', '.join(MINI_TASKS)}"
+    )
+
+
+def register_resolvers() -> None:
+    """Register the ``${fusion_bench_mini:...}`` resolver with OmegaConf (idempotent)."""
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, mini_path)
+
+
+register_resolvers()

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from fusion_bench.errors import DatasetError
 from fusion_bench.utils.instantiate import call_with_options, resolve_target, to_container
 
-__all__ = ["load_dataset_from_config", "is_saved_to_disk", "check_image_classification_columns"]
+__all__ = ["load_dataset_from_config", "is_saved_to_disk", "check_image_classification_columns", "ImageClassificationCollate"]
 
 _DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -91,3 +91,23 @@ def check_image_classification_columns(dataset: Any, *, what: str) -> None:
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise DatasetError(f"{what}: missing column(s) {missing}; it has {list(columns)} (expected 'image' and 'label')")
+
+
+class ImageClassificationCollate:
+    """Dataset rows ``{"image": PIL image, "label": int}`` -> ``(pixel_values, labels)``.
+
+    Images are converted to RGB first (grayscale MNIST, palette PNGs), then preprocessed by
+    ``image_processor`` (a Hugging Face image processor, or any callable taking
+    ``images=[...]`` and ``return_tensors="pt"``). A top-level class, so DataLoader workers
+    can pickle it.
+    """
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[Any, Any]:
+        import torch
+
+        images = [row["image"].convert("RGB") for row in rows]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels, torch.tensor([int(row["label"]) for row in rows])

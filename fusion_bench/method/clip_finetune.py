@@ -18,62 +18,23 @@ program's ``lightning.Fabric``.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from fusion_bench.data import mini_tasks
-from fusion_bench.data.clip_tasks import canonical_task_name, load_classnames_and_templates
-from fusion_bench.errors import ConfigError, DatasetError, UnknownNameError
+from fusion_bench.errors import ConfigError
+from fusion_bench.method._clip_classification import CLIPTaskClassifiers, cycle
 from fusion_bench.method._options import check_choice, check_int, check_range
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.modelpool import PRETRAINED, BaseModelPool
-from fusion_bench.models.hf_clip import load_clip_model
-from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, build_zero_shot_classifier
+from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.instantiate import to_container
 
-__all__ = ["CLIPFinetuneAlgorithm", "finetune_classifier", "task_classnames_and_templates"]
+__all__ = ["CLIPFinetuneAlgorithm", "finetune_classifier"]
 
 NAME = "clip_finetune"
 LR_SCHEDULERS = ("fixed", "cosine")
-
-
-def task_classnames_and_templates(
-    task: str, classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None
-) -> tuple[list[str], list[str]]:
-    """The class names and prompt templates of ``task``: the given ones, else the built-in ones.
-
-    Args:
-        task: the task's name (one of the eight CLIP tasks, or a mini benchmark task).
-        classnames: overriding class names (give ``templates`` with them).
-        templates: overriding templates, each with one ``{}``.
-
-    Returns:
-        ``(classnames, templates)``.
-
-    Raises:
-        ConfigError: only one of the two is given, a template lacks ``{}``, or the task has no
-            built-in lists.
-    """
-    if classnames is not None or templates is not None:
-        if not classnames or not templates:
-            raise ConfigError(f"{NAME}: task {task!r}: give both 'classnames' and 'templates', or neither")
-        if any(str(t).count("{}") != 1 for t in templates):
-            raise ConfigError(f"{NAME}: task {task!r}: every template needs exactly one '{{}}'; got {list(templates)!r}")
-        return [str(c) for c in classnames], [str(t) for t in templates]
-    if task in mini_tasks.MINI_TASKS:
-        text = mini_tasks.task_text(task)
-        return text["classnames"], text["templates"]
-    try:
-        return load_classnames_and_templates(canonical_task_name(task))
-    except UnknownNameError:
-        raise ConfigError(
-            f"{NAME}: no built-in class names for task {task!r} (known: the eight CLIP tasks and the mini tasks "
-            f"{', '.join(mini_tasks.MINI_TASKS)}); give 'classnames' and 'templates'"
-        ) from None
 
 
 def finetune_classifier(
@@ -111,24 +72,6 @@ def finetune_classifier(
         losses.append(loss.item())
     classifier.eval()
     return losses
-
-
-class _Collate:
-    """Dataset rows -> ``(pixel_values, labels)``, images converted to RGB."""
-
-    def __init__(self, image_processor: Any) -> None:
-        self.image_processor = image_processor
-
-    def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [row["image"].convert("RGB") for row in rows]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels, torch.tensor([int(row["label"]) for row in rows])
-
-
-def _forever(loader: Any) -> Iterator[Any]:
-    """Cycle over ``loader``'s epochs without end."""
-    while True:
-        yield from loader
 
 
 @register_algorithm(NAME)
@@ -190,21 +133,9 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
             raise ConfigError(f"{NAME}: the pool's train datasets are {names}; {what}")
         return str(self.task)
 
-    def _classifier(self, modelpool: BaseModelPool, task: str, tokenizer: Any) -> CLIPZeroShotClassifier:
-        """The pool's pre-trained vision encoder behind ``task``'s frozen zero-shot head."""
-        clip = load_clip_model(self.clip_model or modelpool.get_model_config(PRETRAINED), what=f"{NAME}: clip_model")
-        classnames, templates = task_classnames_and_templates(task, self.classnames, self.templates)
-        head = build_zero_shot_classifier(clip.eval(), tokenizer, classnames, templates)
-        projection = clip.visual_projection.requires_grad_(False)
-        return CLIPZeroShotClassifier(modelpool.load_pretrained_model(), projection, clip.logit_scale, head)
-
-    def _loader(self, modelpool: BaseModelPool, task: str, image_processor: Any) -> DataLoader:
-        dataset = modelpool.load_train_dataset(task)
-        if len(dataset) < self.batch_size:
-            raise DatasetError(f"{NAME}: train dataset {task!r} has {len(dataset)} samples, fewer than batch_size {self.batch_size}")
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
-                          num_workers=self.num_workers, collate_fn=_Collate(image_processor))  # fmt: skip
+    def _heads(self, modelpool: BaseModelPool, task: str) -> CLIPTaskClassifiers:
+        text = {task: {"classnames": self.classnames, "templates": self.templates}}
+        return CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, task_text=text, head_cache_dir=None, what=NAME)
 
     def _fabric(self) -> Any:
         if self.fabric is not None:
@@ -216,9 +147,10 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Fine-tune, save if ``save_path`` is set, and return the fine-tuned vision encoder."""
         task = self._task(modelpool)
-        processor = modelpool.load_processor()
-        classifier = self._classifier(modelpool, task, getattr(processor, "tokenizer", processor))
-        loader = self._loader(modelpool, task, getattr(processor, "image_processor", processor))
+        heads = self._heads(modelpool, task)
+        classifier = heads.classifier(modelpool.load_pretrained_model(), task)
+        loader = heads.loader(heads.dataset("train", task), batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                              num_workers=self.num_workers, drop_last=True, what=f"train dataset {task!r}")  # fmt: skip
         fabric = self._fabric()
         params = [p for p in classifier.vision_model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -226,7 +158,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         scheduler = None
         if self.lr_scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.num_steps)))
-        batches = _forever(fabric.setup_dataloaders(loader, move_to_device=True))
+        batches = cycle(fabric.setup_dataloaders(loader, move_to_device=True))
         self.task_name = task
         self.losses = finetune_classifier(classifier, batches, optimizer, num_steps=self.num_steps, scheduler=scheduler,
                                           backward=fabric.backward)  # fmt: skip

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fusion_bench.data.clip_tasks import canonical_task_name, load_classnames_and_templates
-from fusion_bench.data.loading import check_image_classification_columns, load_dataset_from_config
+from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
 from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError, UnknownNameError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
@@ -40,18 +40,6 @@ def default_head_cache_dir() -> str:
     """``$FUSION_BENCH_CACHE_DIR/zeroshot_heads`` (default ``~/.cache/fusion_bench``)."""
     root = os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")
     return str(Path(root).expanduser() / "zeroshot_heads")
-
-
-class _ImageCollate:
-    """Batch of dataset rows -> (pixel_values, labels), images converted to RGB."""
-
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-
-    def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [row["image"].convert("RGB") for row in rows]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels, torch.tensor([int(row["label"]) for row in rows])
 
 
 @register_taskpool("clip_vit_classification", "CLIPVisionModelTaskPool")
@@ -182,7 +170,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     def get_dataloader(self, task: str) -> DataLoader:
         self.setup()
         kwargs = {"batch_size": 128, **self.dataloader_kwargs}
-        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=_ImageCollate(self._image_processor()), **kwargs)
+        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=ImageClassificationCollate(self._image_processor()), **kwargs)
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_task_evaluation_begin(self, classifier: CLIPZeroShotClassifier, task_name: str) -> None:

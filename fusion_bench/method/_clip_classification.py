@@ -1,0 +1,143 @@
+"""What every CLIP method that touches data needs: zero-shot heads and image loaders per task.
+
+Fine-tuning, data-based merges (Fisher, RegMean) and test-time adaptation (AdaMerging,
+Concrete, WEMoE) all turn a vision encoder into a classifier for one task with that task's
+zero-shot head, and read the task's images from the model pool. :class:`CLIPTaskClassifiers`
+does both once, for any algorithm:
+
+* the full CLIP (text tower, ``visual_projection``, ``logit_scale``) comes from the method's
+  ``clip_model`` option, else from the pool's ``_pretrained_`` entry (a full CLIP checkpoint, as
+  the hub's ``openai/clip-vit-*`` are);
+* heads are built once per task (class names and templates from the method's options, the mini
+  benchmark or the eight CLIP tasks) and cached on disk by content hash, like the task pool's;
+* loaders convert images to RGB and preprocess them with the pool's processor; shuffled loaders
+  are seeded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fusion_bench.data.loading import ImageClassificationCollate
+from fusion_bench.data.task_text import task_classnames_and_templates
+from fusion_bench.errors import ConfigError, DatasetError
+from fusion_bench.modelpool import PRETRAINED, BaseModelPool
+from fusion_bench.models.hf_clip import load_clip_model
+from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
+from fusion_bench.taskpool.clip_vision.taskpool import default_head_cache_dir
+
+__all__ = ["CLIPTaskClassifiers", "cycle"]
+
+
+def cycle(loader: Any) -> Iterator[Any]:
+    """Cycle over ``loader``'s epochs without end (each epoch reshuffled by its sampler)."""
+    while True:
+        yield from loader
+
+
+class CLIPTaskClassifiers:
+    """Zero-shot heads and data loaders of a CLIP model pool's tasks.
+
+    Args:
+        modelpool: the pool (its processor, datasets and, by default, its ``_pretrained_`` CLIP).
+        clip_model: the full CLIP giving the text tower, projection and logit scale (path,
+            ``{pretrained_model_name_or_path}`` or ``_target_``); None: the ``_pretrained_`` entry.
+        task_text: ``{task: {"classnames": [...], "templates": [...]}}`` overriding the built-in lists.
+        head_cache_dir: where heads are cached (``"default"``: the task pool's cache; None: no cache).
+        what: the method's name, for messages.
+    """
+
+    def __init__(self, modelpool: BaseModelPool, *, clip_model: Any = None, task_text: Mapping[str, Any] | None = None,
+                 head_cache_dir: str | None = "default", what: str = "method") -> None:  # fmt: skip
+        self.modelpool = modelpool
+        self.what = what
+        self._clip_cfg = clip_model if clip_model is not None else modelpool.get_model_config(PRETRAINED)
+        self._task_text = dict(task_text or {})
+        self.head_cache_dir = default_head_cache_dir() if head_cache_dir == "default" else head_cache_dir
+        self._clip: nn.Module | None = None
+        self._processor: Any = None
+        self._heads: dict[str, torch.Tensor] = {}
+
+    # ---- models ---------------------------------------------------------------------------
+    @property
+    def clip_model(self) -> nn.Module:
+        """The full CLIP, frozen, in eval mode (loaded on first use)."""
+        if self._clip is None:
+            self._clip = load_clip_model(self._clip_cfg, what=f"{self.what}: clip_model").eval().requires_grad_(False)
+        return self._clip
+
+    @property
+    def processor(self) -> Any:
+        """The pool's ``CLIPProcessor``."""
+        if self._processor is None:
+            self._processor = self.modelpool.load_processor()
+        return self._processor
+
+    def head(self, task: str) -> torch.Tensor:
+        """The ``(C, D)`` zero-shot head of ``task`` (built once, cached on disk)."""
+        if task not in self._heads:
+            text = self._task_text.get(task) or {}
+            classnames, templates = task_classnames_and_templates(
+                task, text.get("classnames"), text.get("templates"), what=self.what
+            )
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            fingerprint = text_tower_fingerprint(self.clip_model) if self.head_cache_dir else None
+            self._heads[task] = cached_zero_shot_classifier(
+                self.clip_model, tokenizer, classnames, templates, cache_dir=self.head_cache_dir, fingerprint=fingerprint
+            )
+        return self._heads[task]
+
+    def classifier(self, vision_model: nn.Module, task: str) -> CLIPZeroShotClassifier:
+        """``vision_model`` behind ``task``'s head, the CLIP's (frozen) projection and logit scale."""
+        clip = self.clip_model
+        return CLIPZeroShotClassifier(vision_model, clip.visual_projection, clip.logit_scale, self.head(task))
+
+    # ---- data -----------------------------------------------------------------------------
+    def dataset(self, split: str, task: str) -> Any:
+        """The pool's ``split`` (``"train"``, ``"val"`` or ``"test"``) dataset of ``task``."""
+        loaders = {"train": self.modelpool.load_train_dataset, "val": self.modelpool.load_val_dataset,
+                   "test": self.modelpool.load_test_dataset}  # fmt: skip
+        if split not in loaders:
+            raise ConfigError(f"{self.what}: unknown split {split!r}; choose one of {', '.join(loaders)}")
+        return loaders[split](task)
+
+    def loader(self, dataset: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+               drop_last: bool = False, limit: int | None = None, what: str = "dataset") -> DataLoader:  # fmt: skip
+        """A loader of ``(pixel_values, labels)`` batches over ``dataset``.
+
+        Args:
+            dataset: rows with ``image`` and ``label``.
+            batch_size: images per batch.
+            shuffle: reshuffle every epoch, from a generator seeded by ``seed``.
+            seed: the shuffling seed.
+            num_workers: DataLoader workers.
+            drop_last: drop a short last batch.
+            limit: use only the first ``limit`` rows (None: all).
+            what: names the dataset in messages.
+
+        Raises:
+            DatasetError: the dataset has fewer rows than one batch needs.
+        """
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset)))) if hasattr(dataset, "select") else dataset
+        if len(dataset) == 0 or (drop_last and len(dataset) < batch_size):
+            raise DatasetError(f"{self.what}: {what} has {len(dataset)} samples, too few for batch_size {batch_size}")
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                          drop_last=drop_last, collate_fn=ImageClassificationCollate(image_processor))  # fmt: skip
+
+    def check_tasks(self, split: str, tasks: Sequence[str]) -> None:
+        """Raise a :class:`ConfigError` naming every task of ``tasks`` without a ``split`` dataset."""
+        names = {"train": self.modelpool.train_dataset_names, "val": self.modelpool.val_dataset_names,
+                 "test": self.modelpool.test_dataset_names}[split]  # fmt: skip
+        missing = [t for t in tasks if t not in names]
+        if missing:
+            raise ConfigError(
+                f"{self.what}: model(s) {missing} have no {split} dataset in the pool "
+                f"({split} datasets: {', '.join(names) or 'none'}); add them under the pool's {split}_datasets"
+            )

@@ -30,13 +30,28 @@ from fusion_bench.models.hf_clip import load_clip_model
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.clip_vision.taskpool import default_head_cache_dir
 
-__all__ = ["CLIPTaskClassifiers", "cycle"]
+__all__ = ["CLIPTaskClassifiers", "cycle", "entropy_loss", "ENTROPY_EPS"]
+
+ENTROPY_EPS = 1e-8
 
 
 def cycle(loader: Any) -> Iterator[Any]:
     """Cycle over ``loader``'s epochs without end (each epoch reshuffled by its sampler)."""
     while True:
         yield from loader
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The test-time objective: mean over the batch of ``−Σ_c p log(p + 1e-8)``, ``p = softmax(logits)``.
+
+    Args:
+        logits: ``(B, C)``.
+
+    Returns:
+        a scalar.
+    """
+    probs = logits.float().softmax(dim=-1)  # (B, C)
+    return -(probs * (probs + ENTROPY_EPS).log()).sum(dim=-1).mean()
 
 
 class CLIPTaskClassifiers:
@@ -141,3 +156,21 @@ class CLIPTaskClassifiers:
                 f"{self.what}: model(s) {missing} have no {split} dataset in the pool "
                 f"({split} datasets: {', '.join(names) or 'none'}); add them under the pool's {split}_datasets"
             )
+
+    def test_time_batches(self, tasks: Sequence[str], *, batch_size: int, seed: int, num_workers: int = 0,
+                          split: str = "test") -> dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+        """One endless, seeded, shuffled stream of ``(pixel_values, labels)`` per task.
+
+        Test-time methods draw one batch per task per step; each task's stream has its own
+        generator (``seed`` + the task's position), so the batches of one task do not depend on
+        how many other tasks there are. Labels are there for logging only: the methods never use them.
+
+        Raises:
+            ConfigError: a task has no dataset of that split in the pool.
+        """
+        self.check_tasks(split, tasks)
+        return {
+            task: cycle(self.loader(self.dataset(split, task), batch_size=batch_size, shuffle=True, seed=seed + i,
+                                    num_workers=num_workers, what=f"{split} dataset {task!r}"))  # fmt: skip
+            for i, task in enumerate(tasks)
+        }

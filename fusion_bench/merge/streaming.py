@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
 
-__all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "stream_merge", "stream_task_vectors", "compute_dtype"]
+__all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "prefetched", "stream_merge", "stream_task_vectors", "compute_dtype"]
 
 T = TypeVar("T")
 PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
@@ -117,7 +117,7 @@ def stream_merge(
         base = modelpool.get_tensor(PRETRAINED, key) if with_base else None
         return base, [modelpool.get_tensor(n, key) for n in names]
 
-    for key, (base, tensors) in tqdm(_prefetched(read, keys), total=len(keys), desc=desc, leave=False, disable=None):
+    for key, (base, tensors) in tqdm(prefetched(read, keys), total=len(keys), desc=desc, leave=False, disable=None):
         for n, t in zip(names, tensors):  # checked here, while the reader thread reads ahead
             check_finite(n, key, t)
         if base is not None:
@@ -134,7 +134,7 @@ def stream_merge(
     return model
 
 
-def _prefetched(read: Callable[[str], T], keys: Sequence[str]) -> Iterator[tuple[str, T]]:
+def prefetched(read: Callable[[str], T], keys: Sequence[str]) -> Iterator[tuple[str, T]]:
     """Yield ``(key, read(key))`` while a background thread already reads the next key:
     file reads (which release the GIL) overlap the merge arithmetic."""
     if not keys:

@@ -29,6 +29,7 @@ __all__ = [
     "magnitude_threshold",
     "magnitude_threshold_",
     "trim_below",
+    "trim_below_",
     "trim_top_k",
     "dare_generator",
     "dare_drop",
@@ -79,13 +80,14 @@ def sum_in_order(tensors: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def fill_flat(chunks: Iterable[Tensor], numel: int, dtype: torch.dtype) -> Tensor:
-    """Copy ``chunks`` one after another into one preallocated 1-D buffer.
+def fill_flat(chunks: Iterable[Tensor], numel: int, dtype: torch.dtype, *, magnitude: bool = False) -> Tensor:
+    """Copy ``chunks`` (or their magnitudes) one after another into one preallocated 1-D buffer.
 
     Args:
         chunks: tensors of any shapes, ``numel`` entries in all.
         numel: the total number of entries.
         dtype: the buffer's dtype.
+        magnitude: write ``|chunk|`` (computed straight into the buffer, no temporary).
 
     Returns:
         the ``(numel,)`` buffer. Only the buffer is held, never a list of the chunks.
@@ -96,7 +98,11 @@ def fill_flat(chunks: Iterable[Tensor], numel: int, dtype: torch.dtype) -> Tenso
         n = chunk.numel()
         if offset + n > numel:
             raise RuntimeError(f"fill_flat: chunks hold more than the {numel} entries announced")
-        buffer[offset : offset + n] = chunk.reshape(-1).to(dtype)
+        view = buffer[offset : offset + n].view(chunk.shape)
+        if magnitude and chunk.dtype == dtype:
+            torch.abs(chunk, out=view)
+        else:
+            view.copy_(chunk.abs() if magnitude else chunk)
         offset += n
     if offset != numel:
         raise RuntimeError(f"fill_flat: chunks hold {offset} entries, {numel} announced")
@@ -157,6 +163,11 @@ def magnitude_threshold_(abs_flat: Tensor, density: float) -> Tensor:
 def trim_below(tv: Tensor, threshold: Tensor | float) -> Tensor:
     """``tv`` with every entry of magnitude below ``threshold`` set to 0 (same shape)."""
     return torch.where(tv.abs() >= threshold, tv, 0.0)
+
+
+def trim_below_(tv: Tensor, threshold: Tensor | float) -> Tensor:
+    """:func:`trim_below` in place (``tv`` is overwritten and returned)."""
+    return tv.masked_fill_(tv.abs() < threshold, 0.0)
 
 
 def trim_top_k(tv: Tensor, density: float) -> Tensor:
@@ -282,18 +293,26 @@ def disjoint_merge(tvs: Sequence[Tensor], sign: Tensor, mode: MergeFunc = "sum")
     Returns:
         the merged task vector of this tensor.
     """
-    total, count, peak = torch.zeros_like(sign), torch.zeros_like(sign), torch.zeros_like(sign)
+    # agree <=> tv · direction > 0, with direction = +1 where sign > 0 and -1 elsewhere; the agreeing
+    # entries of one position share one sign, so summing their magnitudes and restoring the sign at the
+    # end gives the signed sum bit for bit, with one product and one clamp per task (no masks).
+    direction = torch.where(sign > 0, 1.0, -1.0).to(sign.dtype)
+    total = torch.zeros_like(sign)
+    count = torch.zeros_like(sign) if mode == "mean" else None
+    peak = torch.zeros_like(sign) if mode == "max" else None
+    magnitude = torch.empty_like(sign)
     for tv in tvs:
-        agree = torch.where(sign > 0, tv > 0, tv < 0)
-        selected = torch.where(agree, tv, 0.0)
-        total += selected
-        count += agree
-        peak = torch.maximum(peak, selected.abs())
+        torch.mul(tv, direction, out=magnitude).clamp_(min=0.0)  # |tv| where it agrees, else 0
+        total += magnitude
+        if count is not None:
+            count += magnitude > 0
+        if peak is not None:
+            torch.maximum(peak, magnitude, out=peak)
     if mode == "sum":
-        return total
+        return total.mul_(direction)
     if mode == "mean":
-        return total / count.clamp(min=1)
-    return peak * sign
+        return total.mul_(direction).div_(count.clamp_(min=1))
+    return peak.mul_(sign)
 
 
 def ties_merge_tensor(tvs: Sequence[Tensor], stats: TiesStatistics, merge_func: MergeFunc = "sum") -> Tensor:
@@ -307,7 +326,7 @@ def ties_merge_tensor(tvs: Sequence[Tensor], stats: TiesStatistics, merge_func: 
     Returns:
         the merged task vector (not yet scaled).
     """
-    trimmed = [trim_below(tv, thr) for tv, thr in zip(tvs, stats.thresholds)]
+    trimmed = [trim_below_(tv, thr) for tv, thr in zip(tvs, stats.thresholds)]
     return disjoint_merge(trimmed, ties_elect_sign(trimmed, stats.majority), merge_func)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import ModelPoolError
-from fusion_bench.merge.streaming import check_finite, check_pool_compatible, compute_dtype, stream_merge
+from fusion_bench.merge.streaming import check_finite, check_pool_compatible, compute_dtype, prefetched, stream_merge
 from fusion_bench.merge.task_vectors import (
     MergeFunc,
     TiesStatistics,
@@ -130,15 +130,14 @@ class PoolTaskVectors:
 
     def task(self, index: int) -> Iterator[tuple[str, Tensor]]:
         base, source = self.modelpool.tensor_source(PRETRAINED), self.modelpool.tensor_source(self.plan.names[index])
-        for key in self.plan.keys:
-            yield key, self._task_vector(index, key, source.get(key), base.get(key))
+        for key, (theta, b) in prefetched(lambda k: (source.get(k), base.get(k)), self.plan.keys):
+            yield key, self._task_vector(index, key, theta, b)
 
     def by_key(self) -> Iterator[tuple[str, list[Tensor]]]:
         base = self.modelpool.tensor_source(PRETRAINED)
         sources = [self.modelpool.tensor_source(n) for n in self.plan.names]
-        for key in self.plan.keys:
-            b = base.get(key)
-            yield key, [self._task_vector(i, key, s.get(key), b) for i, s in enumerate(sources)]
+        for key, (b, thetas) in prefetched(lambda k: (base.get(k), [s.get(k) for s in sources]), self.plan.keys):
+            yield key, [self._task_vector(i, key, theta, b) for i, theta in enumerate(thetas)]
 
     def _task_vector(self, index: int, key: str, theta: Tensor, base: Tensor) -> Tensor:
         self._check(self.plan.names[index], key, theta)
@@ -191,8 +190,7 @@ def flat_task_vector(vectors: TaskVectors, index: int, *, magnitude: bool = Fals
 
     Only this buffer is held (one model's worth of entries), never a second task.
     """
-    chunks = (tv.abs() if magnitude else tv for _, tv in vectors.task(index))
-    return fill_flat(chunks, vectors.plan.numel, vectors.plan.dtype)
+    return fill_flat((tv for _, tv in vectors.task(index)), vectors.plan.numel, vectors.plan.dtype, magnitude=magnitude)
 
 
 def ties_statistics(vectors: TaskVectors, density: float) -> TiesStatistics:

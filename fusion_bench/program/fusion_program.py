@@ -49,6 +49,7 @@ class FabricModelFusionProgram:
         self.config = config
         self.report_save_path = output_path_or_none(config.get("report_save_path"))
         self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
+        self.model: Any = None  # the fused model, once run() has made it
 
     def _build_fabric(self):
         import lightning
@@ -82,7 +83,7 @@ class FabricModelFusionProgram:
         fabric = self._build_fabric()
         method.fabric = fabric
         start = time.perf_counter()
-        model = method.run(modelpool)
+        model = self.model = method.run(modelpool)
         fusion_seconds = time.perf_counter() - start
         if self.merged_model_save_path is not None:
             path = modelpool.save_model(model, self.merged_model_save_path, description=self._model_card(method, modelpool))

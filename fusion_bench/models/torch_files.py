@@ -12,7 +12,6 @@ module, not a traceback from deep inside ``pickle``.
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import types
 from pathlib import Path
@@ -105,7 +104,7 @@ def _unpickler_module(redirect: Redirect | None, path: Path, what: str) -> types
                 if found is not None:
                     return found
             try:
-                return getattr(importlib.import_module(module), name)
+                return super().find_class(module, name)  # with pickle's Python 2 name fixes
             except (ImportError, AttributeError) as err:
                 raise ModelLoadError(
                     f"{what}: the pickle {str(path)!r} needs {module}.{name}, which cannot be imported "

@@ -154,11 +154,11 @@ def _task_vectors_pickles(tmp_path: Path, monkeypatch) -> tuple[Path, Path, dict
         clip.visual.__class__ = legacy
         encoder = src.modeling.ImageEncoder(clip, open_clip.image_transform(32, is_train=False))
         torch.save(encoder, tmp_path / "finetuned.pt")
-        torch.save(src.modeling.ClassificationHead(True, torch.randn(10, 16)), tmp_path / "head.pt")
+        torch.save(src.modeling.ClassificationHead(True, torch.randn(10, 16)), tmp_path / "head_T.pt")
         expected = {k: v.clone() for k, v in encoder.state_dict().items() if k.startswith("model.visual.")}
         for mod in ("src.modeling", "src"):
             sys.modules.pop(mod, None)
-    return tmp_path / "finetuned.pt", tmp_path / "head.pt", expected
+    return tmp_path / "finetuned.pt", tmp_path / "head_T.pt", expected
 
 
 def test_pickles_need_opt_in_and_load_with_redirected_classes(tmp_path, monkeypatch):
@@ -169,8 +169,8 @@ def test_pickles_need_opt_in_and_load_with_redirected_classes(tmp_path, monkeypa
         assert b"VisualTransformer" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     with pytest.raises(PickleRequiredError, match=r"model 'x': .*finetuned.pt' is a pickle .* set allow_pickle: true"):
         OpenCLIPVisionModelPool({"x": str(encoder_file)}).load_model("x")
-    with pytest.raises(PickleRequiredError, match=r"model 'x': .*is a pickle, and unpickling runs code"):
-        OpenCLIPVisionModelPool({"x": {"model_name": "ViT-B-32", "pickle_path": str(encoder_file)}}).keys("x")
+    with pytest.raises(PickleRequiredError, match=r"model 'x': .*finetuned.pt' is a pickle"):  # never, for state_dict_path
+        OpenCLIPVisionModelPool({"x": {"model_name": "ViT-B-32", "state_dict_path": str(encoder_file)}}, allow_pickle=True).keys("x")
 
     pool = OpenCLIPVisionModelPool({"x": str(encoder_file)}, classification_heads={"t": str(head_file)}, allow_pickle=True)
     model = pool.load_model("x")  # architecture read off the pickled tower
@@ -178,6 +178,15 @@ def test_pickles_need_opt_in_and_load_with_redirected_classes(tmp_path, monkeypa
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
     head = pool.load_classification_head("t")
     assert head.normalize and tuple(head.weight.shape) == (10, 16)
+
+    from fusion_bench.scripts.convert_task_vectors import main as convert
+
+    convert([str(tmp_path), str(tmp_path / "converted")])  # once, trusting the files; then no pickle is needed
+    safe = OpenCLIPVisionModelPool({"x": {"pickle_path": "finetuned.pt"}}, model_dir=str(tmp_path / "converted"),
+                                   model_name=None, model_config=model.architecture.to_config(),
+                                   classification_heads={"t": "head_T.pt"})  # fmt: skip
+    assert all(torch.equal(safe.load_model("x").state_dict()[k], v) for k, v in expected.items())
+    assert torch.equal(safe.load_classification_head("t").weight, head.weight)
 
 
 def test_pickle_naming_a_missing_module_is_a_clear_error(tmp_path, monkeypatch):

@@ -5,9 +5,11 @@ Model entries (``models: {name: entry}``):
 * a path string: a folder saved by this pool (``open_clip_config.json`` + ``model.safetensors``),
   a state dict file (``.safetensors`` or a ``torch.save`` d dict), or, with ``allow_pickle``, a
   pickled task_vectors ``ImageEncoder`` (the original release's ``finetuned.pt``/``zeroshot.pt``);
-* ``{model_name, state_dict_path}``: the architecture by open_clip name, weights from a state dict;
-* ``{model_name, pickle_path}``: weights from a pickle (needs ``allow_pickle: true``: unpickling runs
-  code from the file);
+* ``{model_name, state_dict_path}``: the architecture by open_clip name, weights from a state dict
+  (never unpickled);
+* ``{model_name, pickle_path}``: weights from task_vectors' file: read as a state dict if it is one
+  (e.g. converted by ``python -m fusion_bench.scripts.convert_task_vectors``), else unpickled, which
+  needs ``allow_pickle: true`` (unpickling runs code from the file);
 * ``{model_config: {embed_dim, vision_cfg, quick_gelu?}, ...}`` instead of ``model_name`` for
   custom architectures; ``model_name``/``model_config`` at pool level apply to every entry;
 * a Hydra ``_target_`` config returning an :class:`~fusion_bench.models.openclip_vision.ImageEncoder`.
@@ -17,7 +19,7 @@ task_vectors' layout ``ViT-B-32/<Task>/finetuned.pt``, ``ViT-B-32/head_<Task>.pt
 ``ViT-B-32/zeroshot.pt``). ``classification_heads: {task: path | {path, normalize} | _target_}``.
 Tensors are read one at a time from safetensors files (streaming merges hold one tensor per
 model); ``.pt`` state dicts are memory-mapped; pickles are held whole (convert them once with
-``save_model`` to stream).
+``fusion_bench.scripts.convert_task_vectors`` to read them safely).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class _Entry:
     """A file-backed model: where it is, how to read it, its architecture if the config names one."""
 
     path: Path
-    kind: str  # "folder" | "file" (state dict, or a pickle if allowed) | "state_dict" | "pickle"
+    kind: str  # "folder" | "file" (a state dict, or a pickle if allowed) | "state_dict" (never unpickled)
     architecture: OpenCLIPArchitecture | None
 
 
@@ -134,7 +136,7 @@ class OpenCLIPVisionModelPool(BaseModelPool):
                 f"{', '.join(_ENTRY_KEYS)}; got keys {sorted(entry)}"
             )
         path = self._resolve(entry[given[0]])
-        kind = {"state_dict_path": "state_dict", "pickle_path": "pickle"}.get(given[0], "file")
+        kind = "state_dict" if given[0] == "state_dict_path" else "file"
         if kind == "file" and is_encoder_folder(path):
             kind = "folder"
         return _Entry(path, kind, _architecture(entry.get("model_name"), entry.get("model_config"), what=what))
@@ -151,16 +153,15 @@ class OpenCLIPVisionModelPool(BaseModelPool):
         if name not in self._sources:
             what = f"model {name!r}"
             files = [entry.path / WEIGHTS_FILE] if entry.kind == "folder" else [entry.path]
-            if entry.kind == "folder" or (entry.kind != "pickle" and is_safetensors_file(entry.path)):
+            if entry.kind == "folder" or is_safetensors_file(entry.path):
                 if not files[0].is_file():
                     raise ModelLoadError(f"{what}: file {str(files[0])!r} does not exist")
                 source: TensorSource = SafetensorsSource(files, rename=canonical_openclip_keys, what=f"{what} ({entry.path})")
                 if not source.keys():
                     raise ModelLoadError(f"{what}: {str(files[0])!r} holds no OpenCLIP vision tower tensors")
             else:
-                state, self._inferred[name] = read_encoder_checkpoint(
-                    entry.path, what=what, allow_pickle=self.allow_pickle, pickle=entry.kind == "pickle"
-                )
+                allow = self.allow_pickle and entry.kind == "file"
+                state, self._inferred[name] = read_encoder_checkpoint(entry.path, what=what, allow_pickle=allow)
                 source = StateDictSource(state, what=f"{what} ({entry.path})")
             self._sources[name] = source
         return self._sources[name]
@@ -178,7 +179,7 @@ class OpenCLIPVisionModelPool(BaseModelPool):
             return entry.architecture
         if entry.kind == "folder":
             return folder_architecture(entry.path, what=f"model {name!r}")
-        if entry.kind in ("file", "pickle") and not is_safetensors_file(entry.path):
+        if entry.kind == "file" and not is_safetensors_file(entry.path):
             self.tensor_source(name)
             if self._inferred.get(name) is not None:
                 return self._inferred[name]

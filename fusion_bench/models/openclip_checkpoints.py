@@ -92,31 +92,26 @@ def encoder_state_from_object(obj: Any, *, what: str, location: str) -> tuple[di
 
 
 def read_encoder_checkpoint(
-    path: Path, *, what: str, allow_pickle: bool, pickle: bool = False
+    path: Path, *, what: str, allow_pickle: bool
 ) -> tuple[dict[str, torch.Tensor], OpenCLIPArchitecture | None]:
     """``(model.visual.* tensors, architecture if the file records one)`` of an encoder file.
+
+    The file is read as a state dict first (safetensors, or ``torch.load(weights_only=True)``);
+    only if it turns out to pickle Python objects, and ``allow_pickle`` is set, is it unpickled.
 
     Args:
         path: a state dict file or a pickle.
         what: names the model in messages.
         allow_pickle: the user opted in to unpickling.
-        pickle: the file is declared a pickle (``pickle_path``); otherwise it is read as a state
-            dict first and unpickled only if it turns out to be a pickle.
 
     Raises:
         PickleRequiredError: the file is a pickle and ``allow_pickle`` is false.
     """
-    if not pickle:
-        try:
-            return _canonical(load_state_dict_file(path, what=what), what=what, location=str(path)), None
-        except PickleRequiredError:
-            if not allow_pickle:
-                raise
-    elif not allow_pickle:
-        raise PickleRequiredError(
-            f"{what}: {str(path)!r} is a pickle, and unpickling runs code from the file; if you trust it set "
-            f"allow_pickle: true (e.g. modelpool.allow_pickle=true), or give a state dict (state_dict_path)"
-        )
+    try:
+        return _canonical(load_state_dict_file(path, what=what), what=what, location=str(path)), None
+    except PickleRequiredError:
+        if not allow_pickle:
+            raise
     obj = load_pickle_file(path, what=what, redirect=task_vectors_redirect)
     return encoder_state_from_object(obj, what=what, location=str(path))
 

@@ -30,24 +30,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mini_clip_table import compose, replace_block  # the sibling script (benchmarks/ is on sys.path)
 from omegaconf import open_dict
 
-from fusion_bench.utils.io import atomic_write, atomic_write_json
+from fusion_bench.utils.io import atomic_write_json
 
 VARIANTS = {"full": "clip_finetune", "lora": "clip_finetune_lora", "l_lora": "clip_finetune_l_lora"}
 MERGES = {"task_arithmetic": ["method=task_arithmetic", "method.scaling_factor=0.3"], "simple_average": ["method=simple_average"]}
 MARK_START, MARK_END = "<!-- lora-comparison:start -->", "<!-- lora-comparison:end -->"
-
-
-def compose(overrides: Sequence[str]) -> Any:
-    """The root config with ``overrides`` (Hydra's compose API over the shipped configs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from fusion_bench.scripts.cli import CONFIG_DIR
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("fusion_bench_config", overrides=list(overrides))
 
 
 def run_program(cfg: Any) -> tuple[dict[str, Any], float]:
@@ -147,19 +137,6 @@ def markdown(tasks: Sequence[str], results: dict[str, dict[str, Any]], args: arg
                       f"Regenerated with `python benchmarks/lora_comparison.py` in {seconds / 60:.1f} min."]) + "\n"  # fmt: skip
 
 
-def replace_block(path: Path, block: str) -> None:
-    """Put ``block`` between the markers in ``path`` (appending them if absent), atomically."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    new = f"{MARK_START}\n{block}{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + new + rest.split(MARK_END, 1)[1]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + new + "\n"
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (see module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -194,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results[variant] = res
     table = markdown(tasks, results, args, time.perf_counter() - start)
     atomic_write_json(Path(args.out) / "summary.json", {"markdown": table, "results": results})
-    replace_block(Path(args.doc), table)
+    replace_block(Path(args.doc), table, MARK_START, MARK_END)
     print(table)
 
 

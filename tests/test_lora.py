@@ -176,7 +176,8 @@ def test_clip_finetune_lora_variants_train_save_and_reload(tiny_example, tmp_pat
     folded = method.run(pool)
     report = method.extra_report()["clip_finetune"]
     assert report["variant"] == variant and report["loss_last"] < report["loss_first"]
-    assert isinstance(folded, CLIPVisionModel)
+    assert report["trainable_params"] == 2 * 2 * (4 * 32 + 32 * 4)  # A and B of q, v in 2 layers of width 32
+    assert isinstance(folded, CLIPVisionModel) and all(p.requires_grad for p in folded.parameters())
 
     base = vision_state_dict(pool.load_pretrained_model())
     out = vision_state_dict(folded)

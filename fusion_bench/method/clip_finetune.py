@@ -191,6 +191,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
                               num_workers=self.num_workers, drop_last=True, what=f"train dataset {task!r}")  # fmt: skip
         fabric = self._fabric()
         params = [p for p in classifier.vision_model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in params)
         optimizer = torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         classifier, optimizer = fabric.setup(classifier, optimizer)
         scheduler = None
@@ -218,7 +219,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         return merge_lora_model(model)
 
     def _model_card(self, task: str) -> str:
-        options = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "losses", "save_path")}
+        options = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "losses", "save_path", "trainable_params")}
         kind = {"full": "CLIP vision encoder", "lora": "LoRA adapter", "l_lora": "L-LoRA adapter"}[self.variant]
         return f"# {kind} fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}`: {options}\n"
 
@@ -228,7 +229,8 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
             return {}
         window = min(10, len(self.losses))
         first, last = self.losses[:window], self.losses[-window:]
-        return {NAME: {"task": self.task_name, "variant": self.variant, "num_steps": self.num_steps,
+        return {NAME: {"task": self.task_name, "variant": self.variant, "trainable_params": self.trainable_params,
+                       "num_steps": self.num_steps,
                        "loss_first": sum(first) / window, "loss_last": sum(last) / window}}  # fmt: skip
 
 

@@ -96,8 +96,10 @@ def _peft_model(base: nn.Module, adapter: LoRAAdapter, *, what: str) -> nn.Modul
     weights = {k: v for k, v in vision_state_dict(base).items() if k in adapter.weight_keys}
     check_adapter_fits(adapter, shapes, weights, base=str(getattr(base, "name_or_path", "") or "the base"), what=what)
     fields = set(LoraConfig.__dataclass_fields__)
-    config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in fields and k != "inference_mode"})
+    skip = ("inference_mode", "base_model_name_or_path")  # peft would reset the latter (with a warning)
+    config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in fields and k not in skip})
     model = _wrap(base, config)
+    model.peft_config[ADAPTER].base_model_name_or_path = adapter.base_model_name_or_path
     with torch.no_grad():
         for module, (a, b) in adapter.factors.items():
             layer = _submodule(model.base_model.model, module)
@@ -144,7 +146,7 @@ def load_lora_vision_model_hf(base_model_name: Any, peft_name: str | Path, merge
     what = f"LoRA adapter {str(peft_name)!r}"
     adapter = read_adapter(peft_name, what=what, kind="lora")
     model = _peft_model(_load_base(base_model_name, what=what), adapter, what=what)
-    return model.merge_and_unload().eval() if merge_and_unload else model
+    return model.merge_and_unload().requires_grad_(True).eval() if merge_and_unload else model
 
 
 def load_l_lora_vision_model_hf(base_model_name: Any, peft_name: str | Path, merge_and_unload: bool = False) -> nn.Module:
@@ -244,4 +246,4 @@ def merge_lora_model(model: nn.Module) -> nn.Module:
     semantics of :mod:`~fusion_bench.models.linearized.lora`); ``model`` is consumed."""
     adapter = adapter_from_model(model)
     _unwrap_linearized_(model)
-    return fold_adapter_(model.unload(), adapter).eval()
+    return fold_adapter_(model.unload(), adapter).requires_grad_(True).eval()

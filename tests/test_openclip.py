@@ -96,6 +96,11 @@ def test_pool_reads_every_checkpoint_form_per_tensor(tiny_openclip):
         model = pool.load_model(name)
         assert all(torch.equal(v, expected[k.removeprefix("model.visual.")]) for k, v in model.state_dict().items())
     assert pool.architecture("svhn") == OpenCLIPArchitecture.from_config(TINY_OPENCLIP_CONFIG)  # from its folder
+    import datasets
+
+    image = datasets.load_from_disk(str(tiny_openclip.datasets["mnist"]))["test"][0]["image"]  # grayscale: made RGB
+    pixels = pool.load_processor()(images=[image])["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and torch.equal(pixels[0], open_clip.image_transform(32, is_train=False)(image))
 
 
 def test_pool_saves_a_folder_it_reads_back(tiny_openclip, tmp_path):
@@ -105,6 +110,13 @@ def test_pool_saves_a_folder_it_reads_back(tiny_openclip, tmp_path):
     again = OpenCLIPVisionModelPool({"m": str(tmp_path / "saved")})  # no architecture given: the folder records it
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(again.load_model("m")(images), model(images))
+
+
+def test_pickled_tower_of_an_unknown_architecture(tmp_path):
+    resnet = open_clip.model.CLIP(16, {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 8}, TEXT_CFG)
+    torch.save(resnet, tmp_path / "rn.pt")
+    with pytest.raises(ModelLoadError, match=r"model 'x' \(.*rn.pt\): unknown OpenCLIP architecture: the pickled ModifiedResNet is not a plain open_clip ViT .*give its model_name"):
+        OpenCLIPVisionModelPool({"x": str(tmp_path / "rn.pt")}, allow_pickle=True).load_model("x")
 
 
 def test_architecture_errors(tiny_openclip):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["example_root", "example_path", "register_resolvers"]
+__all__ = ["example_root", "example_path", "openclip_example_path", "register_resolvers"]
 
 
 def example_root() -> Path:
@@ -33,7 +33,21 @@ def example_path(relative: str = "") -> str:
     return str(root / relative) if relative else str(root)
 
 
+def openclip_example_path(relative: str = "") -> str:
+    """Absolute path of ``relative`` inside the tiny OpenCLIP example (task_vectors layout, on the
+    CLIP example's datasets), a sibling ``<example root>-openclip`` folder, building it if needed."""
+    from fusion_bench.testing.tiny_clip import build_tiny_example
+    from fusion_bench.testing.tiny_openclip import build_tiny_openclip_example
+
+    clip = build_tiny_example(example_root())
+    root = example_root().with_name(example_root().name + "-openclip")
+    build_tiny_openclip_example(root, datasets=clip.datasets)
+    return str(root / relative) if relative else str(root)
+
+
 def register_resolvers() -> None:
     """Register the OmegaConf resolvers used by the shipped configs (idempotent)."""
     if not OmegaConf.has_resolver("fusion_bench_example"):
         OmegaConf.register_new_resolver("fusion_bench_example", example_path)
+    if not OmegaConf.has_resolver("fusion_bench_openclip_example"):
+        OmegaConf.register_new_resolver("fusion_bench_openclip_example", openclip_example_path)

@@ -9,6 +9,13 @@ images; a fixed learning rate (the published experts: 1e-5, 4000 steps, batch 32
 decay to 0. One call fine-tunes one expert: the pool's ``_pretrained_`` vision encoder on the
 pool's train dataset ``task``.
 
+Variants (one training loop): ``use_lora`` trains only LoRA factors on the vision encoder
+(Hu et al. 2021, https://arxiv.org/abs/2106.09685; the seeds: ``q_proj``/``v_proj``, r 16, alpha 32,
+dropout 0.1, the published experts 2000 steps); ``use_l_lora`` linearises every LoRA layer around its
+initialisation (L-LoRA, Tang et al. 2024, https://arxiv.org/abs/2310.04742), computed with
+``torch.func.jvp``. Those save a peft adapter folder that :class:`~fusion_bench.modelpool.CLIPVisionLoRAModelPool`
+loads, and return the folded ``CLIPVisionModel`` (:mod:`fusion_bench.models.linearized.lora`).
+
 Class names and templates: the method's ``classnames``/``templates`` options, else the built-in
 lists of the eight CLIP tasks (:mod:`fusion_bench.data.clip_tasks`) or of the mini benchmark
 (:mod:`fusion_bench.data.mini_tasks`). Data order is seeded by ``seed``; devices come from the
@@ -18,7 +25,7 @@ program's ``lightning.Fabric``.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +33,18 @@ from torch import nn
 
 from fusion_bench.errors import ConfigError
 from fusion_bench.method._clip_classification import CLIPTaskClassifiers, cycle
-from fusion_bench.method._options import check_choice, check_int, check_range
+from fusion_bench.method._options import check_bool, check_choice, check_int, check_range
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.modelpool import BaseModelPool
+from fusion_bench.modelpool import PRETRAINED, BaseModelPool
+from fusion_bench.models.hf_clip import vision_state_dict
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["CLIPFinetuneAlgorithm", "finetune_classifier"]
 
 NAME = "clip_finetune"
 LR_SCHEDULERS = ("fixed", "cosine")
+# the seeds' LoRA experts (r 16, alpha 32, q/v projections, dropout 0.1)
+DEFAULT_LORA_CONFIG = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1}
 
 
 def finetune_classifier(
@@ -92,7 +102,10 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         seed: seeds the data order.
         num_workers: DataLoader workers.
         save_path: folder to save the fine-tuned ``CLIPVisionModel`` to (``save_pretrained``
-            plus the pool's processor, atomically); None: not saved.
+            plus the pool's processor, atomically), or the adapter folder for LoRA / L-LoRA; None: not saved.
+        use_lora: train LoRA factors only (the vision encoder frozen).
+        use_l_lora: train linearised LoRA (L-LoRA); implies ``use_lora``.
+        lora_config: ``{r, lora_alpha, target_modules, lora_dropout}`` (missing keys: the seeds' values).
     """
 
     def __init__(
@@ -110,6 +123,9 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         seed: int = 42,
         num_workers: int = 0,
         save_path: str | None = None,
+        use_lora: bool = False,
+        use_l_lora: bool = False,
+        lora_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.task = task
         self.clip_model = to_container(clip_model)
@@ -122,7 +138,15 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         self.seed = check_int(NAME, "seed", seed, low=0)
         self.num_workers = check_int(NAME, "num_workers", num_workers, low=0)
         self.save_path = save_path or None
+        self.use_lora = check_bool(NAME, "use_lora", use_lora)
+        self.use_l_lora = check_bool(NAME, "use_l_lora", use_l_lora)
+        self.lora_config = _check_lora_config(to_container(lora_config))
         self.losses: list[float] = []
+
+    @property
+    def variant(self) -> str:
+        """``"full"``, ``"lora"`` or ``"l_lora"``."""
+        return "l_lora" if self.use_l_lora else "lora" if self.use_lora else "full"
 
     def _task(self, modelpool: BaseModelPool) -> str:
         names = modelpool.train_dataset_names
@@ -144,15 +168,30 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
 
         return lightning.Fabric(accelerator="cpu", devices=1)
 
+    def _trainable(self, modelpool: BaseModelPool, vision: nn.Module) -> nn.Module:
+        """The model to train: ``vision`` itself, or a (linearised) LoRA model on it."""
+        if self.variant == "full":
+            return vision
+        from fusion_bench.models.linearized import new_lora_vision_model
+
+        entry = modelpool.get_model_config(PRETRAINED)
+        base_name = entry.get("pretrained_model_name_or_path") if isinstance(entry, Mapping) else None
+        self._base_weights = {k: v.detach().clone() for k, v in vision_state_dict(vision).items()
+                              if k.endswith(".weight") and k.split(".")[-2] in self.lora_config["target_modules"]}  # fmt: skip
+        return new_lora_vision_model(vision, **self.lora_config, linearized=self.use_l_lora, seed=self.seed,
+                                     base_model_name_or_path=base_name)  # fmt: skip
+
     def run(self, modelpool: BaseModelPool) -> nn.Module:
-        """Fine-tune, save if ``save_path`` is set, and return the fine-tuned vision encoder."""
+        """Fine-tune, save if ``save_path`` is set, and return the fine-tuned vision encoder
+        (LoRA / L-LoRA: folded into a plain ``CLIPVisionModel``)."""
         task = self._task(modelpool)
         heads = self._heads(modelpool, task)
-        classifier = heads.classifier(modelpool.load_pretrained_model(), task)
+        classifier = heads.classifier(self._trainable(modelpool, modelpool.load_pretrained_model()), task)
         loader = heads.loader(heads.dataset("train", task), batch_size=self.batch_size, shuffle=True, seed=self.seed,
                               num_workers=self.num_workers, drop_last=True, what=f"train dataset {task!r}")  # fmt: skip
         fabric = self._fabric()
         params = [p for p in classifier.vision_model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in params)
         optimizer = torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         classifier, optimizer = fabric.setup(classifier, optimizer)
         scheduler = None
@@ -164,13 +203,25 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
                                           backward=fabric.backward)  # fmt: skip
         vision = classifier.module.vision_model if hasattr(classifier, "module") else classifier.vision_model
         vision = vision.cpu().eval()
+        if self.variant != "full":
+            return self._save_adapter_and_fold(vision, task)
         if self.save_path is not None:
             modelpool.save_model(vision, self.save_path, description=self._model_card(task))
         return vision
 
+    def _save_adapter_and_fold(self, model: nn.Module, task: str) -> nn.Module:
+        from fusion_bench.models.linearized import merge_lora_model, save_lora_adapter
+
+        if self.save_path is not None:
+            base_name = model.peft_config["default"].base_model_name_or_path
+            save_lora_adapter(model, self.save_path, kind=self.variant, base_model_name_or_path=base_name,
+                              base_weights=self._base_weights, description=self._model_card(task))  # fmt: skip
+        return merge_lora_model(model)
+
     def _model_card(self, task: str) -> str:
-        options = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "losses", "save_path")}
-        return f"# CLIP vision encoder fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}`: {options}\n"
+        options = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "losses", "save_path", "trainable_params")}
+        kind = {"full": "CLIP vision encoder", "lora": "LoRA adapter", "l_lora": "L-LoRA adapter"}[self.variant]
+        return f"# {kind} fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}`: {options}\n"
 
     def extra_report(self) -> dict[str, Any]:
         """The task and the loss at the start and end of training (mean of 10 steps)."""
@@ -178,5 +229,24 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
             return {}
         window = min(10, len(self.losses))
         first, last = self.losses[:window], self.losses[-window:]
-        return {NAME: {"task": self.task_name, "num_steps": self.num_steps,
+        return {NAME: {"task": self.task_name, "variant": self.variant, "trainable_params": self.trainable_params,
+                       "num_steps": self.num_steps,
                        "loss_first": sum(first) / window, "loss_last": sum(last) / window}}  # fmt: skip
+
+
+def _check_lora_config(config: Any) -> dict[str, Any]:
+    """The LoRA options with the seeds' defaults filled in; a ConfigError naming a bad one."""
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"{NAME}: option 'lora_config' must be a mapping {{r, lora_alpha, target_modules, lora_dropout}}; got {config!r}")
+    unknown = sorted(set(config or {}) - set(DEFAULT_LORA_CONFIG))
+    if unknown:
+        raise ConfigError(f"{NAME}: unknown lora_config key(s) {unknown}; valid: {', '.join(DEFAULT_LORA_CONFIG)}")
+    out = {**DEFAULT_LORA_CONFIG, **dict(config or {})}
+    out["r"] = check_int(NAME, "lora_config.r", out["r"], low=1)
+    out["lora_alpha"] = check_range(NAME, "lora_config.lora_alpha", out["lora_alpha"], low=0.0, low_open=True)
+    out["lora_dropout"] = check_range(NAME, "lora_config.lora_dropout", out["lora_dropout"], low=0.0, high=1.0, high_open=True)
+    targets = out["target_modules"]
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"{NAME}: option 'lora_config.target_modules' must be a non-empty list of module names; got {targets!r}")
+    out["target_modules"] = list(targets)
+    return out

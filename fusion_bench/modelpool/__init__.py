@@ -2,6 +2,8 @@
 
 from fusion_bench.modelpool.base_pool import MODELPOOLS, PRETRAINED, BaseModelPool, register_modelpool
 from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, HuggingFaceClipVisionPool
+from fusion_bench.modelpool.clip_vision_lora import CLIPVisionLoRAModelPool
+from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool
 
 __all__ = [
     "MODELPOOLS",
@@ -10,4 +12,6 @@ __all__ = [
     "register_modelpool",
     "CLIPVisionModelPool",
     "HuggingFaceClipVisionPool",
+    "CLIPVisionLoRAModelPool",
+    "OpenCLIPVisionModelPool",
 ]

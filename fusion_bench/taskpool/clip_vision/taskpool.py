@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from fusion_bench.data.clip_tasks import canonical_task_name, load_classnames_and_templates
 from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
-from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError, UnknownNameError
+from fusion_bench.errors import ConfigError, ModelLoadError, UnknownNameError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
 from fusion_bench.utils.instantiate import to_container
 
@@ -134,16 +133,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         what = f"test dataset {task!r}"
         dataset = load_dataset_from_config(self._dataset_cfgs[task], split="test", what=what)
         check_image_classification_columns(dataset, what=what)
-        classnames = self._task_text[task][0]
-        feature = getattr(dataset, "features", {}).get("label") if hasattr(dataset, "features") else None
-        num_labels = getattr(feature, "num_classes", None)
-        if num_labels is None and hasattr(dataset, "column_names"):
-            labels = dataset["label"]
-            num_labels = int(max(labels)) + 1 if len(labels) else 0
-            if num_labels > len(classnames):
-                raise DatasetError(f"{what}: label {num_labels - 1} out of range for {len(classnames)} class names")
-        elif num_labels is not None and num_labels != len(classnames):
-            raise DatasetError(f"{what}: the dataset has {num_labels} classes but {len(classnames)} class names are given")
+        check_num_classes(dataset, len(self._task_text[task][0]), what=what, against="class names")
         return dataset
 
     def _tokenizer(self) -> Any:
@@ -213,24 +203,13 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         report["average"] = {m: sum(report[t][m] for t in self.task_names) / len(self.task_names) for m in ("accuracy", "loss")}
         return report
 
-    @torch.inference_mode()
     def _evaluate_task(self, classifier: CLIPZeroShotClassifier, task: str, device: torch.device) -> dict[str, float]:
         max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
         dtype = next(classifier.vision_model.parameters()).dtype
-        correct, loss_sum, count = 0, 0.0, 0
-        loader = self.get_dataloader(task)
-        for i, (pixels, labels) in enumerate(tqdm(loader, desc=f"eval {task}", leave=False, disable=None)):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = classifier(pixels.to(device=device, dtype=dtype))
-            labels = labels.to(device)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == labels).sum().item()
-            count += labels.numel()
-        if count == 0:
-            raise DatasetError(f"test dataset {task!r} is empty")
+        metrics, count = evaluate_classifier(classifier, self.get_dataloader(task), device=device, dtype=dtype,
+                                             max_batches=max_batches, desc=f"eval {task}", what=f"test dataset {task!r}")  # fmt: skip
         self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
-        return {"accuracy": correct / count, "loss": loss_sum / count}
+        return metrics
 
     def evaluation_meta(self) -> dict[str, Any]:
         """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs)."""

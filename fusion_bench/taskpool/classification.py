@@ -1,0 +1,89 @@
+"""The image-classification evaluation loop shared by the task pools.
+
+Top-1 accuracy over all samples and cross-entropy averaged over *samples* (the reference
+implementation averaged batch means; the two differ when the last batch is short).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion_bench.errors import DatasetError
+
+__all__ = ["evaluate_classifier", "dataset_num_classes", "check_num_classes"]
+
+
+@torch.inference_mode()
+def evaluate_classifier(
+    classifier: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_batches: int | None = None,
+    desc: str = "eval",
+    what: str = "the test dataset",
+) -> tuple[dict[str, float], int]:
+    """Accuracy and sample-averaged loss of ``classifier`` over ``batches``.
+
+    Args:
+        classifier: pixel values (B, 3, H, W) -> logits (B, C).
+        batches: ``(pixel_values, labels)``.
+        device / dtype: where and in which dtype the pixel values go.
+        max_batches: stop after this many batches (None: all).
+        desc: progress bar label.
+        what: names the dataset in messages.
+
+    Returns:
+        ``({"accuracy", "loss"}, number of samples)``.
+
+    Raises:
+        DatasetError: no sample was seen.
+    """
+    correct, loss_sum, count = 0, 0.0, 0
+    for i, (pixels, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = classifier(pixels.to(device=device, dtype=dtype))  # (B, C)
+        labels = labels.to(device)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        count += labels.numel()
+    if count == 0:
+        raise DatasetError(f"{what} is empty")
+    return {"accuracy": correct / count, "loss": loss_sum / count}, count
+
+
+def dataset_num_classes(dataset: Any) -> tuple[int | None, bool]:
+    """``(number of classes, exact)``: the ``ClassLabel`` size (exact), else max label + 1 (a lower
+    bound), else ``(None, False)`` for datasets without columns."""
+    feature = dataset.features.get("label") if hasattr(dataset, "features") else None
+    if getattr(feature, "num_classes", None) is not None:
+        return int(feature.num_classes), True
+    if hasattr(dataset, "column_names") and "label" in dataset.column_names:
+        labels = dataset["label"]
+        return (int(max(labels)) + 1 if len(labels) else 0), False
+    return None, False
+
+
+def check_num_classes(dataset: Any, num_classes: int, *, what: str, against: str) -> None:
+    """Raise :class:`DatasetError` unless ``dataset``'s labels fit ``num_classes`` classes.
+
+    Args:
+        dataset: the dataset.
+        num_classes: how many classes the classifier has.
+        what: names the dataset (``"test dataset 'mnist'"``).
+        against: names the classifier side (``"class names"``, ``"rows in its classification head"``).
+    """
+    found, exact = dataset_num_classes(dataset)
+    if found is None:
+        return
+    if exact and found != num_classes:
+        raise DatasetError(f"{what}: the dataset has {found} classes but {num_classes} {against}")
+    if not exact and found > num_classes:
+        raise DatasetError(f"{what}: label {found - 1} out of range for {num_classes} {against}")

@@ -2,6 +2,7 @@
 
 from fusion_bench.modelpool.base_pool import MODELPOOLS, PRETRAINED, BaseModelPool, register_modelpool
 from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, HuggingFaceClipVisionPool
+from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool
 
 __all__ = [
     "MODELPOOLS",
@@ -10,4 +11,5 @@ __all__ = [
     "register_modelpool",
     "CLIPVisionModelPool",
     "HuggingFaceClipVisionPool",
+    "HFImageClassificationModelPool",
 ]

@@ -3,5 +3,6 @@
 from fusion_bench.taskpool.base_pool import TASKPOOLS, BaseTaskPool, register_taskpool
 from fusion_bench.taskpool.clip_vision import CLIPVisionModelTaskPool
 from fusion_bench.taskpool.dummy import DummyTaskPool
+from fusion_bench.taskpool.image_classification import ImageClassificationTaskPool
 
-__all__ = ["TASKPOOLS", "BaseTaskPool", "register_taskpool", "CLIPVisionModelTaskPool", "DummyTaskPool"]
+__all__ = ["TASKPOOLS", "BaseTaskPool", "register_taskpool", "CLIPVisionModelTaskPool", "DummyTaskPool", "ImageClassificationTaskPool"]

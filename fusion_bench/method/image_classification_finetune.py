@@ -102,7 +102,9 @@ class ImageClassificationFinetuneAlgorithm(BaseAlgorithm):
         entry = modelpool.get_model_config(PRETRAINED)
         model_name = str(entry.get("pretrained_model_name_or_path", PRETRAINED)) if isinstance(entry, Mapping) else PRETRAINED
         num_classes, names = label_info(train, what=f"{NAME}: train dataset")
-        options = {"num_classes": num_classes, "class_names": names, **self.config}
+        given = {k: v for k, v in self.config.items() if not (k in ("num_classes", "class_names") and v is None)}
+        dataset_labels = {} if "num_classes" in given else {"num_classes": num_classes, "class_names": names}
+        options = {**dataset_labels, **given}  # null / absent: the dataset's
         return config_from_mapping(options, what=f"{NAME}: config", model_name=model_name)
 
     def _trainer(self, config: BaseConfig, root: str, callbacks: list) -> Any:

@@ -133,6 +133,9 @@ class ClassificationModule(L.LightningModule):
         """(B, 3, H, W) pixel values -> (B, C) logits."""
         return self.model(pixel_values=pixel_values).logits
 
+    def on_fit_start(self) -> None:
+        self.train()  # Lightning keeps modules' modes; a model left in eval mode would not train its BatchNorm
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "setup") and hasattr(datamodule, "num_classes"):

@@ -49,7 +49,7 @@ class BaseConfig:
         num_classes: classes of the task; the model's head is replaced when its size differs
             (None: keep the checkpoint's head; the data module then checks the labels fit).
         class_names: names of the classes (None: from the dataset's ``ClassLabel``), used for
-            ``id2label`` and the confusion-matrix figure.
+            ``id2label`` and the confusion-matrix figure; they set ``num_classes`` when it is None.
         learning_rate: peak learning rate.
         image_size: side of the (square) model input; None: the model's image processor's size.
         batch_size: training batch size.
@@ -140,6 +140,7 @@ class BaseConfig:
         if self.num_classes is not None and len(names) != self.num_classes:
             raise ConfigError(f"BaseConfig: {len(names)} 'class_names' given for num_classes={self.num_classes}")
         self.class_names = names
+        self.num_classes = len(names)
 
     @property
     def eval_batch(self) -> int:

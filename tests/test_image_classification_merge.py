@@ -253,3 +253,23 @@ def test_cli_finetune_saves_a_checkpoint_the_pool_loads_with_the_same_metrics(ti
     report = taskpool.evaluate(model)
     assert report["textures"]["accuracy"] == pytest.approx(summary["test"]["accuracy"], abs=1e-7)
     assert report["textures"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
+
+
+def test_finetune_method_returns_the_best_checkpoint(tiny_classification_example, tmp_path):
+    from fusion_bench.method import ImageClassificationFinetuneAlgorithm
+
+    ex = tiny_classification_example
+    pool = HFImageClassificationModelPool({"_pretrained_": str(ex.pretrained["resnet"])},
+                                          train_datasets={"textures": {"path": str(ex.datasets["textures"]), "split": "train"}})  # fmt: skip
+    config = {"batch_size": 8, "learning_rate": 3e-3, "val_fraction": 0.2, "checkpoint_dir": str(tmp_path / "ckpt"),
+              "monitor": "val/accuracy", "monitor_mode": "max", "early_stopping_patience": 1}  # fmt: skip
+    method = ImageClassificationFinetuneAlgorithm(max_epochs=3, config=config)  # the pool's only task
+    model = method.run(pool)
+    best = torch.load(method.summary["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best[f"model.{key}"]), key
+    assert method.summary["task"] == "textures" and "test" not in method.summary  # the pool has no test split
+    with pytest.raises(ConfigError, match=r"early_stopping_patience follow 'val/loss' but there is no validation data"):
+        ImageClassificationFinetuneAlgorithm(config={"val_fraction": 0.0, "early_stopping_patience": 2}).run(pool)
+    with pytest.raises(ConfigError, match=r"config: unknown field\(s\) 'lr'; valid fields: model_name, num_classes"):
+        ImageClassificationFinetuneAlgorithm(config={"lr": 0.1})

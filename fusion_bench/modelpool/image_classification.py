@@ -35,7 +35,7 @@ from torch import nn
 
 from fusion_bench.errors import ConfigError, ModelLoadError, ModelPoolError, UnknownNameError
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool, register_modelpool
-from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, _Checkpoint, looks_like_local_path
+from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, _Checkpoint
 from fusion_bench.modelpool.lazy_tensors import SafetensorsSource, StateDictSource, TensorSource
 from fusion_bench.models.batchnorm import is_batchnorm_buffer
 from fusion_bench.tasks.classification.processor import (
@@ -144,14 +144,8 @@ class HFImageClassificationModelPool(BaseModelPool):
 
     def _checkpoint(self, name: str) -> _Checkpoint:
         if name not in self._checkpoints:
-            entry = self.get_model_config(name)
-            path, rev = str(entry["pretrained_model_name_or_path"]), entry.get("revision")
-            what = f"model {name!r} ({path})"
-            if looks_like_local_path(path):
-                ckpt = CLIPVisionModelPool._local_checkpoint(Path(path).expanduser(), what=what)
-            else:
-                ckpt = CLIPVisionModelPool._hub_checkpoint(path, rev, what=what)
-            self._check_model_type(ckpt.config.get("model_type"), what=what)
+            ckpt = CLIPVisionModelPool.find_checkpoint(name, self.get_model_config(name))
+            self._check_model_type(ckpt.config.get("model_type"), what=f"model {name!r} ({ckpt.location})")
             self._checkpoints[name] = ckpt
         return self._checkpoints[name]
 

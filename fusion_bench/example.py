@@ -4,6 +4,9 @@ Configs refer to it as ``${fusion_bench_example:models/clip-tiny}``; the first u
 it (a few seconds, deterministic) under ``$FUSION_BENCH_EXAMPLE_DIR`` (default
 ``$FUSION_BENCH_CACHE_DIR/example-v1``, ``FUSION_BENCH_CACHE_DIR`` defaulting to
 ``~/.cache/fusion_bench``). Nothing is downloaded.
+
+The image-classification example (tiny ViTs and ResNets, :mod:`fusion_bench.testing.tiny_classifiers`)
+is ``${fusion_bench_classification_example:models/vit-tiny}`` and is built the same way.
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["example_root", "example_path", "openclip_example_path", "register_resolvers"]
+__all__ = ["example_root", "example_path", "classification_example_root", "classification_example_path",
+           "openclip_example_path", "register_resolvers"]
+
+
+def _root(env_var: str, default_name: str) -> Path:
+    """``$env_var``, else ``$FUSION_BENCH_CACHE_DIR/default_name`` (cache default ``~/.cache/fusion_bench``)."""
+    if env_var in os.environ:
+        return Path(os.environ[env_var]).expanduser()
+    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
+    return cache / default_name
 
 
 def example_root() -> Path:
     """Where the example lives (see module docstring)."""
-    if "FUSION_BENCH_EXAMPLE_DIR" in os.environ:
-        return Path(os.environ["FUSION_BENCH_EXAMPLE_DIR"]).expanduser()
-    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
-    return cache / "example-v1"
+    return _root("FUSION_BENCH_EXAMPLE_DIR", "example-v1")
 
 
 def example_path(relative: str = "") -> str:
@@ -45,9 +54,27 @@ def openclip_example_path(relative: str = "") -> str:
     return str(root / relative) if relative else str(root)
 
 
+def classification_example_root() -> Path:
+    """Where the ViT/ResNet classification example lives: ``$FUSION_BENCH_CLASSIFICATION_EXAMPLE_DIR``
+    (default ``$FUSION_BENCH_CACHE_DIR/classification-example-v1``)."""
+    return _root("FUSION_BENCH_CLASSIFICATION_EXAMPLE_DIR", "classification-example-v1")
+
+
+def classification_example_path(relative: str = "") -> str:
+    """Absolute path of ``relative`` inside the classification example, building it if needed
+    (tiny ViTs and ResNets trained locally for a few epochs; about a minute on two CPU cores)."""
+    from fusion_bench.testing.tiny_classifiers import build_tiny_classification_example
+
+    root = classification_example_root()
+    build_tiny_classification_example(root)
+    return str(root / relative) if relative else str(root)
+
+
 def register_resolvers() -> None:
     """Register the OmegaConf resolvers used by the shipped configs (idempotent)."""
     if not OmegaConf.has_resolver("fusion_bench_example"):
         OmegaConf.register_new_resolver("fusion_bench_example", example_path)
     if not OmegaConf.has_resolver("fusion_bench_openclip_example"):
         OmegaConf.register_new_resolver("fusion_bench_openclip_example", openclip_example_path)
+    if not OmegaConf.has_resolver("fusion_bench_classification_example"):
+        OmegaConf.register_new_resolver("fusion_bench_classification_example", classification_example_path)

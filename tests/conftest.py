@@ -37,3 +37,13 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
         [sys.executable, "-m", "fusion_bench", *args],
         cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_classification_example(_isolated_caches: None):
+    """Tiny ViTs and ResNets (pre-trained + one fine-tuned per task) and their 2 datasets, built once
+    where the configs' ``${fusion_bench_classification_example:...}`` resolver finds them."""
+    from fusion_bench.example import classification_example_root
+    from fusion_bench.testing.tiny_classifiers import build_tiny_classification_example
+
+    return build_tiny_classification_example(classification_example_root())

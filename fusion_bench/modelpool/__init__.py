@@ -4,6 +4,7 @@ from fusion_bench.modelpool.base_pool import MODELPOOLS, PRETRAINED, BaseModelPo
 from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, HuggingFaceClipVisionPool
 from fusion_bench.modelpool.clip_vision_lora import CLIPVisionLoRAModelPool
 from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool
+from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool
 
 __all__ = [
     "MODELPOOLS",
@@ -14,4 +15,5 @@ __all__ = [
     "HuggingFaceClipVisionPool",
     "CLIPVisionLoRAModelPool",
     "OpenCLIPVisionModelPool",
+    "HFImageClassificationModelPool",
 ]

@@ -125,14 +125,20 @@ class CLIPVisionModelPool(BaseModelPool):
     def _checkpoint(self, name: str) -> _Checkpoint:
         if name not in self._checkpoints:
             entry = self.get_model_config(name)
-            path, rev = str(entry["pretrained_model_name_or_path"]), entry.get("revision")
-            what = f"model {name!r} ({path})"
-            if looks_like_local_path(path):
-                self._checkpoints[name] = self._local_checkpoint(Path(path).expanduser(), what=what)
-            else:
-                self._checkpoints[name] = self._hub_checkpoint(path, rev, what=what)
-            vision_config_from_dict(self._checkpoints[name].config, what=what)  # type check early
+            self._checkpoints[name] = ckpt = self.find_checkpoint(name, entry)
+            what = f"model {name!r} ({entry['pretrained_model_name_or_path']})"
+            vision_config_from_dict(ckpt.config, what=what)  # type check early
         return self._checkpoints[name]
+
+    @classmethod
+    def find_checkpoint(cls, name: str, entry: Mapping[str, Any]) -> _Checkpoint:
+        """The ``config.json`` and safetensors files of a ``{pretrained_model_name_or_path, revision?}``
+        entry: a local folder (or ``.safetensors`` file), else a hub repo (only those files are fetched)."""
+        path, rev = str(entry["pretrained_model_name_or_path"]), entry.get("revision")
+        what = f"model {name!r} ({path})"
+        if looks_like_local_path(path):
+            return cls._local_checkpoint(Path(path).expanduser(), what=what)
+        return cls._hub_checkpoint(path, rev, what=what)
 
     @staticmethod
     def _local_checkpoint(path: Path, *, what: str) -> _Checkpoint:

@@ -27,6 +27,7 @@ from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, l
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
+from fusion_bench.utils.distributed import ShardSampler, global_rank, is_global_zero, sum_across_ranks, world_size
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"]
@@ -167,10 +168,20 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             model, self.clip_model.visual_projection, self.clip_model.logit_scale, self.classifier_head(task)
         )
 
-    def get_dataloader(self, task: str) -> DataLoader:
+    def get_dataloader(self, task: str, *, limit: int | None = None) -> DataLoader:
+        """The test loader of ``task``: in order, this rank's shard only (see :class:`ShardSampler`).
+
+        Args:
+            task: the task name.
+            limit: use only the first ``limit`` samples (None: all), before sharding.
+        """
         self.setup()
         kwargs = {"batch_size": 128, **self.dataloader_kwargs}
-        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=ImageClassificationCollate(self._image_processor()), **kwargs)
+        dataset = self.test_datasets[task]
+        num = len(dataset) if limit is None else min(limit, len(dataset))
+        sampler = ShardSampler(num, rank=global_rank(self.fabric), world_size=world_size(self.fabric))
+        collate = ImageClassificationCollate(self._image_processor())
+        return DataLoader(dataset, sampler=sampler, collate_fn=collate, **kwargs)
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_task_evaluation_begin(self, classifier: CLIPZeroShotClassifier, task_name: str) -> None:
@@ -198,6 +209,11 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """
         if not is_clip_vision_model(model):
             raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
+        if self.layer_wise_feature_save_path is not None and world_size(self.fabric) > 1:
+            raise ConfigError(
+                f"taskpool: layer_wise_feature_save_path={self.layer_wise_feature_save_path!r} saves features on one "
+                f"device; run it with fabric.devices=1 (got {world_size(self.fabric)} processes)"
+            )
         self.setup()
         device = self.fabric.device if self.fabric is not None else next(model.parameters()).device
         model = model.to(device).eval()
@@ -215,21 +231,24 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     @torch.inference_mode()
     def _evaluate_task(self, classifier: CLIPZeroShotClassifier, task: str, device: torch.device) -> dict[str, float]:
-        max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
+        """Accuracy and mean loss over the task's samples; each rank evaluates its shard and the
+        ranks' counts and float64 loss sums are added, so any number of devices gives one device's numbers."""
+        batch_size = int(self.dataloader_kwargs.get("batch_size", 128))
+        limit = None if not self.fast_dev_run else batch_size * (1 if self.fast_dev_run is True else int(self.fast_dev_run))
         dtype = next(classifier.vision_model.parameters()).dtype
         correct, loss_sum, count = 0, 0.0, 0
-        loader = self.get_dataloader(task)
-        for i, (pixels, labels) in enumerate(tqdm(loader, desc=f"eval {task}", leave=False, disable=None)):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = classifier(pixels.to(device=device, dtype=dtype))
+        loader = self.get_dataloader(task, limit=limit)
+        progress = None if is_global_zero(self.fabric) else True  # tqdm: disable=None shows it on a terminal
+        for pixels, labels in tqdm(loader, desc=f"eval {task}", leave=False, disable=progress):
+            logits = classifier(pixels.to(device=device, dtype=dtype))  # (B, C)
             labels = labels.to(device)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits.double(), labels, reduction="sum").item()
             correct += (logits.argmax(dim=-1) == labels).sum().item()
             count += labels.numel()
+        correct, loss_sum, count = sum_across_ranks(self.fabric, [correct, loss_sum, count])
         if count == 0:
             raise DatasetError(f"test dataset {task!r} is empty")
-        self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
+        self._num_samples = {**getattr(self, "_num_samples", {}), task: int(count)}
         return {"accuracy": correct / count, "loss": loss_sum / count}
 
     def evaluation_meta(self) -> dict[str, Any]:
@@ -238,4 +257,5 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             "loss_reduction": LOSS_REDUCTION,
             "num_samples": dict(getattr(self, "_num_samples", {})),
             "fast_dev_run": bool(self.fast_dev_run),
+            "world_size": world_size(self.fabric),
         }

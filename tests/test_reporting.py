@@ -18,7 +18,7 @@ from fusion_bench.reporting.figures import COLORS, bar_chart, heatmap, save_figu
 from fusion_bench.reporting.tables import Row, Table
 from fusion_bench.scripts.report import main
 
-TASKS = ["sun397", "cars", "mnist"]
+TASKS = ["sun397", "stanford_cars", "mnist"]
 
 
 def report(accs, method, *, params=None, model=None, fast=False, samples=100, extra=None, meta=None):
@@ -48,10 +48,10 @@ def reports(tmp_path):
     for i, lam in enumerate([0.1, 0.3, 0.5]):
         write(root, f"sweep/ta_{lam}/report.json", report([0.5 + 0.1 * i, 0.4, 0.9 - 0.2 * i], "task_arithmetic", params={"scaling_factor": lam}))
     write(root, "avg.json", report([0.6, 0.5, 0.7], "simple_average", fast=True))
-    for j, task in enumerate(TASKS):  # hub-style names, written in another order than the tasks
+    for j, task in enumerate(TASKS):  # hub-style names (stanford-cars for stanford_cars), files in another order
         accs = [0.3, 0.2, 0.4]
         accs[j] = 0.95
-        write(root, f"experts/{3 - j}.json", report(accs, None, model=f"tanganke/clip_{task}"))
+        write(root, f"experts/{3 - j}.json", report(accs, None, model=f"tanganke/clip_{task.replace('_', '-')}"))
     write(root, "experts/base.json", report([0.6, 0.55, 0.45], None, model="openai/clip", samples=50))
     write(root, "sweep/.hydra/ignored.json", {"sun397": {"accuracy": 1.0}})  # hidden folders are skipped
     write(root, "other.json", {"seconds": 3})  # not a report
@@ -75,7 +75,7 @@ def test_tables_from_reports(reports):
     }
     assert {r.label: r.flags for r in methods.rows}["simple_average"] == "†" and methods.notes[0].startswith("† fast_dev_run")
     # the cross-task matrix: pre-trained first, then each expert on its own task's column (the diagonal)
-    assert [r.label for r in cross.rows] == ["clip", "clip_sun397", "clip_cars", "clip_mnist"]
+    assert [r.label for r in cross.rows] == ["clip", "clip_sun397", "clip_stanford-cars", "clip_mnist"]
     assert [cross.rows[i + 1].values[i] for i in range(3)] == [95.0, 95.0, 95.0]
     assert cross.rows[0].flags == "‡"  # 50 test samples where the others used 100
     assert sweep.name == "sweep_scaling_factor" and sweep.x == [0.1, 0.3, 0.5]

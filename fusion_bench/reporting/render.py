@@ -47,7 +47,7 @@ def _latex(text: str) -> str:
 
 
 def to_latex(table: Table, *, digits: int = 1) -> str:
-    """A ``tabular`` with booktabs rules (``\\usepackage{booktabs}``), notes as a comment-free footer row."""
+    """A ``tabular`` with booktabs rules (``\\usepackage{booktabs}``), the notes as footer rows."""
     spec = "l" + "r" * len(table.columns)
     lines = [f"% {table.title}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
              " & ".join(["Method", *map(_latex, table.columns)]) + " \\\\", "\\midrule"]  # fmt: skip

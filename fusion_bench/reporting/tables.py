@@ -130,8 +130,10 @@ def methods_table(runs: Sequence[Run], *, section: str = "", metric: str = "accu
 
 
 def _own_task_order(model: str, tasks: Sequence[str]) -> int:
+    """1 + the column of the task ``model`` is named after (``clip_stanford-cars`` -> ``stanford_cars``); 0 if none."""
+    name = model.replace("-", "_")
     for i, task in enumerate(tasks):
-        if model.endswith((f"_{task}", f"-{task}")):
+        if name.endswith("_" + task.replace("-", "_")):
             return i + 1
     return 0  # the pre-trained model (no task suffix) first
 

@@ -17,27 +17,35 @@ TINY = ["modelpool=CLIPVisionModelPool/tiny-clip_example", "taskpool=CLIPVisionM
 
 
 def test_cli_two_processes_report_what_one_device_reports(tiny_example, tmp_path):
+    """A multirun of two DDP jobs (each job's processes must get that job alone; the second job must
+    not take the first one's leftover process variables for its own)."""
     from transformers import CLIPVisionModel
 
     from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
-    # batch 7: each rank's 20 samples per task come in batches 7, 7, 6 (one device: 7 x 5, then 5)
-    args = ["method=dummy", *TINY, "taskpool.dataloader_kwargs.batch_size=7", "fabric.accelerator=cpu"]
-    two = run_cli([*args, "fabric.devices=2", "fabric.strategy=ddp", f"report_save_path={tmp_path / 'two.json'}"], cwd=tmp_path)
+    # batch 7: each rank's 20 samples per task come in batches 7, 7, 6 (one device: 7 x 5, then 5);
+    # fast_dev_run: the first batch of 7 samples, 4 on rank 0 and 3 on rank 1
+    sweep = tmp_path / "sweep"
+    args = ["-m", "method=dummy", *TINY, "taskpool.dataloader_kwargs.batch_size=7", "fast_dev_run=false,true",
+            "fabric.accelerator=cpu", "fabric.devices=2", "fabric.strategy=ddp", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    two = run_cli(args, cwd=tmp_path)
     assert two.returncode == 0, two.stderr
-    report = json.loads((tmp_path / "two.json").read_text())
-    one_device = CLIPVisionModelTaskPool(
-        test_datasets={t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
-        head_cache_dir=None, dataloader_kwargs={"batch_size": 7},
-    )  # fmt: skip
-    expected = one_device.evaluate(CLIPVisionModel.from_pretrained(tiny_example.base_model))
-    for task in [*tiny_example.datasets, "average"]:
-        assert report[task]["accuracy"] == expected[task]["accuracy"]
-        assert report[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-9)
-    assert report["meta"]["num_samples"] == one_device.evaluation_meta()["num_samples"] == {t: 40 for t in tiny_example.datasets}
-    assert report["meta"]["world_size"] == 2 and report["meta"]["device"]["world_size"] == 2
-    assert len(report["meta"]["peak_memory"]["peak_rss_mib"]) == 2  # one value per rank
-    assert two.stdout.count('"average"') == 1  # rank 0 alone prints the report
+    reports = {r["meta"]["fast_dev_run"]: r for r in (json.loads(p.read_text()) for p in sweep.rglob("report.json"))}
+    assert set(reports) == {False, True}
+    model = CLIPVisionModel.from_pretrained(tiny_example.base_model)
+    for fast, report in reports.items():
+        one_device = CLIPVisionModelTaskPool(
+            test_datasets={t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
+            head_cache_dir=None, dataloader_kwargs={"batch_size": 7}, fast_dev_run=fast,
+        )  # fmt: skip
+        expected = one_device.evaluate(model)
+        for task in [*tiny_example.datasets, "average"]:
+            assert report[task]["accuracy"] == expected[task]["accuracy"]
+            assert report[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-6)  # float32 logits, other batches
+        assert report["meta"]["num_samples"] == one_device.evaluation_meta()["num_samples"] == {t: 7 if fast else 40 for t in tiny_example.datasets}
+        assert report["meta"]["world_size"] == 2 and report["meta"]["device"]["world_size"] == 2
+        assert len(report["meta"]["peak_memory"]["peak_rss_mib"]) == 2  # one value per rank
+    assert two.stdout.count('"average"') == 2  # rank 0 alone prints each job's report
 
 
 def test_shard_sampler_covers_every_index_once():

@@ -185,10 +185,21 @@ def _group_tables(runs: Sequence[Run], group_by: str, metric: str, scale: float)
     return tables
 
 
+def _in_reading_order(runs: Sequence[Run]) -> list[Run]:
+    """Runs grouped by method (in order of first appearance), each method's runs by their options' values."""
+    first = {m: i for i, m in reversed(list(enumerate(r.method for r in runs)))}
+
+    def key(run: Run) -> tuple:
+        values = [(0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, _dumps(v)) for _, v in sorted(run.params.items())]
+        return first[run.method], values
+
+    return sorted(runs, key=key)
+
+
 def build_tables(runs: Sequence[Run], *, group_by: str | None = None, sweep_param: str | None = "scaling_factor",
                  metric: str = "accuracy", scale: float = 100.0) -> list[Table]:  # fmt: skip
     """All the tables the runs support (see the module docstring), in reading order."""
-    merges, singles = [r for r in runs if r.model is None], [r for r in runs if r.model is not None]
+    merges, singles = _in_reading_order([r for r in runs if r.model is None]), [r for r in runs if r.model is not None]
     tables: list[Table] = []
     if group_by:
         tables += _group_tables(merges or runs, group_by, metric, scale)

@@ -22,7 +22,7 @@ from fusion_bench.program.hydra_job import check_process_launch, default_report_
 from fusion_bench.taskpool import TASKPOOLS, BaseTaskPool
 from fusion_bench.utils.instantiate import instantiate_component
 from fusion_bench.utils.io import atomic_write_json
-from fusion_bench.utils.distributed import end_process_group, launch_environment, world_size
+from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
 
@@ -100,6 +100,8 @@ class FabricModelFusionProgram:
         skipped = self._skip()
         if skipped is not None:
             return skipped
+        if self.config.get("print_config", False) and started_as_rank_zero():
+            print(OmegaConf.to_yaml(self.config, resolve=False), file=sys.stderr)
         seed = self.config.get("seed")
         if seed is not None:
             lightning.seed_everything(int(seed), workers=True, verbose=False)
@@ -114,8 +116,6 @@ class FabricModelFusionProgram:
     def _run_on_rank(self, fabric: Any, modelpool: BaseModelPool, method: BaseAlgorithm,
                      taskpool: BaseTaskPool | None, started: float) -> dict[str, Any]:  # fmt: skip
         """Fuse, evaluate and report on this process (rank 0 prints and writes)."""
-        if self.config.get("print_config", False) and fabric.is_global_zero:
-            print(OmegaConf.to_yaml(self.config, resolve=False), file=sys.stderr)
         method.fabric = fabric
         start = time.perf_counter()
         model = method.run(modelpool)

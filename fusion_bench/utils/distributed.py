@@ -24,10 +24,10 @@ from torch.utils.data import Sampler
 if TYPE_CHECKING:
     import lightning
 
-__all__ = ["ShardSampler", "RankShard", "world_size", "global_rank", "is_global_zero", "shard_batch", "sum_across_ranks",
-           "end_process_group", "launch_environment", "LAUNCH_VARIABLES"]
+__all__ = ["ShardSampler", "RankShard", "world_size", "global_rank", "is_global_zero", "started_as_rank_zero",
+           "shard_batch", "sum_across_ranks", "end_process_group", "launch_environment", "LAUNCH_VARIABLES"]
 
-LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 
 
 def world_size(fabric: "lightning.Fabric | None") -> int:
@@ -38,6 +38,12 @@ def world_size(fabric: "lightning.Fabric | None") -> int:
 def global_rank(fabric: "lightning.Fabric | None") -> int:
     """This process's rank (0 without a Fabric)."""
     return 0 if fabric is None else int(fabric.global_rank)
+
+
+def started_as_rank_zero() -> bool:
+    """Whether this process is rank 0 as far as its environment says, before any Fabric exists
+    (ranks started by Lightning, torchrun or SLURM carry ``LOCAL_RANK``/``RANK``/``SLURM_PROCID``)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def is_global_zero(fabric: "lightning.Fabric | None") -> bool:

@@ -55,6 +55,7 @@ class FabricModelFusionProgram:
         self.config = config
         self.report_save_path = default_report_path(config.get("report_save_path"))
         self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
+        self.model: Any = None  # the fused model, once run() has made it
         self.skip_existing_report = config.get("skip_existing_report", False)
         if not isinstance(self.skip_existing_report, bool):
             raise ConfigError(f"skip_existing_report must be true or false, got {self.skip_existing_report!r}")
@@ -118,7 +119,7 @@ class FabricModelFusionProgram:
         """Fuse, evaluate and report on this process (rank 0 prints and writes)."""
         method.fabric = fabric
         start = time.perf_counter()
-        model = method.run(modelpool)
+        model = self.model = method.run(modelpool)
         fusion_seconds = time.perf_counter() - start
         if self.merged_model_save_path is not None and fabric.is_global_zero:
             path = modelpool.save_model(model, self.merged_model_save_path, description=self._model_card(method, modelpool))
@@ -146,9 +147,11 @@ class FabricModelFusionProgram:
         )
 
     def _resolved_config(self) -> Any:
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             return OmegaConf.to_container(self.config, resolve=True)
-        except Exception:  # an interpolation that only resolves elsewhere (e.g. ${hydra:} outside Hydra)
+        except OmegaConfBaseException:  # an interpolation that only resolves elsewhere (${hydra:} outside Hydra)
             return OmegaConf.to_container(self.config, resolve=False)
 
     def _checkpoints(self, modelpool: BaseModelPool) -> dict[str, Any]:
@@ -160,7 +163,7 @@ class FabricModelFusionProgram:
 
     def _meta(self, taskpool: BaseTaskPool | None, modelpool: BaseModelPool, fabric: Any,
               times: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-        """What a reader needs to reproduce the report (see the README's "Report" section)."""
+        """What a reader needs to reproduce the report (README: "What a report records")."""
         import torch
         import transformers
 

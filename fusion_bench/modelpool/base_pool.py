@@ -113,6 +113,15 @@ class BaseModelPool:
         for name in self.model_names:
             yield name, self.load_model(name)
 
+    def checkpoint_sources(self) -> dict[str, dict[str, Any]]:
+        """Where the checkpoints the pool has opened so far come from (for reports).
+
+        Returns:
+            ``{name: {"location": str, "revision": str | None, "files": [Path, ...]}}``; models
+            given as modules or ``_target_`` configs have no files and are left out.
+        """
+        return {}
+
     # ---- per-tensor access ----------------------------------------------------------------
     def tensor_source(self, name: str) -> TensorSource:
         """Lazy ``{key: tensor}`` of model ``name``. The base class loads the whole model

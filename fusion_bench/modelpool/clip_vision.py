@@ -140,6 +140,14 @@ class CLIPVisionModelPool(BaseModelPool):
             return cls._local_checkpoint(Path(path).expanduser(), what=what)
         return cls._hub_checkpoint(path, rev, what=what)
 
+    def checkpoint_sources(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`BaseModelPool.checkpoint_sources` (``files`` empty for ``.bin``-only checkpoints)."""
+        return {
+            name: {"location": ckpt.location, "revision": self.get_model_config(name).get("revision"),
+                   "files": list(ckpt.files or [])}  # fmt: skip
+            for name, ckpt in self._checkpoints.items()
+        }
+
     @staticmethod
     def _local_checkpoint(path: Path, *, what: str) -> _Checkpoint:
         if path.is_file() and path.suffix == ".safetensors":

@@ -18,12 +18,17 @@ import fusion_bench
 from fusion_bench.errors import ConfigError
 from fusion_bench.method import ALGORITHMS, BaseAlgorithm
 from fusion_bench.modelpool import MODELPOOLS, BaseModelPool
+from fusion_bench.program.hydra_job import check_process_launch, default_report_path, existing_report, hydra_job_meta, job_command_line
 from fusion_bench.taskpool import TASKPOOLS, BaseTaskPool
 from fusion_bench.utils.instantiate import instantiate_component
 from fusion_bench.utils.io import atomic_write_json
+from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
+from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
 
-__all__ = ["FabricModelFusionProgram", "output_path_or_none"]
+__all__ = ["FabricModelFusionProgram", "output_path_or_none", "ACCURACY_TYPE"]
+
+ACCURACY_TYPE = "absolute"  # top-1 fraction in [0, 1], not normalised by the fine-tuned models' accuracy
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +47,21 @@ class FabricModelFusionProgram:
 
     Args:
         config: the composed root config (keys: method, modelpool, taskpool, fabric, seed,
-            fast_dev_run, print_config, report_save_path).
+            fast_dev_run, print_config, report_save_path, skip_existing_report,
+            merged_model_save_path, checkpoint_hash).
     """
 
     def __init__(self, config: DictConfig) -> None:
         self.config = config
-        self.report_save_path = output_path_or_none(config.get("report_save_path"))
+        self.report_save_path = default_report_path(config.get("report_save_path"))
         self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
         self.model: Any = None  # the fused model, once run() has made it
+        self.skip_existing_report = config.get("skip_existing_report", False)
+        if not isinstance(self.skip_existing_report, bool):
+            raise ConfigError(f"skip_existing_report must be true or false, got {self.skip_existing_report!r}")
+        self.checkpoint_hash = config.get("checkpoint_hash", "sampled")
+        if self.checkpoint_hash not in (*HASH_MODES, False, None):
+            raise ConfigError(f"checkpoint_hash must be one of {', '.join(HASH_MODES)} or false, got {self.checkpoint_hash!r}")
 
     def _build_fabric(self):
         import lightning
@@ -57,7 +69,9 @@ class FabricModelFusionProgram:
 
         cfg = self.config.get("fabric")
         fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
-        fabric.launch()
+        check_process_launch(fabric)
+        with job_command_line():
+            fabric.launch()
         return fabric
 
     def build(self) -> tuple[BaseModelPool, BaseAlgorithm, BaseTaskPool | None]:
@@ -70,22 +84,44 @@ class FabricModelFusionProgram:
             taskpool = instantiate_component(cfg.taskpool, TASKPOOLS, key="type", what="taskpool")
         return modelpool, method, taskpool
 
+    def _skip(self) -> dict[str, Any] | None:
+        """The existing report when ``skip_existing_report`` is on and one stands for this run."""
+        if not self.skip_existing_report or self.report_save_path is None:
+            return None
+        report = existing_report(self.report_save_path, fast_dev_run=self.config.get("fast_dev_run", False))
+        if report is not None:
+            print(f"fusion_bench: {self.report_save_path} exists; run skipped (skip_existing_report=true)", file=sys.stderr)
+        return report
+
     def run(self) -> dict[str, Any]:
-        """Run the whole job and return the report."""
+        """Run the whole job and return the report (on every rank; rank 0 prints and writes it)."""
         import lightning
 
-        if self.config.get("print_config", False):
+        started = time.perf_counter()
+        skipped = self._skip()
+        if skipped is not None:
+            return skipped
+        if self.config.get("print_config", False) and started_as_rank_zero():
             print(OmegaConf.to_yaml(self.config, resolve=False), file=sys.stderr)
         seed = self.config.get("seed")
         if seed is not None:
             lightning.seed_everything(int(seed), workers=True, verbose=False)
         modelpool, method, taskpool = self.build()
+        environment = launch_environment()
         fabric = self._build_fabric()
+        try:
+            return self._run_on_rank(fabric, modelpool, method, taskpool, started)
+        finally:
+            end_process_group(fabric, environment)
+
+    def _run_on_rank(self, fabric: Any, modelpool: BaseModelPool, method: BaseAlgorithm,
+                     taskpool: BaseTaskPool | None, started: float) -> dict[str, Any]:  # fmt: skip
+        """Fuse, evaluate and report on this process (rank 0 prints and writes)."""
         method.fabric = fabric
         start = time.perf_counter()
         model = self.model = method.run(modelpool)
         fusion_seconds = time.perf_counter() - start
-        if self.merged_model_save_path is not None:
+        if self.merged_model_save_path is not None and fabric.is_global_zero:
             path = modelpool.save_model(model, self.merged_model_save_path, description=self._model_card(method, modelpool))
             log.info("merged model saved to %s", path)
         report: dict[str, Any] = {"model_info": model_info(model)}
@@ -93,11 +129,13 @@ class FabricModelFusionProgram:
             taskpool.fabric = fabric
             report.update({k: v for k, v in taskpool.evaluate(model).items() if k != "model_info"})
         report.update(method.extra_report())
-        report["meta"] = self._meta(taskpool, fusion_seconds, time.perf_counter() - start)
-        print(json.dumps(report, indent=2))
-        if self.report_save_path is not None:
-            path = atomic_write_json(self.report_save_path, report)
-            log.info("report saved to %s", path)
+        times = {"fusion_seconds": fusion_seconds, "total_seconds": time.perf_counter() - start,
+                 "wall_seconds": time.perf_counter() - started}  # fmt: skip
+        report["meta"] = self._meta(taskpool, modelpool, fabric, times)
+        if fabric.is_global_zero:
+            print(json.dumps(report, indent=2))
+            if self.report_save_path is not None:
+                log.info("report saved to %s", atomic_write_json(self.report_save_path, report))
         return report
 
     def _model_card(self, method: BaseAlgorithm, modelpool: BaseModelPool) -> str:
@@ -108,7 +146,24 @@ class FabricModelFusionProgram:
             f"Method config:\n\n```yaml\n{OmegaConf.to_yaml(self.config.method)}```\n"
         )
 
-    def _meta(self, taskpool: BaseTaskPool | None, fusion_seconds: float, total_seconds: float) -> dict[str, Any]:
+    def _resolved_config(self) -> Any:
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return OmegaConf.to_container(self.config, resolve=True)
+        except OmegaConfBaseException:  # an interpolation that only resolves elsewhere (${hydra:} outside Hydra)
+            return OmegaConf.to_container(self.config, resolve=False)
+
+    def _checkpoints(self, modelpool: BaseModelPool) -> dict[str, Any]:
+        mode = self.checkpoint_hash
+        sources = modelpool.checkpoint_sources()
+        for source in sources.values():
+            source["files"] = [file_fingerprint(f, mode=mode) if mode else {"file": str(f)} for f in source["files"]]
+        return sources
+
+    def _meta(self, taskpool: BaseTaskPool | None, modelpool: BaseModelPool, fabric: Any,
+              times: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+        """What a reader needs to reproduce the report (README: "What a report records")."""
         import torch
         import transformers
 
@@ -117,9 +172,28 @@ class FabricModelFusionProgram:
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "seed": self.config.get("seed"),
-            "fusion_seconds": round(fusion_seconds, 3),
-            "total_seconds": round(total_seconds, 3),
+            **{k: round(v, 3) for k, v in times.items()},
+            "fast_dev_run": bool(self.config.get("fast_dev_run", False)),
+            "accuracy_type": ACCURACY_TYPE,
         }
         if taskpool is not None and hasattr(taskpool, "evaluation_meta"):
             meta.update(taskpool.evaluation_meta())
+        memory = peak_memory()
+        meta["peak_memory"] = memory if world_size(fabric) == 1 else _per_rank(fabric, memory)
+        meta["device"] = {"accelerator": type(fabric.accelerator).__name__, "world_size": world_size(fabric),
+                          "precision": str(fabric.strategy.precision.precision)}  # fmt: skip
+        meta["checkpoint_hash"] = {"sampled": SAMPLED_HASH, "full": "sha256 of every byte"}.get(self.checkpoint_hash, "none")
+        meta["checkpoints"] = self._checkpoints(modelpool) if fabric.is_global_zero else {}
+        meta["packages"] = package_versions()
+        meta["hydra"] = hydra_job_meta()
+        meta["config"] = self._resolved_config()
         return meta
+
+
+def _per_rank(fabric: Any, memory: dict[str, float]) -> dict[str, list[float]]:
+    """``{key: [value of rank 0, rank 1, ...]}`` of every rank's :func:`peak_memory`."""
+    import torch
+
+    keys = sorted(memory)
+    gathered = fabric.all_gather(torch.tensor([memory[k] for k in keys], dtype=torch.float64, device=fabric.device))
+    return {k: [round(float(v), 1) for v in gathered[:, i].tolist()] for i, k in enumerate(keys)}

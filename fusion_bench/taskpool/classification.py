@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import DatasetError
+from fusion_bench.utils.distributed import is_global_zero, sum_across_ranks
 
 __all__ = ["evaluate_classifier", "dataset_num_classes", "check_num_classes"]
 
@@ -26,37 +27,44 @@ def evaluate_classifier(
     device: torch.device,
     dtype: torch.dtype,
     max_batches: int | None = None,
+    fabric: Any = None,
     desc: str = "eval",
     what: str = "the test dataset",
 ) -> tuple[dict[str, float], int]:
     """Accuracy and sample-averaged loss of ``classifier`` over ``batches``.
 
+    Under data-parallel evaluation each rank passes its own shard of the samples; the ranks'
+    counts and float64 loss sums are added, so any number of devices gives one device's numbers.
+
     Args:
         classifier: pixel values (B, 3, H, W) -> logits (B, C).
-        batches: ``(pixel_values, labels)``.
+        batches: ``(pixel_values, labels)`` (this rank's shard).
         device / dtype: where and in which dtype the pixel values go.
         max_batches: stop after this many batches (None: all).
-        desc: progress bar label.
+        fabric: the program's ``lightning.Fabric`` (None: one process).
+        desc: progress bar label (shown on rank 0 only).
         what: names the dataset in messages.
 
     Returns:
-        ``({"accuracy", "loss"}, number of samples)``.
+        ``({"accuracy", "loss"}, number of samples over all ranks)``.
 
     Raises:
         DatasetError: no sample was seen.
     """
     correct, loss_sum, count = 0, 0.0, 0
-    for i, (pixels, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
+    progress = None if is_global_zero(fabric) else True  # tqdm: disable=None shows it on a terminal
+    for i, (pixels, labels) in enumerate(tqdm(batches, desc=desc, leave=False, disable=progress)):
         if max_batches is not None and i >= max_batches:
             break
         logits = classifier(pixels.to(device=device, dtype=dtype))  # (B, C)
         labels = labels.to(device)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits.double(), labels, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         count += labels.numel()
+    correct, loss_sum, count = sum_across_ranks(fabric, [correct, loss_sum, count])
     if count == 0:
         raise DatasetError(f"{what} is empty")
-    return {"accuracy": correct / count, "loss": loss_sum / count}, count
+    return {"accuracy": correct / count, "loss": loss_sum / count}, int(count)
 
 
 def dataset_num_classes(dataset: Any) -> tuple[int | None, bool]:

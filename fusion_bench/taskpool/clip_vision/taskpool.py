@@ -26,6 +26,7 @@ from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_sh
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
 from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
+from fusion_bench.utils.distributed import ShardSampler, global_rank, world_size
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"]
@@ -157,10 +158,20 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             model, self.clip_model.visual_projection, self.clip_model.logit_scale, self.classifier_head(task)
         )
 
-    def get_dataloader(self, task: str) -> DataLoader:
+    def get_dataloader(self, task: str, *, limit: int | None = None) -> DataLoader:
+        """The test loader of ``task``: in order, this rank's shard only (see :class:`ShardSampler`).
+
+        Args:
+            task: the task name.
+            limit: use only the first ``limit`` samples (None: all), before sharding.
+        """
         self.setup()
         kwargs = {"batch_size": 128, **self.dataloader_kwargs}
-        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=ImageClassificationCollate(self._image_processor()), **kwargs)
+        dataset = self.test_datasets[task]
+        num = len(dataset) if limit is None else min(limit, len(dataset))
+        sampler = ShardSampler(num, rank=global_rank(self.fabric), world_size=world_size(self.fabric))
+        collate = ImageClassificationCollate(self._image_processor())
+        return DataLoader(dataset, sampler=sampler, collate_fn=collate, **kwargs)
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_task_evaluation_begin(self, classifier: CLIPZeroShotClassifier, task_name: str) -> None:
@@ -188,6 +199,11 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """
         if not is_clip_vision_model(model):
             raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
+        if self.layer_wise_feature_save_path is not None and world_size(self.fabric) > 1:
+            raise ConfigError(
+                f"taskpool: layer_wise_feature_save_path={self.layer_wise_feature_save_path!r} saves features on one "
+                f"device; run it with fabric.devices=1 (got {world_size(self.fabric)} processes)"
+            )
         self.setup()
         device = self.fabric.device if self.fabric is not None else next(model.parameters()).device
         model = model.to(device).eval()
@@ -204,10 +220,13 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         return report
 
     def _evaluate_task(self, classifier: CLIPZeroShotClassifier, task: str, device: torch.device) -> dict[str, float]:
-        max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
+        """Accuracy and mean loss over the task's samples; each rank evaluates its shard and the
+        ranks' counts and float64 loss sums are added, so any number of devices gives one device's numbers."""
+        batch_size = int(self.dataloader_kwargs.get("batch_size", 128))
+        limit = None if not self.fast_dev_run else batch_size * (1 if self.fast_dev_run is True else int(self.fast_dev_run))
         dtype = next(classifier.vision_model.parameters()).dtype
-        metrics, count = evaluate_classifier(classifier, self.get_dataloader(task), device=device, dtype=dtype,
-                                             max_batches=max_batches, desc=f"eval {task}", what=f"test dataset {task!r}")  # fmt: skip
+        metrics, count = evaluate_classifier(classifier, self.get_dataloader(task, limit=limit), device=device, dtype=dtype,
+                                             fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}")  # fmt: skip
         self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
         return metrics
 
@@ -217,4 +236,5 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             "loss_reduction": LOSS_REDUCTION,
             "num_samples": dict(getattr(self, "_num_samples", {})),
             "fast_dev_run": bool(self.fast_dev_run),
+            "world_size": world_size(self.fabric),
         }

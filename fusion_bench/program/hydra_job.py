@@ -1,0 +1,136 @@
+"""The program's view of its Hydra job: sweeps, the default report path, re-launches, DDP children.
+
+* In a multirun (``fusion_bench -m ...``) each job writes ``report.json`` in its own job folder,
+  ``${hydra.sweep.dir}/${hydra.sweep.subdir}``; the root config makes the subfolder the job's
+  overrides (``hydra.job.override_dirname``), so a job's report path depends only on its overrides
+  and a re-launch with ``skip_existing_report=true`` finds what the last launch finished.
+* ``fabric.strategy=ddp`` starts one process per device by re-running the command line
+  (Lightning's subprocess launcher). Inside a multirun the command line is the whole sweep, so
+  :func:`job_command_line` hands the child processes this job's overrides and folder instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from fusion_bench.errors import ConfigError
+
+__all__ = ["hydra_job_meta", "is_multirun", "default_report_path", "existing_report", "job_command_line",
+           "check_process_launch", "NO_PATH_VALUES"]  # fmt: skip
+
+NO_PATH_VALUES = (False, "", "none", "false", "False")
+_SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher")
+
+
+def _hydra_config() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def is_multirun() -> bool:
+    """Whether this process runs one job of a Hydra multirun."""
+    from hydra.types import RunMode
+
+    hc = _hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def default_report_path(value: Any) -> str | None:
+    """The report path of ``report_save_path=value``.
+
+    ``null`` means print only in a single run and ``<job folder>/report.json`` in a multirun;
+    ``false`` (or ``""``, ``none``) never writes; a string is the path.
+
+    Raises:
+        ConfigError: ``value`` is neither a path nor one of those.
+    """
+    if value is None or value == "null":
+        return str(Path(_hydra_config().runtime.output_dir) / "report.json") if is_multirun() else None
+    if value in NO_PATH_VALUES:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"report_save_path must be a path, null or false, got {value!r}")
+    return value
+
+
+def existing_report(path: str, *, fast_dev_run: Any) -> dict[str, Any] | None:
+    """The finished report at ``path`` if it stands for the run about to start, else None.
+
+    A report counts when it is a JSON object with ``meta`` whose ``fast_dev_run`` equals this run's
+    (a one-batch report never stands for a full run, nor the reverse). Reports are written
+    atomically, so an interrupted run leaves none.
+    """
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("meta"), dict):
+        return None
+    return report if bool(report["meta"].get("fast_dev_run")) == bool(fast_dev_run) else None
+
+
+def hydra_job_meta() -> dict[str, Any] | None:
+    """The job's config choices, overrides, mode and folder (None outside Hydra)."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra_config()
+    if hc is None:
+        return None
+    return {
+        "mode": hc.mode.name if hc.mode is not None else None,
+        "choices": {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")},
+        "overrides": list(hc.overrides.task),
+        "output_dir": hc.runtime.output_dir,
+    }
+
+
+@contextlib.contextmanager
+def job_command_line() -> Iterator[None]:
+    """In a multirun: ``sys.argv`` = this job's overrides and ``hydra.run.dir`` = its folder, for the
+    children that Lightning's subprocess launcher starts (they run the job in single-run mode)."""
+    from omegaconf import read_write
+
+    if not is_multirun():
+        yield
+        return
+    hc, argv = _hydra_config(), sys.argv
+    hydra_overrides = [o for o in hc.overrides.hydra if not o.lstrip("+~").startswith(_SWEEP_ONLY)]
+    sys.argv = [argv[0], *hc.overrides.task, *hydra_overrides]
+    with read_write(hc.run):
+        run_dir, hc.run.dir = hc.run.dir, hc.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hc.run):
+            hc.run.dir = run_dir
+
+
+def check_process_launch(fabric: Any) -> None:
+    """Raise a :class:`ConfigError` when ``fabric`` cannot start its processes from this program.
+
+    Spawn-type strategies need a function to start; re-running the command line needs a
+    ``fusion_bench`` command (not, e.g., a joblib launcher's worker process).
+    """
+    import __main__
+    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = fabric.strategy.launcher
+    strategy = type(fabric.strategy).__name__
+    if launcher is None:
+        return
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        raise ConfigError(f"fabric.strategy: {strategy} ({type(launcher).__name__}) is not supported; use strategy=ddp")
+    spec = getattr(__main__, "__spec__", None)
+    main = spec.name if spec is not None else Path(sys.argv[0]).name
+    if not launcher.cluster_environment.creates_processes_externally and "fusion_bench" not in main:
+        raise ConfigError(
+            f"fabric.strategy=ddp with {fabric.world_size} devices re-runs the fusion_bench command per device, "
+            f"which cannot be done from {main!r} (a launcher's worker process); use Hydra's basic launcher, "
+            f"or a SLURM launcher with tasks_per_node equal to fabric.devices"
+        )

@@ -62,6 +62,9 @@ class FabricModelFusionProgram:
     def build(self) -> tuple[BaseModelPool, BaseAlgorithm, BaseTaskPool | None]:
         """Instantiate the three components (validating their configs)."""
         cfg = self.config
+        missing = sorted(OmegaConf.missing_keys(cfg)) if isinstance(cfg, DictConfig) else []
+        if missing:  # '???' in a root config, e.g. corruption
+            raise ConfigError(f"missing mandatory option(s) {', '.join(map(repr, missing))}; set them, e.g. {missing[0]}=...")
         modelpool = instantiate_component(cfg.get("modelpool"), MODELPOOLS, key="type", what="modelpool")
         method = instantiate_component(cfg.get("method"), ALGORITHMS, key="name", what="method")
         taskpool = None

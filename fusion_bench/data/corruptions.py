@@ -34,6 +34,7 @@ __all__ = [
     "CorruptedImageDataset",
     "corrupt",
     "corruption_rng",
+    "resize_center_crop",
 ]
 
 # The parameter tables of make_imagenet_c.py / make_cifar_c.py, per corruption, severities 1..5.
@@ -313,7 +314,7 @@ class CorruptionSpec:
     def apply(self, image: Any, index: int) -> Any:
         """Corrupt ``image``, the dataset's row ``index``."""
         if self.crop_size is not None:
-            image = _resize_center_crop(image, self.crop_size)
+            image = resize_center_crop(image, self.crop_size)
         rng = corruption_rng(self.seed, index, self.corruption)
         return corrupt(image, self.corruption, self.severity, rng=rng, table=self.table)
 
@@ -322,7 +323,8 @@ class CorruptionSpec:
         return asdict(self)
 
 
-def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (bicubic) and crop the central ``size × size`` square."""
     scale = size / min(image.size)
     w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((w, h), Image.BICUBIC)

@@ -137,12 +137,13 @@ def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) 
     return "\n".join(parts) + "\n"
 
 
-def replace_block(path: Path, block: str) -> None:
-    """Put ``block`` between the table markers in ``path`` (appending the markers if absent)."""
+def replace_block(path: Path, block: str, marks: tuple[str, str] = (MARK_START, MARK_END)) -> None:
+    """Put ``block`` between the table markers ``marks`` in ``path`` (appending the markers if absent)."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    new = f"{MARK_START}\n{block}{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: new, text, flags=re.S)
+    start, end = marks
+    new = f"{start}\n{block}{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + new + "\n"
     with atomic_write(path, "w", encoding="utf-8") as f:

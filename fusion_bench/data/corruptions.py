@@ -124,7 +124,8 @@ def _motion_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator
     """ImageMagick's ``MotionBlurImage(radius, sigma, angle)``, angle ~ U(-45°, 45°).
 
     A one-sided kernel: weight ``exp(-i² / 2σ²)`` (normalised) at the ``i``-th pixel along the
-    angle, ``i = 0 .. 2⌈radius⌉``; edge pixels repeat beyond the border.
+    angle (offsets ``⌈i·cos a − ½⌉`` columns, ``⌈i·sin a − ½⌉`` rows), ``i = 0 .. 2⌈radius⌉``; edge
+    pixels repeat beyond the border (ImageMagick's default virtual pixels).
     """
     radius, sigma = c
     angle = np.deg2rad(rng.uniform(-45, 45))
@@ -139,7 +140,7 @@ def _motion_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator
     out = np.zeros_like(x)
     for weight, ox, oy in zip(weights, dx, dy):
         out += weight * padded[pad + oy : pad + oy + h, pad + ox : pad + ox + w]
-    return out
+    return np.rint(out * 255.0) / 255.0  # ImageMagick rounds to 8 bits
 
 
 def _canny(img: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -6,6 +6,11 @@ A dataset entry in a pool config may be
     ``datasets.load_dataset`` (``path`` may be ``imagefolder`` with ``data_dir``), or to
     ``datasets.load_from_disk`` when ``path`` is such a local folder;
   * a mapping with ``_target_`` (called with its other keys).
+
+Any mapping entry may add ``corruption`` (one of
+:data:`fusion_bench.data.corruptions.CORRUPTIONS`), ``severity`` (1-5), ``seed``, ``table``
+(``imagenet``/``cifar`` parameters) and ``crop_size``: the loaded images are then corrupted on
+the fly, deterministically per image (:class:`~fusion_bench.data.corruptions.CorruptedImageDataset`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from fusion_bench.data.corruptions import CorruptedImageDataset, CorruptionSpec
 from fusion_bench.errors import DatasetError
 from fusion_bench.utils.instantiate import call_with_options, resolve_target, to_container
 
-__all__ = ["load_dataset_from_config", "is_saved_to_disk", "check_image_classification_columns", "ImageClassificationCollate"]
+__all__ = ["load_dataset_from_config", "split_corruption_options", "is_saved_to_disk", "check_image_classification_columns", "ImageClassificationCollate"]
 
 _DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -52,16 +58,36 @@ def load_dataset_from_config(cfg: Any, *, split: str | None, what: str) -> Any:
         what: the entry's name for messages (e.g. ``"test dataset 'sun397'"``).
 
     Returns:
-        a ``datasets.Dataset`` (or whatever a ``_target_`` returns).
+        a ``datasets.Dataset`` (or whatever a ``_target_`` returns), wrapped in a
+        :class:`CorruptedImageDataset` if the entry asks for a corruption.
     """
-    import datasets
+    cfg, corruption = split_corruption_options(cfg, what=what)
+    dataset = _load_uncorrupted(cfg, split=split, what=what)
+    return dataset if corruption is None else CorruptedImageDataset(dataset, corruption)
 
+
+def split_corruption_options(cfg: Any, *, what: str) -> tuple[dict[str, Any], CorruptionSpec | None]:
+    """Normalise a dataset entry to a mapping and take its corruption options out (validated).
+
+    Args:
+        cfg: the dataset entry (see module docstring).
+        what: the entry's name for messages.
+
+    Returns:
+        ``(entry without the corruption keys, the corruption or None)``.
+    """
     cfg = to_container(cfg)
     if isinstance(cfg, str):
         cfg = {"path": cfg}
     if not isinstance(cfg, Mapping):
         raise DatasetError(f"{what}: expected a path string or a mapping, got {type(cfg).__name__}")
     cfg = dict(cfg)
+    return cfg, CorruptionSpec.pop_from(cfg, what=what)
+
+
+def _load_uncorrupted(cfg: dict[str, Any], *, split: str | None, what: str) -> Any:
+    import datasets
+
     if "_target_" in cfg:
         fn = resolve_target(cfg.pop("_target_"), what=what)
         return call_with_options(fn, cfg, what=what)

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from fusion_bench.data.loading import load_dataset_from_config
+from fusion_bench.data.loading import load_dataset_from_config, split_corruption_options
 from fusion_bench.errors import ModelPoolError, UnknownNameError
 from fusion_bench.modelpool.lazy_tensors import StateDictSource, TensorSource
 from fusion_bench.utils.io import atomic_directory
@@ -55,6 +55,10 @@ class BaseModelPool:
             "val": dict(to_container(val_datasets) or {}),
             "test": dict(to_container(test_datasets) or {}),
         }
+        for which, entries in self._datasets.items():  # corruption options are checked now, not at load
+            for name, entry in entries.items():
+                if isinstance(entry, Mapping):
+                    split_corruption_options(entry, what=f"{which} dataset {name!r}")
         self._source_cache: tuple[str, TensorSource] | None = None
 
     # ---- names -------------------------------------------------------------------------

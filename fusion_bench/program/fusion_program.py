@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import fusion_bench
 from fusion_bench.errors import ConfigError
@@ -26,7 +26,7 @@ from fusion_bench.utils.distributed import end_process_group, launch_environment
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
 
-__all__ = ["FabricModelFusionProgram", "output_path_or_none", "ACCURACY_TYPE"]
+__all__ = ["FabricModelFusionProgram", "missing_keys", "output_path_or_none", "ACCURACY_TYPE"]
 
 ACCURACY_TYPE = "absolute"  # top-1 fraction in [0, 1], not normalised by the fine-tuned models' accuracy
 
@@ -40,6 +40,19 @@ def output_path_or_none(value: Any, option: str = "report_save_path") -> str | N
     if not isinstance(value, str):
         raise ConfigError(f"{option} must be a path or false, got {value!r}")
     return value
+
+
+def missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is ``???``, found without resolving any interpolation."""
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
+    missing = []
+    for key in keys:
+        name = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(name)
+        elif not OmegaConf.is_interpolation(cfg, key) and OmegaConf.is_config(cfg[key]):
+            missing += missing_keys(cfg[key], f"{name}.")
+    return missing
 
 
 class FabricModelFusionProgram:
@@ -77,6 +90,9 @@ class FabricModelFusionProgram:
     def build(self) -> tuple[BaseModelPool, BaseAlgorithm, BaseTaskPool | None]:
         """Instantiate the three components (validating their configs)."""
         cfg = self.config
+        missing = missing_keys(cfg) if isinstance(cfg, DictConfig) else []
+        if missing:  # '???' in a root config, e.g. corruption
+            raise ConfigError(f"missing mandatory option(s) {', '.join(map(repr, missing))}; set them, e.g. {missing[0]}=...")
         modelpool = instantiate_component(cfg.get("modelpool"), MODELPOOLS, key="type", what="modelpool")
         method = instantiate_component(cfg.get("method"), ALGORITHMS, key="name", what="method")
         taskpool = None

@@ -4,7 +4,10 @@ The text tower, ``visual_projection`` and ``logit_scale`` come from the task poo
 CLIP model (``clip_model``); the evaluated vision encoder replaces its vision tower. Per
 task: top-1 accuracy over all samples and cross-entropy averaged over *samples* (the
 reference implementation averaged batch means; the two differ when the last batch is
-short). The average is the unweighted mean over tasks.
+short). The average is the unweighted mean over tasks; ``task_groups`` adds the mean over each
+named group of tasks (e.g. ``seen`` / ``unseen``, :mod:`fusion_bench.taskpool.task_groups`).
+Dataset entries may ask for corrupted images (:mod:`fusion_bench.data.corruptions`); the
+report's ``meta.corruption`` then says which corruption, severity and seed each task used.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fusion_bench.data.clip_tasks import canonical_task_name, load_classnames_and_templates
-from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
-from fusion_bench.errors import ConfigError, ModelLoadError, UnknownNameError
+from fusion_bench.data.loading import (
+    ImageClassificationCollate,
+    check_image_classification_columns,
+    load_dataset_from_config,
+    split_corruption_options,
+)
+from fusion_bench.data.task_text import task_classnames_and_templates
+from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
 from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
+from fusion_bench.taskpool.task_groups import add_group_averages, check_task_groups, mean_over_tasks
 from fusion_bench.utils.distributed import ShardSampler, global_rank, world_size
 from fusion_bench.utils.instantiate import to_container
 
@@ -48,7 +57,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     Args:
         test_datasets: ``{task: dataset entry}``; an entry may add ``classnames`` and
-            ``templates`` for tasks not among the eight built-in ones.
+            ``templates`` for tasks other than the eight CLIP tasks and the mini benchmark's.
         clip_model: the base CLIP model giving the text tower, projection and logit scale
             (path, ``{pretrained_model_name_or_path}`` or ``_target_`` config).
         processor: the ``CLIPProcessor`` for the text side (defaults to ``clip_model``'s path).
@@ -59,6 +68,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         layer_wise_feature_max_num: save at most this many samples per task (None: all).
         fast_dev_run: ``True`` evaluates one batch per task, an int that many; reports say so.
         head_cache_dir: where zero-shot heads are cached by content hash (None: no cache).
+        task_groups: ``{group: [task, ...]}``; the report adds each group's mean metrics
+            (e.g. ``{seen: [...], unseen: [...]}`` for generalization experiments).
     """
 
     def __init__(
@@ -74,14 +85,20 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         layer_wise_feature_max_num: int | None = None,
         fast_dev_run: bool | int = False,
         head_cache_dir: str | None = "default",
+        task_groups: Mapping[str, list[str]] | None = None,
     ) -> None:
         entries = to_container(test_datasets)
         if not isinstance(entries, Mapping) or not entries:
             raise ConfigError(f"taskpool: 'test_datasets' must be a non-empty mapping of task -> dataset, got {entries!r}")
         self._dataset_cfgs: dict[str, Any] = {}
         self._task_text: dict[str, tuple[list[str], list[str]]] = {}
+        self._corruptions: dict[str, dict[str, Any]] = {}
         for task, entry in entries.items():
             self._dataset_cfgs[task], self._task_text[task] = self._split_entry(str(task), entry)
+            _, corruption = split_corruption_options(self._dataset_cfgs[task], what=f"test dataset {task!r}")
+            if corruption is not None:
+                self._corruptions[str(task)] = corruption.describe()
+        self.task_groups = check_task_groups(task_groups, list(self._dataset_cfgs))
         self._clip_model_cfg = to_container(clip_model)
         self._processor_cfg = to_container(processor) if processor is not None else self._clip_model_cfg
         self._data_processor_cfg = to_container(data_processor) if data_processor is not None else self._processor_cfg
@@ -98,21 +115,12 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     @staticmethod
     def _split_entry(task: str, entry: Any) -> tuple[Any, tuple[list[str], list[str]]]:
         """Separate ``classnames``/``templates`` from the dataset entry (or look them up)."""
+        classnames = templates = None
         if isinstance(entry, Mapping) and ("classnames" in entry or "templates" in entry):
             entry = dict(entry)
             classnames, templates = entry.pop("classnames", None), entry.pop("templates", None)
-            if not classnames or not templates:
-                raise ConfigError(f"test dataset {task!r}: give both 'classnames' and 'templates', or neither")
-            if any(t.count("{}") != 1 for t in templates):
-                raise ConfigError(f"test dataset {task!r}: every template needs exactly one '{{}}', got {templates!r}")
-            return entry, (list(map(str, classnames)), list(templates))
-        try:
-            return entry, load_classnames_and_templates(canonical_task_name(task))
-        except UnknownNameError as err:
-            raise ConfigError(
-                f"test dataset {task!r}: no built-in class names for this task ({err}); "
-                f"add 'classnames' and 'templates' to its entry"
-            ) from None
+        text = task_classnames_and_templates(task, classnames, templates, what=f"test dataset {task!r}")
+        return entry, text
 
     @property
     def task_names(self) -> list[str]:
@@ -195,7 +203,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """Evaluate ``model`` (a CLIP vision encoder) on every task.
 
         Returns:
-            ``{task: {"accuracy", "loss"}, ..., "average": {...}}``.
+            ``{task: {"accuracy", "loss"}, ..., "average": {...}, group: {...}, ...}`` (one
+            entry per task group, after the average).
         """
         if not is_clip_vision_model(model):
             raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
@@ -216,8 +225,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
                 report[task] = self._evaluate_task(classifier, task, device)
             finally:
                 self.on_task_evaluation_end()
-        report["average"] = {m: sum(report[t][m] for t in self.task_names) / len(self.task_names) for m in ("accuracy", "loss")}
-        return report
+        report["average"] = mean_over_tasks(report, self.task_names)
+        return add_group_averages(report, self.task_groups)
 
     def _evaluate_task(self, classifier: CLIPZeroShotClassifier, task: str, device: torch.device) -> dict[str, float]:
         """Accuracy and mean loss over the task's samples; each rank evaluates its shard and the
@@ -232,9 +241,14 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     def evaluation_meta(self) -> dict[str, Any]:
         """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs)."""
-        return {
+        meta = {
             "loss_reduction": LOSS_REDUCTION,
             "num_samples": dict(getattr(self, "_num_samples", {})),
             "fast_dev_run": bool(self.fast_dev_run),
             "world_size": world_size(self.fabric),
         }
+        if self.task_groups:
+            meta["task_groups"] = {name: list(tasks) for name, tasks in self.task_groups.items()}
+        if self._corruptions:
+            meta["corruption"] = dict(self._corruptions)
+        return meta

@@ -50,11 +50,19 @@ class FabricModelFusionProgram:
         self.report_save_path = output_path_or_none(config.get("report_save_path"))
         self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
 
+    def fabric_config(self) -> DictConfig | None:
+        """The ``fabric`` config; a method's ``devices`` option (when set) is its ``devices``."""
+        cfg = self.config.get("fabric")
+        devices = OmegaConf.select(self.config, "method.devices", default=None)
+        if cfg is not None and devices is not None:
+            cfg = OmegaConf.merge(cfg, {"devices": devices})
+        return cfg
+
     def _build_fabric(self):
         import lightning
         from hydra.utils import instantiate
 
-        cfg = self.config.get("fabric")
+        cfg = self.fabric_config()
         fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
         fabric.launch()
         return fabric

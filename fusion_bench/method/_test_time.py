@@ -289,6 +289,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
                 global_step += 1
                 if path is not None and ((step + 1) % self.save_interval == 0 or step + 1 == phase.steps):
                     self._save(path, phases, index, step + 1, state, meta)
+        self._streams = {}  # stop the loaders (and their workers) before the evaluation
         for logger in self.fabric.loggers:
             logger.save()
 

@@ -36,6 +36,7 @@ __all__ = [
     "adamerging_step",
     "save_merging_weights",
     "load_merging_weights",
+    "finish_coefficients",
     "CLIPTaskWiseAdaMergingAlgorithm",
     "CLIPLayerWiseAdaMergingAlgorithm",
 ]
@@ -84,6 +85,15 @@ def load_merging_weights(path: str, *, method: str, models: Any) -> dict[str, An
         ConfigError: made for another variant or other models (naming them).
     """
     return load_checkpoint(path, expect=_meta(method, models), what=f"{method}: weights")
+
+
+def finish_coefficients(method: TestTimeAlgorithm, coefficients: Tensor, stack: TaskVectorStack, *,
+                        clamp: tuple[float, float] | None, save_path: str | None) -> Tensor:  # fmt: skip
+    """The coefficients the merge uses (clamped, if so) on the CPU, written to ``save_path`` if given."""
+    effective = (coefficients if clamp is None else coefficients.clamp(*clamp)).detach().cpu()
+    if save_path is not None and method.fabric.is_global_zero:
+        save_merging_weights(save_path, effective, stack, method=method.name)
+    return effective
 
 
 class _AdaMerging(TestTimeAlgorithm):
@@ -144,13 +154,10 @@ class _AdaMerging(TestTimeAlgorithm):
         else:
             self.setup_test_time(modelpool, skeleton, heads)
             coefficients = self._learn(stack, modelpool)
-        effective = coefficients if self.clamp is None else coefficients.clamp(*self.clamp)
-        self.merging_weights = effective.detach().cpu()
+        self.merging_weights = finish_coefficients(self, coefficients, stack, clamp=self.clamp, save_path=self.save_merging_weights)
         self.model_names = list(stack.models)
-        if self.save_merging_weights is not None and self.fabric.is_global_zero:
-            save_merging_weights(self.save_merging_weights, self.merging_weights, stack, method=self.name)
         with torch.no_grad():
-            merged = merge_parameters(stack, effective)
+            merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device))
         return unload(skeleton, merged, dtype=self.model_dtype).cpu()
 
     def _learn(self, stack: TaskVectorStack, modelpool: BaseModelPool) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from fusion_bench.errors import ConfigError
 from fusion_bench.method._options import check_bool, check_choice, check_int, check_range
 from fusion_bench.method._test_time import Phase, TestTimeAlgorithm, check_optimizer, derived_seed, make_optimizer
-from fusion_bench.method.adamerging import CLAMP, adamerging_step, save_merging_weights
+from fusion_bench.method.adamerging import CLAMP, adamerging_step, finish_coefficients
 from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.models.concrete_mask import (
@@ -254,54 +254,15 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         heads = self.check_test_datasets(modelpool)
         skeleton, stack = self.setup_task_vectors(modelpool)
         self.setup_test_time(modelpool, skeleton, heads)
-        device = self.fabric.device
-        init = torch.full((stack.num_tasks, stack.num_tensors), self.scaling_factor, device=device)
-        lam = init.clone().requires_grad_(True)
-        logits = self._mask_logits(modelpool, stack)
-        mask_opt = make_optimizer(self.optimizer, list(logits.values()), self.lr)
-        inner_opt = make_optimizer(self.optimizer, [lam], self.base_lr)
-        ada_opt = make_optimizer(self.optimizer, [lam], self.adamerging_lr)
-        final: dict[str, Tensor] = {}
-        mask_objective = self._mask_objective(logits)
-
-        def lam_objective(merged: Mapping[str, Tensor]) -> float:
-            value = self.entropy_backward(merged)
-            self.average_gradients([lam])
-            return value
-
-        def mask_step(step: int, global_step: int) -> dict[str, float]:
-            with torch.no_grad():
-                lam.copy_(init)  # the inner problem starts from λ0 every step
-            drawn = sample_concrete_mask(logits, self.temperature, self._generator(TRAIN_NOISE, global_step))
-            mask = rescale_mask(drawn)
-            inner = adamerging_step(stack, lam, inner_opt, lam_objective, clamp=self.clamp,
-                                    mask={k: v.detach() for k, v in mask.items()})  # fmt: skip
-            mask_opt.zero_grad(set_to_none=True)
-            value = mask_objective(merge_parameters(stack, lam.detach(), mask, clamp=self.clamp))
-            mask_opt.step()
-            return {"loss": value, "inner_loss": inner, "mask_density": mask_density(drawn.values())}
-
-        def ada_step(step: int, global_step: int) -> dict[str, float]:
-            if not final:
-                final.update(self._final_mask(logits, stack))
-            if step == 0:
-                with torch.no_grad():
-                    lam.copy_(init)
-            return {"loss": adamerging_step(stack, lam, ada_opt, lam_objective, clamp=self.clamp, mask=final)}
-
-        phases = [Phase("mask", 0 if self.mask_checkpoint else self.max_steps, mask_step),
-                  Phase("adamerging", self.max_adamerging_steps, ada_step)]  # fmt: skip
-        state = {"mask_logits": logits, "coefficients": lam, "mask_optimizer": mask_opt, "inner_optimizer": inner_opt,
-                 "adamerging_optimizer": ada_opt}  # fmt: skip
-        self.train(phases, state, self.identity(stack, modelpool))
-        if not final:
-            final.update(self._final_mask(logits, stack))
-        effective = lam.detach() if self.clamp is None else lam.detach().clamp(*self.clamp)
-        self.merging_weights, self.model_names = effective.cpu(), list(stack.models)
-        if self.save_merging_weights is not None and self.fabric.is_global_zero:
-            save_merging_weights(self.save_merging_weights, self.merging_weights, stack, method=self.name)
+        bilevel = _BiLevel(self, stack, self._mask_logits(modelpool, stack))
+        phases = [Phase("mask", 0 if self.mask_checkpoint else self.max_steps, bilevel.mask_step),
+                  Phase("adamerging", self.max_adamerging_steps, bilevel.adamerging_step)]  # fmt: skip
+        self.train(phases, bilevel.state(), self.identity(stack, modelpool))
+        mask = bilevel.final_mask()
+        self.merging_weights = finish_coefficients(self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights)
+        self.model_names = list(stack.models)
         with torch.no_grad():
-            merged = merge_parameters(stack, effective, final)
+            merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device), mask)
         return unload(skeleton, merged, dtype=self.model_dtype).cpu()
 
     def extra_report(self) -> dict[str, Any]:
@@ -309,3 +270,57 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         if self.merging_weights is not None:
             extra["merging_weights_mean"] = {m: float(v) for m, v in zip(self.model_names, self.merging_weights.mean(dim=1))}
         return self._report(extra)
+
+
+class _BiLevel:
+    """The learned state and the two kinds of steps of Concrete layer-wise AdaMerging (see module docstring)."""
+
+    def __init__(self, method: ConcreteLayerWiseAdaMergingAlgorithm, stack: TaskVectorStack, logits: dict[str, Tensor]) -> None:
+        m = self.method = method
+        self.stack, self.logits = stack, logits
+        self.init = torch.full((stack.num_tasks, stack.num_tensors), m.scaling_factor, device=m.fabric.device)
+        self.lam = self.init.clone().requires_grad_(True)
+        self.mask_opt = make_optimizer(m.optimizer, list(logits.values()), m.lr)
+        self.inner_opt = make_optimizer(m.optimizer, [self.lam], m.base_lr)
+        self.ada_opt = make_optimizer(m.optimizer, [self.lam], m.adamerging_lr)
+        self.mask_objective = m._mask_objective(logits)
+        self._final: dict[str, Tensor] = {}
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds."""
+        return {"mask_logits": self.logits, "coefficients": self.lam, "mask_optimizer": self.mask_opt,
+                "inner_optimizer": self.inner_opt, "adamerging_optimizer": self.ada_opt}  # fmt: skip
+
+    def lam_objective(self, merged: Mapping[str, Tensor]) -> float:
+        value = self.method.entropy_backward(merged)
+        self.method.average_gradients([self.lam])
+        return value
+
+    def mask_step(self, step: int, global_step: int) -> dict[str, float]:
+        """Inner step on λ (from λ0, mask fixed), then the mask's step at the updated λ."""
+        m = self.method
+        with torch.no_grad():
+            self.lam.copy_(self.init)
+        drawn = sample_concrete_mask(self.logits, m.temperature, m._generator(TRAIN_NOISE, global_step))
+        mask = rescale_mask(drawn)
+        inner = adamerging_step(self.stack, self.lam, self.inner_opt, self.lam_objective, clamp=m.clamp,
+                                mask={k: v.detach() for k, v in mask.items()})  # fmt: skip
+        self.mask_opt.zero_grad(set_to_none=True)
+        value = self.mask_objective(merge_parameters(self.stack, self.lam.detach(), mask, clamp=m.clamp))
+        self.mask_opt.step()
+        return {"loss": value, "inner_loss": inner, "mask_density": mask_density(drawn.values())}
+
+    def final_mask(self) -> dict[str, Tensor]:
+        """The rescaled final mask (drawn once, seeded; saved if asked)."""
+        if not self._final:
+            self._final.update(self.method._final_mask(self.logits, self.stack))
+        return self._final
+
+    def adamerging_step(self, step: int, global_step: int) -> dict[str, float]:
+        """Layer-wise AdaMerging with the final mask, λ from λ0 at its first step."""
+        mask = self.final_mask()
+        if step == 0:
+            with torch.no_grad():
+                self.lam.copy_(self.init)
+        value = adamerging_step(self.stack, self.lam, self.ada_opt, self.lam_objective, clamp=self.method.clamp, mask=mask)
+        return {"loss": value}

@@ -95,7 +95,7 @@ def load_task_vector_stack(modelpool: BaseModelPool, skeleton: nn.Module, *, wha
         for model in plan.names:
             theta = modelpool.get_tensor(model, key)
             check_finite(model, key, theta)
-            tensors.append(theta.to(dtype) - base[pname])
+            tensors.append(theta.to(device=param.device, dtype=dtype) - base[pname])
         vectors[pname] = torch.stack(tensors)  # (T, *shape)
         names.append(pname)
     return TaskVectorStack(tuple(plan.names), tuple(names), base, vectors)

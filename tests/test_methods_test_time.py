@@ -190,7 +190,7 @@ def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, 
     from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
 
     path = tmp_path / "w.pt"
-    method = cls(max_steps=20, lr=0.05, save_merging_weights=str(path), **FAST)
+    method = cls(max_steps=20, lr=0.1, save_merging_weights=str(path), **FAST)
     model = run(method, pool)
     saved = load_checkpoint(path)
     lam = saved["merging_weights"].double().numpy()
@@ -207,7 +207,7 @@ def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, 
     assert list(report[key]) == ["mnist", "eurosat", "svhn"] and np.allclose(list(report[key].values()), per_model)
 
     # deterministic under the seed; weights= reproduces the model without data and without training
-    again = cls(max_steps=20, lr=0.05, **FAST)
+    again = cls(max_steps=20, lr=0.1, **FAST)
     run(again, pool)
     assert torch.equal(again.merging_weights, method.merging_weights)
     no_data = CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names})

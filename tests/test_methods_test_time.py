@@ -259,6 +259,17 @@ def test_bad_options_and_a_model_without_its_test_dataset(pool, tiny_example):
             run(method, partial)
 
 
+def test_heads_of_tasks_without_built_in_class_names_come_from_task_text(pool, tiny_example):
+    models = {"_pretrained_": str(tiny_example.base_model), "digits": str(tiny_example.finetuned["mnist"])}
+    custom = CLIPVisionModelPool(models, test_datasets={"digits": {"path": str(tiny_example.datasets["mnist"]), "split": "test"}})
+    with pytest.raises(ConfigError, match=r"clip_task_wise_adamerging: no built-in class names for task 'digits' .*give 'classnames'"):
+        run(CLIPTaskWiseAdaMergingAlgorithm(max_steps=1, **FAST), custom)
+    text = {"digits": {"classnames": tiny_example.tasks["mnist"], "templates": ["a photo of the number: \"{}\"."]}}
+    method = CLIPTaskWiseAdaMergingAlgorithm(max_steps=2, task_text=text, **FAST)
+    run(method, custom)
+    assert method.extra_report()["clip_task_wise_adamerging"]["num_steps"] == 2
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(pool, tmp_path):
     opts = dict(lr=0.05, batch_size=8, save_interval=2)
     straight = CLIPLayerWiseAdaMergingAlgorithm(max_steps=6, resume=False, **opts)

@@ -139,12 +139,15 @@ class TestTimeAlgorithm(BaseAlgorithm):
         resume: resume from this run's checkpoint when there is one.
         devices: the number of devices; the program builds its Fabric with it (None: ``fabric.devices``).
         clip_model: the CLIP giving text tower, projection and logit scale (None: ``_pretrained_``).
+        task_text: ``{task: {classnames, templates}}`` for the zero-shot heads (None: the built-in
+            lists of the eight CLIP tasks and the mini benchmark).
     """
 
     name: ClassVar[str] = "test_time"
 
     def __init__(self, *, batch_size: int, num_workers: int, seed: int, save_interval: int,
-                 checkpoint_dir: str | None, resume: bool, devices: int | None, clip_model: Any) -> None:  # fmt: skip
+                 checkpoint_dir: str | None, resume: bool, devices: int | None, clip_model: Any,
+                 task_text: Any = None) -> None:  # fmt: skip
         n = self.name
         self.batch_size = check_int(n, "batch_size", batch_size, low=1)
         self.num_workers = check_int(n, "num_workers", num_workers, low=0)
@@ -154,6 +157,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
         self.resume = check_bool(n, "resume", resume)
         self.devices = None if devices is None else check_int(n, "devices", devices, low=1)
         self.clip_model = to_container(clip_model)
+        self.task_text = to_container(task_text)
         self.history: list[float] = []
         self.step_seconds: list[float] = []
         self.resumed_at: int | None = None
@@ -187,7 +191,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
 
     def check_test_datasets(self, modelpool: BaseModelPool) -> CLIPTaskClassifiers:
         """The heads helper, after checking every fine-tuned model has its task's test dataset."""
-        heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, what=self.name)
+        heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, task_text=self.task_text, what=self.name)
         heads.check_tasks("test", modelpool.model_names)
         return heads
 
@@ -245,7 +249,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
 
     def trajectory_options(self) -> dict[str, Any]:
         """The hyperparameters that change the training trajectory (subclasses extend)."""
-        return {"batch_size": self.batch_size, "seed": self.seed}
+        return {"batch_size": self.batch_size, "seed": self.seed, "clip_model": repr(self.clip_model), "task_text": self.task_text}
 
     def checkpoint_path(self, meta: Mapping[str, Any]) -> Path | None:
         """``<dir>/<method>-<hash>.ckpt`` (see module docstring); None: no checkpoints."""

@@ -108,7 +108,7 @@ class _AdaMerging(TestTimeAlgorithm):
         lr: the learning rate.
         max_steps: optimisation steps.
         save_merging_weights: where to write the coefficients (None: not written).
-        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model:
+        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model, task_text:
             see :class:`~fusion_bench.method._test_time.TestTimeAlgorithm`.
     """
 
@@ -118,9 +118,10 @@ class _AdaMerging(TestTimeAlgorithm):
                  optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 1000, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 42, save_merging_weights: str | None = None, save_interval: int = 100,
                  checkpoint_dir: str | None = None, resume: bool = True, devices: int | None = None,
-                 clip_model: Any = None) -> None:  # fmt: skip
+                 clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model)  # fmt: skip
+                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
+                         task_text=task_text)  # fmt: skip
         n = self.name
         self.weights = to_container(weights) or None
         if self.weights is not None and not isinstance(self.weights, (str, list)):

@@ -152,7 +152,7 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
         max_steps: mask training steps.
         mask_checkpoint: a ``save_mask`` file: use its logits, skip the training.
         save_mask: where to write the learned mask logits.
-        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model:
+        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model, task_text:
             see :class:`~fusion_bench.method._test_time.TestTimeAlgorithm`.
     """
 
@@ -162,9 +162,10 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
                  eval_mask_type: str = "continuous", optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 2000,
                  batch_size: int = 16, num_workers: int = 0, seed: int = 42, mask_checkpoint: str | None = None,
                  save_mask: str | None = None, save_interval: int = 500, checkpoint_dir: str | None = None,
-                 resume: bool = True, devices: int | None = None, clip_model: Any = None) -> None:  # fmt: skip
+                 resume: bool = True, devices: int | None = None, clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model)  # fmt: skip
+                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
+                         task_text=task_text)  # fmt: skip
         self.scaling_factor = check_range(self.name, "scaling_factor", scaling_factor)
         self._init_mask_options(temperature=temperature, initial_logits=initial_logits, eval_mask_type=eval_mask_type,
                                 optimizer=optimizer, lr=lr, max_steps=max_steps, mask_checkpoint=mask_checkpoint,
@@ -213,7 +214,7 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         save_merging_weights: where to write the final ``λ`` (the AdaMerging file format).
         temperature, initial_logits, eval_mask_type, optimizer, lr, max_steps, mask_checkpoint,
             save_mask: as :class:`ConcreteTaskArithmeticAlgorithm` (``lr`` and ``max_steps``: the mask's).
-        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model:
+        batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model, task_text:
             see :class:`~fusion_bench.method._test_time.TestTimeAlgorithm`.
     """
 
@@ -225,9 +226,10 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
                  lr: float = 1e-3, max_steps: int = 1000, batch_size: int = 16, num_workers: int = 0, seed: int = 42,
                  mask_checkpoint: str | None = None, save_mask: str | None = None,
                  save_merging_weights: str | None = None, save_interval: int = 500, checkpoint_dir: str | None = None,
-                 resume: bool = True, devices: int | None = None, clip_model: Any = None) -> None:  # fmt: skip
+                 resume: bool = True, devices: int | None = None, clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model)  # fmt: skip
+                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
+                         task_text=task_text)  # fmt: skip
         n = self.name
         self.scaling_factor = check_range(n, "scaling_factor", scaling_factor)
         self.base_lr = check_range(n, "base_lr", base_lr, low=0.0, low_open=True)

@@ -201,7 +201,7 @@ def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, 
     start = entropy_on_test_sets(pool, TaskArithmeticAlgorithm(0.3).run(pool))  # λ = 0.3 everywhere: the starting point
     assert entropy_on_test_sets(pool, model) < start - 0.02
     report = method.extra_report()[cls.name]
-    assert report["num_steps"] == 20 and report["objective_last"] < report["objective_first"]
+    assert report["num_steps"] == 20 and report["objective"]["adamerging"]["last"] < report["objective"]["adamerging"]["first"]
     per_model = lam if lam.ndim == 1 else lam.mean(axis=1)
     key = "merging_weights" if lam.ndim == 1 else "merging_weights_mean"
     assert list(report[key]) == ["mnist", "eurosat", "svhn"] and np.allclose(list(report[key].values()), per_model)
@@ -213,7 +213,7 @@ def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, 
     no_data = CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names})
     reused = cls(weights=str(path))
     assert_model_equals(run(reused, no_data), expected_merge(weights, lam, saved["parameter_names"]))
-    assert reused.history == []
+    assert reused.history == {}
 
 
 def test_clamped_task_wise_weights_stay_in_the_unit_interval(pool):
@@ -280,7 +280,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(pool, tmp_path):
     assert ckpt.name.startswith("clip_layer_wise_adamerging-") and load_checkpoint(ckpt)["step"] == 3
     resumed = CLIPLayerWiseAdaMergingAlgorithm(max_steps=6, checkpoint_dir=str(tmp_path / "ckpt"), **opts)
     run(resumed, pool)
-    assert resumed.resumed_at == 3 and len(resumed.history) == 6 and len(resumed.step_seconds) == 3
+    assert resumed.resumed_at == 3 and len(resumed.history["adamerging"]) == 6 and len(resumed.step_seconds) == 3
     assert torch.equal(resumed.merging_weights, straight.merging_weights)
     assert resumed.history == straight.history
     other_lr = CLIPLayerWiseAdaMergingAlgorithm(max_steps=6, checkpoint_dir=str(tmp_path / "ckpt"), **{**opts, "lr": 0.01})
@@ -329,7 +329,9 @@ def test_concrete_layer_wise_adamerging_end_to_end(pool, weights, tmp_path):
     lam = saved["merging_weights"].double().numpy()
     assert lam.shape == (3, len(logits)) and np.abs(lam - 0.3).max() > 0.01
     assert_model_equals(model, expected_merge(weights, lam, saved["parameter_names"], mask))
-    assert len(method.history) == 12
+    assert [len(v) for v in method.history.values()] == [6, 6] and list(method.history) == ["mask", "adamerging"]
+    objective = method.extra_report()["clip_concrete_layer_wise_adamerging"]["objective"]
+    assert set(objective) == {"mask", "adamerging"} and objective["adamerging"]["first"] == pytest.approx(np.mean(method.history["adamerging"]))
     first = entropy_on_test_sets(pool, run(ConcreteTaskArithmeticAlgorithm(max_steps=1, lr=1e-9, eval_mask_type="threshold", **FAST), pool))
     assert entropy_on_test_sets(pool, model) < first - 0.1  # below the unmasked λ = 0.3 merge it started from
 

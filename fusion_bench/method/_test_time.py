@@ -158,7 +158,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
         self.devices = None if devices is None else check_int(n, "devices", devices, low=1)
         self.clip_model = to_container(clip_model)
         self.task_text = to_container(task_text)
-        self.history: list[float] = []
+        self.history: dict[str, list[float]] = {}  # the objective of every step, per phase
         self.step_seconds: list[float] = []
         self.resumed_at: int | None = None
 
@@ -287,7 +287,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
                 start = time.perf_counter()
                 metrics = phase.step(step, global_step)
                 self.step_seconds.append(time.perf_counter() - start)
-                self.history.append(metrics["loss"])
+                self.history.setdefault(phase.name, []).append(metrics["loss"])
                 self.fabric.log_dict({f"{phase.name}/{k}": v for k, v in metrics.items()}, step=global_step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 global_step += 1
@@ -303,7 +303,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
             return
         saved = {k: _saveable(v) for k, v in state.items()}
         save_checkpoint(path, {"phase": index, "step": step, "drawn": self._drawn, "phase_steps": [p.steps for p in phases],
-                               "history": torch.tensor(self.history, dtype=torch.float64), "rng": rng_state(),
+                               "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()}, "rng": rng_state(),
                                "state": saved}, meta=meta)  # fmt: skip
 
     def _resume(self, path: Path | None, phases: Sequence[Phase], state: Mapping[str, Any],
@@ -319,7 +319,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
         for key, value in state.items():
             _restore(value, data["state"][key])
         set_rng_state(data["rng"])
-        self.history = [float(v) for v in data["history"]]
+        self.history = {k: v.tolist() for k, v in data["history"].items()}
         self._drawn = int(data["drawn"])
         self.resumed_at = sum(steps[:index]) + step
         log.info("%s: resumed from %s at step %d", self.name, path, self.resumed_at)
@@ -327,13 +327,12 @@ class TestTimeAlgorithm(BaseAlgorithm):
 
     # ---- report ------------------------------------------------------------------------------
     def training_report(self) -> dict[str, Any]:
-        """Objective at the start and end (means of 10 steps), steps, seconds per step, resume point."""
+        """Steps, the objective per phase (means of its first and last 10 steps), seconds per step, resume point."""
         if not self.history:
             return {}
-        window = min(10, len(self.history))
+        objective = {name: {"first": sum(v[:10]) / len(v[:10]), "last": sum(v[-10:]) / len(v[-10:])} for name, v in self.history.items()}
         seconds = self.step_seconds
-        return {"num_steps": len(self.history), "objective_first": sum(self.history[:window]) / window,
-                "objective_last": sum(self.history[-window:]) / window,
+        return {"num_steps": sum(map(len, self.history.values())), "objective": objective,
                 "seconds_per_step": sum(seconds) / len(seconds) if seconds else None, "resumed_at_step": self.resumed_at}  # fmt: skip
 
 

@@ -237,6 +237,11 @@ def test_weights_files_are_refused_for_another_pool_variant_or_architecture(pool
     other = CLIPVisionModelPool({n: CLIPVisionModel(config) for n in pool.all_model_names})
     with pytest.raises(ConfigError, match=r"weights '.*w.pt' were made for another model architecture"):
         run(CLIPLayerWiseAdaMergingAlgorithm(weights=str(path)), other)
+    run(ConcreteTaskArithmeticAlgorithm(max_steps=1, save_mask=str(tmp_path / "m.pt"), **FAST), pool)
+    with pytest.raises(ConfigError, match=r"mask_checkpoint '.*m.pt' was made for another model architecture"):
+        run(ConcreteTaskArithmeticAlgorithm(mask_checkpoint=str(tmp_path / "m.pt")), other)
+    with pytest.raises(ConfigError, match=r"mask_checkpoint: '.*m.pt' was made for models \['mnist', 'eurosat', 'svhn'\]"):
+        run(ConcreteTaskArithmeticAlgorithm(mask_checkpoint=str(tmp_path / "m.pt")), two)
     with pytest.raises(ConfigError, match=r"option 'weights' has 2 numbers; the pool has 3 models \['mnist', 'eurosat', 'svhn'\]"):
         run(CLIPTaskWiseAdaMergingAlgorithm(weights=[0.1, 0.2]), pool)
     with pytest.raises(ModelLoadError, match=r"clip_task_wise_adamerging: weights: no file '.*missing.pt'"):

@@ -243,7 +243,7 @@ class TestTimeAlgorithm(BaseAlgorithm):
     def identity(self, stack: TaskVectorStack, modelpool: BaseModelPool) -> dict[str, Any]:
         """What a checkpoint of this run must match (its file name is a hash of it)."""
         sizes = {t: len(self._heads.dataset("test", t)) for t in self.tasks}
-        return {"format": CHECKPOINT_FORMAT, "method": self.name, "models": list(stack.models),
+        return {"format": CHECKPOINT_FORMAT, "method": self.name, "models": list(modelpool.model_names),
                 "content": content_fingerprint(stack), "test_sizes": sizes, "options": self.trajectory_options(),
                 "world_size": int(self.fabric.world_size)}  # fmt: skip
 

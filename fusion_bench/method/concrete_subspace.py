@@ -115,7 +115,7 @@ class _ConcreteBase(TestTimeAlgorithm):
     def _mask_logits(self, modelpool: BaseModelPool, stack: TaskVectorStack) -> dict[str, Tensor]:
         logits = init_mask_logits({n: stack.base[n].shape for n in stack.names}, self.initial_logits, device=self.fabric.device)
         if self.mask_checkpoint is not None:
-            saved = load_checkpoint(self.mask_checkpoint, expect={"format": MASK_FORMAT, "models": list(stack.models)},
+            saved = load_checkpoint(self.mask_checkpoint, expect={"format": MASK_FORMAT, "models": list(modelpool.model_names)},
                                     what=f"{self.name}: mask_checkpoint")  # fmt: skip
             if saved["meta"].get("tensors") != stack.fingerprint():
                 raise ConfigError(f"{self.name}: mask_checkpoint {self.mask_checkpoint!r} was made for another model architecture")
@@ -126,7 +126,7 @@ class _ConcreteBase(TestTimeAlgorithm):
 
     def _final_mask(self, logits: Mapping[str, Tensor], stack: TaskVectorStack) -> dict[str, Tensor]:
         if self.save_mask is not None and self.fabric.is_global_zero:
-            meta = {"format": MASK_FORMAT, "method": self.name, "models": list(stack.models), "tensors": stack.fingerprint()}
+            meta = {"format": MASK_FORMAT, "method": self.name, "models": self.model_names, "tensors": stack.fingerprint()}
             save_checkpoint(self.save_mask, {"mask_logits": {k: v.detach().cpu() for k, v in logits.items()}}, meta=meta)
         mask = final_mask(logits, self.eval_mask_type, temperature=self.temperature, generator=self._generator(FINAL_NOISE))
         self.density = mask_density(mask.values())
@@ -176,6 +176,7 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Learn (or load) the mask and return ``θ0 + λ Σ_t (m ⊙ τ_t)`` with the final mask."""
+        self.model_names = list(modelpool.model_names)
         heads = self.check_test_datasets(modelpool) if self.mask_checkpoint is None else None
         skeleton, stack = self.setup_task_vectors(modelpool)
         stack = stack.summed()  # λ is shared: Σ_t τ_t is all the merge needs (one model's worth)
@@ -253,6 +254,7 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Meta-learn (or load) the mask, run AdaMerging with it, return the merged encoder."""
+        self.model_names = list(modelpool.model_names)
         heads = self.check_test_datasets(modelpool)
         skeleton, stack = self.setup_task_vectors(modelpool)
         self.setup_test_time(modelpool, skeleton, heads)
@@ -262,7 +264,6 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         self.train(phases, bilevel.state(), self.identity(stack, modelpool))
         mask = bilevel.final_mask()
         self.merging_weights = finish_coefficients(self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights)
-        self.model_names = list(stack.models)
         with torch.no_grad():
             merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device), mask)
         return unload(skeleton, merged, dtype=self.model_dtype).cpu()

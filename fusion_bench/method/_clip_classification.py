@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from fusion_bench.data.loading import ImageClassificationCollate
 from fusion_bench.data.task_text import task_classnames_and_templates
@@ -30,7 +30,7 @@ from fusion_bench.models.hf_clip import load_clip_model
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.clip_vision.taskpool import default_head_cache_dir
 
-__all__ = ["CLIPTaskClassifiers", "cycle", "entropy_loss", "ENTROPY_EPS"]
+__all__ = ["CLIPTaskClassifiers", "SeededBatchStream", "cycle", "entropy_loss", "ENTROPY_EPS"]
 
 ENTROPY_EPS = 1e-8
 
@@ -142,9 +142,12 @@ class CLIPTaskClassifiers:
         if len(dataset) == 0 or (drop_last and len(dataset) < batch_size):
             raise DatasetError(f"{self.what}: {what} has {len(dataset)} samples, too few for batch_size {batch_size}")
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        image_processor = getattr(self.processor, "image_processor", self.processor)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                          drop_last=drop_last, collate_fn=ImageClassificationCollate(image_processor))  # fmt: skip
+                          drop_last=drop_last, collate_fn=self.collate())  # fmt: skip
+
+    def collate(self) -> ImageClassificationCollate:
+        """Rows ``{image, label}`` -> ``(pixel_values, labels)`` with the pool's image processor."""
+        return ImageClassificationCollate(getattr(self.processor, "image_processor", self.processor))
 
     def check_tasks(self, split: str, tasks: Sequence[str]) -> None:
         """Raise a :class:`ConfigError` naming every task of ``tasks`` without a ``split`` dataset."""
@@ -158,19 +161,63 @@ class CLIPTaskClassifiers:
             )
 
     def test_time_batches(self, tasks: Sequence[str], *, batch_size: int, seed: int, num_workers: int = 0,
-                          split: str = "test") -> dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+                          split: str = "test", start: int = 0) -> dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
         """One endless, seeded, shuffled stream of ``(pixel_values, labels)`` per task.
 
         Test-time methods draw one batch per task per step; each task's stream has its own
         generator (``seed`` + the task's position), so the batches of one task do not depend on
         how many other tasks there are. Labels are there for logging only: the methods never use them.
 
+        Args:
+            tasks: the tasks, in pool order.
+            batch_size: images per batch.
+            seed: the base seed of the shuffles.
+            num_workers: DataLoader workers.
+            split: the pool's dataset split.
+            start: batches of each stream already used (a resumed run): the stream starts at
+                batch ``start``, skipped over indices only (no image is read for them).
+
         Raises:
             ConfigError: a task has no dataset of that split in the pool.
         """
         self.check_tasks(split, tasks)
-        return {
-            task: cycle(self.loader(self.dataset(split, task), batch_size=batch_size, shuffle=True, seed=seed + i,
-                                    num_workers=num_workers, what=f"{split} dataset {task!r}"))  # fmt: skip
-            for i, task in enumerate(tasks)
-        }
+        streams = {}
+        for i, task in enumerate(tasks):
+            dataset = self.dataset(split, task)
+            if len(dataset) == 0:
+                raise DatasetError(f"{self.what}: {split} dataset {task!r} is empty")
+            sampler = SeededBatchStream(len(dataset), batch_size, seed=seed + i, start=start)
+            streams[task] = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                            collate_fn=self.collate()))  # fmt: skip
+        return streams
+
+
+class SeededBatchStream(Sampler[list[int]]):
+    """Endless batches of indices into ``range(num_samples)``, reshuffled every epoch.
+
+    Epoch ``e`` is the ``e``-th ``randperm`` of one generator seeded by ``seed``, cut into
+    ``ceil(num_samples / batch_size)`` batches (the last one may be short). Starting at batch
+    ``start`` replays only the permutations, so a resumed run sees exactly the batches an
+    uninterrupted one would, without reading the skipped images.
+
+    Args:
+        num_samples: the dataset's size (> 0).
+        batch_size: indices per batch.
+        seed: the generator's seed.
+        start: the first batch to yield.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, start: int = 0) -> None:
+        self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        per_epoch = -(-self.num_samples // self.batch_size)
+        epoch, first = divmod(self.start, per_epoch)
+        for _ in range(epoch):
+            torch.randperm(self.num_samples, generator=generator)
+        while True:
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            for b in range(first, per_epoch):
+                yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            first = 0

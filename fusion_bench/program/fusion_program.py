@@ -76,11 +76,19 @@ class FabricModelFusionProgram:
         if self.checkpoint_hash not in (*HASH_MODES, False, None):
             raise ConfigError(f"checkpoint_hash must be one of {', '.join(HASH_MODES)} or false, got {self.checkpoint_hash!r}")
 
+    def fabric_config(self) -> DictConfig | None:
+        """The ``fabric`` config; a method's ``devices`` option (when set) is its ``devices``."""
+        cfg = self.config.get("fabric")
+        devices = OmegaConf.select(self.config, "method.devices", default=None)
+        if cfg is not None and devices is not None:
+            cfg = OmegaConf.merge(cfg, {"devices": devices})
+        return cfg
+
     def _build_fabric(self):
         import lightning
         from hydra.utils import instantiate
 
-        cfg = self.config.get("fabric")
+        cfg = self.fabric_config()
         fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
         check_process_launch(fabric)
         with job_command_line():

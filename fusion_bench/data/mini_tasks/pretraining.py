@@ -16,17 +16,12 @@ from fusion_bench.data.mini_tasks.captions import caption
 from fusion_bench.data.mini_tasks.scenes import KINDS, Kind, render_scene, sample_scene
 from fusion_bench.data.mini_tasks import scenes
 
-__all__ = ["FOCUS_ATTRIBUTES", "FOCUS_PROBABILITY", "KIND_WEIGHTS", "SHARE_PROBABILITY", "pretraining_batch"]
+__all__ = ["KIND_WEIGHTS", "SHARE_PROBABILITY", "pretraining_batch"]
 
 KIND_WEIGHTS = {"shape": 0.5, "digit": 0.25, "dots": 0.25}
 """How often each scene kind appears in pre-training."""
 SHARE_PROBABILITY = 0.5
 """Chance that an attribute is shared by all scenes of a group."""
-FOCUS_PROBABILITY = 0.5
-"""Chance that a group is a focus group (one attribute varies, all others shared)."""
-FOCUS_ATTRIBUTES = ("shape", "color", "texture", "background", "size", "quality", "digit", "count")
-"""The attributes a focus group may vary: the eight tasks' labels."""
-_FOCUS_KIND: dict[str, Kind] = {"shape": "shape", "size": "shape", "digit": "digit", "count": "dots"}
 
 _SHARABLE = {
     "color": tuple(scenes.COLORS), "background": tuple(scenes.BACKGROUNDS), "texture": scenes.TEXTURES,
@@ -40,24 +35,9 @@ def _draw_kind(rng: np.random.Generator) -> Kind:
 
 
 def _group(rng: np.random.Generator, size: int) -> list[scenes.Scene]:
-    """``size`` scenes sharing a random subset of attributes (and maybe their kind).
-
-    With probability :data:`FOCUS_PROBABILITY` the group is a *focus* group instead: one attribute
-    (:data:`FOCUS_ATTRIBUTES`) varies and every other one is shared, so the captions differ only in
-    that attribute's words. Without such hard negatives the two most salient attributes tell the
-    captions apart and the text tower never learns to separate digits, shapes or counts.
-    """
-    if rng.random() < FOCUS_PROBABILITY:
-        focus = FOCUS_ATTRIBUTES[int(rng.integers(len(FOCUS_ATTRIBUTES)))]
-        shared = {a: v[int(rng.integers(len(v)))] for a, v in _SHARABLE.items() if a != focus}
-        group_kind = _FOCUS_KIND.get(focus) or _draw_kind(rng)
-        return _members(rng, size, shared, group_kind)
+    """``size`` scenes sharing a random subset of attributes (and maybe their kind)."""
     shared = {a: v[int(rng.integers(len(v)))] for a, v in _SHARABLE.items() if rng.random() < SHARE_PROBABILITY}
     group_kind = _draw_kind(rng) if rng.random() < SHARE_PROBABILITY else None
-    return _members(rng, size, shared, group_kind)
-
-
-def _members(rng: np.random.Generator, size: int, shared: dict, group_kind: Kind | None) -> list[scenes.Scene]:
     members = []
     for _ in range(size):
         kind = group_kind or _draw_kind(rng)

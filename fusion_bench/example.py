@@ -71,7 +71,11 @@ def classification_example_path(relative: str = "") -> str:
 
 
 def register_resolvers() -> None:
-    """Register the OmegaConf resolvers used by the shipped configs (idempotent)."""
+    """Register the OmegaConf resolvers used by the shipped configs (idempotent), the offline
+    benchmark's ``${fusion_bench_mini:...}`` included."""
+    from fusion_bench.data.mini_tasks import register_resolvers as register_mini_resolver
+
+    register_mini_resolver()
     if not OmegaConf.has_resolver("fusion_bench_example"):
         OmegaConf.register_new_resolver("fusion_bench_example", example_path)
     if not OmegaConf.has_resolver("fusion_bench_openclip_example"):

@@ -326,10 +326,11 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         self._summary = {"resumed_from_step": start, "steps_run": steps, "seconds_per_step": seconds / steps if steps else None}
 
     def extra_report(self) -> dict[str, Any]:
-        """Steps, seconds per step, the entropy objective (summed over tasks) at the start and end: the
+        """The checkpoint loaded, or: steps, seconds per step, the entropy objective (summed over tasks) at the start and end: the
         mean of the first and last 10 steps (of each half when there are fewer than 20)."""
-        report: dict[str, Any] = {"max_steps": self.max_steps, "checkpoint": self.checkpoint, "save_checkpoint": self.save_checkpoint,
-                                  **self._summary}  # fmt: skip
+        if self.checkpoint is not None:
+            return {self.NAME: {"checkpoint": self.checkpoint, "trained": False}}
+        report: dict[str, Any] = {"trained": True, "max_steps": self.max_steps, "save_checkpoint": self.save_checkpoint, **self._summary}
         if self._history:
             window = max(1, min(10, len(self._history) // 2))
             report["entropy_first"] = sum(self._history[:window]) / window

@@ -20,6 +20,7 @@ from fusion_bench.errors import ModelLoadError
 __all__ = [
     "VISION_PREFIX",
     "CLIP_VISION_MODEL_TYPES",
+    "CLIPVisionModelWrapper",
     "canonical_vision_keys",
     "vision_config_from_dict",
     "is_clip_vision_model",
@@ -63,11 +64,22 @@ def vision_config_from_dict(config: Mapping[str, Any], *, what: str):
     return CLIPVisionConfig(**{k: v for k, v in config.items() if k != "model_type"})
 
 
+class CLIPVisionModelWrapper(nn.Module):
+    """Base class of modules that stand in for a CLIP vision encoder.
+
+    A subclass holds the encoder it wraps as ``self.vision_model`` and its ``forward(pixel_values=...)``
+    returns what ``CLIPVisionModel`` returns (an object with ``pooler_output``), so task pools and
+    classifiers accept it (:func:`is_clip_vision_model`). Example:
+    :class:`fusion_bench.models.wemoe.WEMoECLIPVisionModel` (MLPs upscaled into weight-ensembling MoEs).
+    """
+
+
 def is_clip_vision_model(model: Any) -> bool:
-    """Whether ``model`` is a transformers CLIP vision encoder (4.x or 5.x layout)."""
+    """Whether ``model`` is a transformers CLIP vision encoder (4.x or 5.x layout) or a
+    :class:`CLIPVisionModelWrapper`."""
     from transformers import CLIPVisionModel
 
-    if isinstance(model, CLIPVisionModel):
+    if isinstance(model, (CLIPVisionModel, CLIPVisionModelWrapper)):
         return True
     try:  # transformers 4 exposes the inner transformer too
         from transformers.models.clip.modeling_clip import CLIPVisionTransformer
@@ -77,8 +89,10 @@ def is_clip_vision_model(model: Any) -> bool:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The module that owns ``embeddings``/``encoder`` (itself in transformers 5)."""
-    return getattr(model, "vision_model", model)
+    """The module that owns ``embeddings``/``encoder`` (itself in transformers 5; wrappers unwrapped)."""
+    while not hasattr(model, "encoder") and hasattr(model, "vision_model"):
+        model = model.vision_model
+    return model
 
 
 def vision_encoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -170,19 +170,32 @@ def task_images(pool, task, batch_size):
     return heads, [x for x, _ in heads.loader(heads.dataset("train", task), batch_size=batch_size)]
 
 
-def oracle_fisher_merge(pool, batch_size: int, eps: float = 1e-6) -> dict[str, np.ndarray]:
-    """Each model's Fisher by hand (the reference objective, autograd per batch), the merge in float64 numpy."""
+def squared_grads(classifier, params, x, per_example: bool):
+    """Yield ``(weight, grads)``: the reference's one batch objective, or each image's classes (weight p_c)."""
+    if not per_example:
+        logits = classifier(x)
+        yield 1.0, torch.autograd.grad((torch.softmax(logits, -1).detach().sqrt() * torch.log_softmax(logits, -1)).sum(), params)
+        return
+    for image in x:
+        log_p = torch.log_softmax(classifier(image[None]), -1)[0]
+        for c in range(len(log_p)):
+            yield log_p[c].exp().item(), torch.autograd.grad(log_p[c], params, retain_graph=True)
+
+
+def oracle_fisher_merge(pool, batch_size: int, eps: float = 1e-6, limit: int | None = None,
+                        per_example: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """Each model's Fisher by hand (autograd per batch or per image and class), the merge in float64 numpy."""
     thetas, fishers = [], []
     for task in TASKS:
         model = pool.load_model(task)
         heads, batches = task_images(pool, task, batch_size)
+        batches = [batches[0][:limit]] if limit else batches
         classifier, params = heads.classifier(model, task), dict(model.named_parameters())
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         for x in batches:
-            logits = classifier(x)
-            objective = (torch.softmax(logits, -1).detach().sqrt() * torch.log_softmax(logits, -1)).sum()
-            for k, g in zip(params, torch.autograd.grad(objective, list(params.values()))):
-                total[k] += g**2
+            for weight, grads in squared_grads(classifier, list(params.values()), x, per_example):
+                for k, g in zip(params, grads):
+                    total[k] += weight * g**2
         n = sum(len(x) for x in batches)
         fishers.append({k: (v / n).double().numpy() for k, v in total.items()})
         thetas.append({k: p.detach().double().numpy() for k, p in params.items()})
@@ -256,6 +269,12 @@ def test_cli_fisher_merging_matches_independent_fisher(tiny_example, tmp_path):
     assert_state_close(saved_model(out), oracle_fisher_merge(tiny_pool(tiny_example), batch_size=8))
     assert set(TASKS) <= set(report) and 0 <= report["average"]["accuracy"] <= 1
     assert list((tmp_path / "outputs" / "logs").rglob("metrics.csv"))  # logged to the Fabric's CSV logger
+
+
+def test_per_example_fisher_merge_matches_independent_fisher(tiny_example):
+    pool = tiny_pool(tiny_example)
+    merged = FisherMergingForCLIPVisionModel(num_fisher_examples=3, fisher_estimator="per_example").run(pool)
+    assert_state_close(merged, oracle_fisher_merge(pool, batch_size=32, limit=3, per_example=True))
 
 
 def test_cli_regmean_matches_independent_least_squares(tiny_example, tmp_path):

@@ -43,6 +43,8 @@ __all__ = [
     "load_into_pretrained",
     "log_metrics",
     "MeanAccumulator",
+    "PairedSums",
+    "merge_all",
     "PerModelDataMerge",
 ]
 
@@ -161,6 +163,44 @@ class MeanAccumulator:
         self.sums, self.count = dict(state["sums"]), int(state["count"])
 
 
+class PairedSums:
+    """Per key, the running sums of two statistics over the models (e.g. a numerator and a denominator),
+    plus the mean of the other tensors (:attr:`others`); subclasses fold models in with :meth:`add_pair`
+    and say in :meth:`combine` how a key's two sums give the merged tensor."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.others = MeanAccumulator()
+
+    def add_pair(self, key: str, first: torch.Tensor, second: torch.Tensor) -> None:
+        if key in self.sums:
+            self.sums[key][0] += first
+            self.sums[key][1] += second
+        else:
+            self.sums[key] = [first, second]
+
+    def combine(self, key: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The merged tensors: ``combine`` of each key's sums, the mean for the others."""
+        return {**self.others.result(), **{key: self.combine(key, a, b) for key, (a, b) in self.sums.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "others": self.others.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums = {key: list(pair) for key, pair in state["sums"].items()}
+        self.others.load_state_dict(state["others"])
+
+
+def merge_all(acc: Any, params: Sequence[Mapping[str, torch.Tensor]], statistics: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Fold every ``(params_i, statistic_i)`` into ``acc`` in order and return ``acc.result()``."""
+    for p, stat in zip(params, statistics):
+        acc.add(p, stat)
+    return acc.result()
+
+
 def architecture_fingerprint(modelpool: BaseModelPool, keys: Sequence[str]) -> str:
     """A short hash of the pool's tensor names and shapes (what a checkpoint must match)."""
     source = modelpool.tensor_source(PRETRAINED)
@@ -172,7 +212,7 @@ class PerModelDataMerge(BaseAlgorithm):
     """Template of the merges that take one statistic per model from its task's data (see module doc).
 
     Subclasses set :attr:`NAME`, call :meth:`_init_data_options` in ``__init__`` and implement
-    :meth:`_new_accumulator`, :meth:`_add_model` and :meth:`_options` (those a checkpoint must match).
+    :meth:`_new_accumulator` and :meth:`_add_model`, and extend :meth:`_options`.
     """
 
     NAME = "data_merge"
@@ -199,7 +239,9 @@ class PerModelDataMerge(BaseAlgorithm):
         raise NotImplementedError
 
     def _options(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The options a checkpoint must have been made with (subclasses add theirs)."""
+        return {self._num_examples_option: self._num_examples, "exclude_param_names_regex": self.exclude_param_names_regex,
+                "dataloader_kwargs": self.dataloader_kwargs, "seed": self.seed}  # fmt: skip
 
     def _clip_model(self) -> Any:
         return None

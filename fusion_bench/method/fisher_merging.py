@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fusion_bench.method._clip_classification import CLIPTaskClassifiers
-from fusion_bench.method._data_merging import MeanAccumulator, PerModelDataMerge, canonical_parameter_names
+from fusion_bench.method._data_merging import PairedSums, PerModelDataMerge, canonical_parameter_names, merge_all
 from fusion_bench.method._options import check_bool, check_choice, check_range
 from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.models.fisher import FISHER_ESTIMATORS, diagonal_fisher
@@ -57,7 +57,7 @@ def fisher_coefficients(norms: Sequence[float], *, normalize: bool, minimal_fish
     return [v / sum(inverse) for v in inverse]
 
 
-class FisherAccumulator:
+class FisherAccumulator(PairedSums):
     """``Σ c̃_i (F_i + ε) θ_i`` and ``Σ c̃_i (F_i + ε)`` over the models added, in order.
 
     Args:
@@ -66,10 +66,8 @@ class FisherAccumulator:
     """
 
     def __init__(self, *, normalize: bool = True, minimal_fisher_weight: float = 1e-6) -> None:
+        super().__init__()
         self.normalize, self.eps = normalize, minimal_fisher_weight
-        self.numerator: dict[str, torch.Tensor] = {}
-        self.denominator: dict[str, torch.Tensor] = {}
-        self.others = MeanAccumulator()
 
     def add(self, params: StateDict, fisher: StateDict) -> float:
         """Fold in one model's float tensors ``params`` and its Fisher (a subset of the keys).
@@ -81,24 +79,12 @@ class FisherAccumulator:
         coefficient = 1.0 / (norm + self.eps) if self.normalize else 1.0
         for key, f in fisher.items():
             weight = coefficient * (f.float() + self.eps)  # same shape as the tensor
-            if key in self.numerator:
-                self.numerator[key] += weight * params[key]
-                self.denominator[key] += weight
-            else:
-                self.numerator[key], self.denominator[key] = weight * params[key], weight
+            self.add_pair(key, weight * params[key], weight)
         self.others.add({k: v for k, v in params.items() if k not in fisher})
         return norm
 
-    def result(self) -> dict[str, torch.Tensor]:
-        merged = {key: self.numerator[key] / self.denominator[key] for key in self.numerator}
-        return {**self.others.result(), **merged}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"numerator": self.numerator, "denominator": self.denominator, "others": self.others.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.numerator, self.denominator = dict(state["numerator"]), dict(state["denominator"])
-        self.others.load_state_dict(state["others"])
+    def combine(self, key: str, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        return numerator / denominator
 
 
 def fisher_weighted_average(params: Sequence[StateDict], fishers: Sequence[StateDict], *,
@@ -115,9 +101,7 @@ def fisher_weighted_average(params: Sequence[StateDict], fishers: Sequence[State
         the merged tensors.
     """
     acc = FisherAccumulator(normalize=normalize_fisher_weight, minimal_fisher_weight=minimal_fisher_weight)
-    for p, f in zip(params, fishers):
-        acc.add(p, f)
-    return acc.result()
+    return merge_all(acc, params, fishers)
 
 
 @register_algorithm(NAME)
@@ -165,10 +149,8 @@ class FisherMergingForCLIPVisionModel(PerModelDataMerge):
         return self.clip_model
 
     def _options(self) -> dict[str, Any]:
-        return {"normalize_fisher_weight": self.normalize_fisher_weight, "minimal_fisher_weight": self.minimal_fisher_weight,
-                "num_fisher_examples": self.num_fisher_examples, "fisher_estimator": self.fisher_estimator,
-                "exclude_param_names_regex": self.exclude_param_names_regex, "dataloader_kwargs": self.dataloader_kwargs,
-                "seed": self.seed}  # fmt: skip
+        return {**super()._options(), "normalize_fisher_weight": self.normalize_fisher_weight,
+                "minimal_fisher_weight": self.minimal_fisher_weight, "fisher_estimator": self.fisher_estimator}  # fmt: skip
 
     def _new_accumulator(self) -> FisherAccumulator:
         return FisherAccumulator(normalize=self.normalize_fisher_weight, minimal_fisher_weight=self.minimal_fisher_weight)

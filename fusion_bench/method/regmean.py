@@ -29,7 +29,7 @@ from torch import nn
 
 from fusion_bench.errors import DatasetError, IncompatibleModelsError
 from fusion_bench.method._clip_classification import CLIPTaskClassifiers
-from fusion_bench.method._data_merging import MeanAccumulator, PerModelDataMerge, canonical_parameter_names
+from fusion_bench.method._data_merging import PairedSums, PerModelDataMerge, canonical_parameter_names, merge_all
 from fusion_bench.method._options import check_range
 from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.models.linear_grams import LinearInputGrams, linear_modules, reduce_off_diagonal
@@ -64,45 +64,27 @@ def solve_regmean(key: str, gram_sum: torch.Tensor, gram_weight_sum: torch.Tenso
     return solution.T.float().contiguous()
 
 
-class RegMeanAccumulator:
-    """What the RegMean merge needs, summed over the models added in order.
+class RegMeanAccumulator(PairedSums):
+    """What the RegMean merge needs, summed over the models added in order: per linear weight
+    ``Σ G̃_i`` and ``Σ G̃_i W_iᵀ`` (:attr:`sums`), and the mean of every other tensor.
 
     Args:
         reduce_non_diagonal_ratio: α, the factor of the Gram matrices' off-diagonal entries.
-
-    Attributes:
-        gram_sums: ``{weight key: Σ G̃_i}``; gram_weight_sums: ``{weight key: Σ G̃_i W_iᵀ}``;
-        others: the mean of every other tensor.
     """
 
     def __init__(self, *, reduce_non_diagonal_ratio: float = 0.95) -> None:
+        super().__init__()
         self.ratio = reduce_non_diagonal_ratio
-        self.gram_sums: dict[str, torch.Tensor] = {}
-        self.gram_weight_sums: dict[str, torch.Tensor] = {}
-        self.others = MeanAccumulator()
 
     def add(self, params: StateDict, grams: StateDict) -> None:
         """Fold in one model's float tensors and its Gram matrices (keyed by the linear weights' keys)."""
         for key, gram in grams.items():
             reduced = reduce_off_diagonal(gram.float(), self.ratio)  # (in, in)
-            weighted = reduced @ params[key].float().T  # (in, out)
-            if key in self.gram_sums:
-                self.gram_sums[key] += reduced
-                self.gram_weight_sums[key] += weighted
-            else:
-                self.gram_sums[key], self.gram_weight_sums[key] = reduced, weighted
+            self.add_pair(key, reduced, reduced @ params[key].float().T)  # (in, out)
         self.others.add({k: v for k, v in params.items() if k not in grams})
 
-    def result(self) -> dict[str, torch.Tensor]:
-        solved = {key: solve_regmean(key, self.gram_sums[key], self.gram_weight_sums[key]) for key in self.gram_sums}
-        return {**self.others.result(), **solved}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"gram_sums": self.gram_sums, "gram_weight_sums": self.gram_weight_sums, "others": self.others.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.gram_sums, self.gram_weight_sums = dict(state["gram_sums"]), dict(state["gram_weight_sums"])
-        self.others.load_state_dict(state["others"])
+    def combine(self, key: str, gram_sum: torch.Tensor, gram_weight_sum: torch.Tensor) -> torch.Tensor:
+        return solve_regmean(key, gram_sum, gram_weight_sum)
 
 
 def regmean(params: Sequence[StateDict], grams: Sequence[StateDict], *,
@@ -117,10 +99,7 @@ def regmean(params: Sequence[StateDict], grams: Sequence[StateDict], *,
     Returns:
         the merged tensors.
     """
-    acc = RegMeanAccumulator(reduce_non_diagonal_ratio=reduce_non_diagonal_ratio)
-    for p, g in zip(params, grams):
-        acc.add(p, g)
-    return acc.result()
+    return merge_all(RegMeanAccumulator(reduce_non_diagonal_ratio=reduce_non_diagonal_ratio), params, grams)
 
 
 def linear_inputs(model: nn.Module, keys: Mapping[str, str], merged: Mapping[str, Any]) -> dict[str, nn.Module]:
@@ -159,12 +138,11 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
                                 exclude_param_names_regex=exclude_param_names_regex, seed=seed,
                                 checkpoint_path=checkpoint_path)  # fmt: skip
         self.num_regmean_examples = self._num_examples
-        self.reduce_non_diagonal_ratio = check_range(NAME, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio, low=0.0, high=1.0)
+        self.reduce_non_diagonal_ratio = check_range(self.NAME, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio,
+                                                     low=0.0, high=1.0)  # fmt: skip
 
     def _options(self) -> dict[str, Any]:
-        return {"num_regmean_examples": self.num_regmean_examples, "reduce_non_diagonal_ratio": self.reduce_non_diagonal_ratio,
-                "exclude_param_names_regex": self.exclude_param_names_regex, "dataloader_kwargs": self.dataloader_kwargs,
-                "seed": self.seed}  # fmt: skip
+        return {**super()._options(), "reduce_non_diagonal_ratio": self.reduce_non_diagonal_ratio}
 
     def _new_accumulator(self) -> RegMeanAccumulator:
         return RegMeanAccumulator(reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio)
@@ -176,7 +154,7 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
         keys = canonical_parameter_names(data.modelpool, model)
         modules = linear_inputs(model, keys, tensors)
         if not modules:
-            raise IncompatibleModelsError(f"{NAME}: model {name!r} has no nn.Linear layer to merge (all excluded?)")
+            raise IncompatibleModelsError(f"{self.NAME}: model {name!r} has no nn.Linear layer to merge (all excluded?)")
         model = fabric.to_device(model)
         count = 0
         with LinearInputGrams(modules) as hooks:

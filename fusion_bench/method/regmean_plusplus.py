@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -36,10 +36,9 @@ from tqdm.auto import tqdm
 from fusion_bench.errors import IncompatibleModelsError
 from fusion_bench.merge import check_finite
 from fusion_bench.method._clip_classification import CLIPTaskClassifiers
-from fusion_bench.method._data_merging import PerModelDataMerge, canonical_parameter_names, fabric_or_cpu, log_metrics
-from fusion_bench.method._options import check_range
+from fusion_bench.method._data_merging import canonical_parameter_names, fabric_or_cpu, log_metrics
 from fusion_bench.method.base_algorithm import register_algorithm
-from fusion_bench.method.regmean import RegMeanAccumulator
+from fusion_bench.method.regmean import RegMeanAccumulator, RegMeanAlgorithmForCLIP
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.models.clip_layers import encoder_layer_forward, encoder_layer_names, vision_embed
 from fusion_bench.models.hf_clip import vision_encoder_layers
@@ -53,36 +52,14 @@ Features = dict[str, list[torch.Tensor]]
 
 
 @register_algorithm(NAME)
-class RegMeanAlgorithmForCLIPPlusPlus(PerModelDataMerge):
+class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
     """RegMean++ over a CLIP pool's fine-tuned vision encoders (see module docstring).
 
-    Args: as :class:`~fusion_bench.method.regmean.RegMeanAlgorithmForCLIP`; ``checkpoint_path`` is
-    written after every encoder layer.
+    Args: those of :class:`~fusion_bench.method.regmean.RegMeanAlgorithmForCLIP`; ``checkpoint_path``
+    is written after every encoder layer.
     """
 
     NAME = NAME
-
-    def __init__(
-        self,
-        *,
-        exclude_param_names_regex: Sequence[str] = (),
-        num_regmean_examples: int = 256,
-        reduce_non_diagonal_ratio: float = 0.95,
-        dataloader_kwargs: Mapping[str, Any] | None = None,
-        seed: int = 42,
-        checkpoint_path: str | None = None,
-    ) -> None:
-        self._init_data_options(num_examples=("num_regmean_examples", num_regmean_examples), dataloader_kwargs=dataloader_kwargs,
-                                exclude_param_names_regex=exclude_param_names_regex, seed=seed,
-                                checkpoint_path=checkpoint_path)  # fmt: skip
-        self.num_regmean_examples = self._num_examples
-        self.reduce_non_diagonal_ratio = check_range(NAME, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio, low=0.0, high=1.0)
-        self.seconds_per_layer: list[float] = []
-
-    def _options(self) -> dict[str, Any]:
-        return {"num_regmean_examples": self.num_regmean_examples, "reduce_non_diagonal_ratio": self.reduce_non_diagonal_ratio,
-                "exclude_param_names_regex": self.exclude_param_names_regex, "dataloader_kwargs": self.dataloader_kwargs,
-                "seed": self.seed}  # fmt: skip
 
     # ---- steps ------------------------------------------------------------------------------
     def _layer_keys(self, modelpool: BaseModelPool, model: nn.Module) -> list[dict[str, str]]:
@@ -173,6 +150,7 @@ class RegMeanAlgorithmForCLIPPlusPlus(PerModelDataMerge):
         data = CLIPTaskClassifiers(modelpool, what=NAME)
         names, keys = self._validate_pool(modelpool, data)
         fabric = fabric_or_cpu(self.fabric)
+        self.per_model, self.seconds_per_layer = {}, []
         model = modelpool.load_pretrained_model()
         layer_keys = self._layer_keys(modelpool, model)
         solved = self._solved_keys(layer_keys, model)

@@ -250,12 +250,14 @@ class PerModelDataMerge(BaseAlgorithm):
     def is_excluded(self, key: str) -> bool:
         return any(p.match(key) for p in self._exclusions)
 
-    def _validate_pool(self, modelpool: BaseModelPool, data: CLIPTaskClassifiers) -> tuple[list[str], list[str]]:
+    def _validate_pool(self, modelpool: BaseModelPool) -> tuple[CLIPTaskClassifiers, list[str], list[str]]:
+        """Check the pool before any heavy work; return the task data, the model names and the tensor keys."""
         names = modelpool.model_names
         if not names:
             raise ConfigError(f"{self.NAME}: the pool has no fine-tuned models; models: {modelpool.all_model_names}")
         if not modelpool.has_pretrained:
             raise ConfigError(f"{self.NAME}: the pool needs a {PRETRAINED!r} model; models: {modelpool.all_model_names}")
+        data = CLIPTaskClassifiers(modelpool, clip_model=self._clip_model(), what=self.NAME)
         data.check_tasks("train", names)
         keys = check_pool_compatible(modelpool, [PRETRAINED, *names])
         for pattern in self._exclusions:
@@ -264,7 +266,7 @@ class PerModelDataMerge(BaseAlgorithm):
                     f"{self.NAME}: exclude_param_names_regex {pattern.pattern!r} matches no tensor; "
                     f"tensors are named like {keys[0]!r} (matched from the start with re.match)"
                 )
-        return names, keys
+        return data, names, keys
 
     def model_tensors(self, modelpool: BaseModelPool, name: str, model: nn.Module) -> dict[str, torch.Tensor]:
         """The float tensors of ``model`` that are merged (canonical keys, exclusions removed), on CPU,
@@ -307,9 +309,9 @@ class PerModelDataMerge(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Merge the pool's fine-tuned models (one at a time) and return the merged model."""
-        data = CLIPTaskClassifiers(modelpool, clip_model=self._clip_model(), what=self.NAME)
-        names, keys = self._validate_pool(modelpool, data)
+        data, names, keys = self._validate_pool(modelpool)
         fabric = fabric_or_cpu(self.fabric)
+        self.per_model = {}
         acc = self._new_accumulator()
         meta = self._checkpoint_meta(modelpool, names, keys)
         done = self._resume(acc, meta)

@@ -147,8 +147,7 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Merge layer by layer (see module docstring) and return the merged vision encoder."""
-        data = CLIPTaskClassifiers(modelpool, what=NAME)
-        names, keys = self._validate_pool(modelpool, data)
+        data, names, keys = self._validate_pool(modelpool)
         fabric = fabric_or_cpu(self.fabric)
         self.per_model, self.seconds_per_layer = {}, []
         model = modelpool.load_pretrained_model()

@@ -41,7 +41,7 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 def solve_regmean(key: str, gram_sum: torch.Tensor, gram_weight_sum: torch.Tensor) -> torch.Tensor:
-    """``W* = ((Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ)ᵀ`` in float64.
+    """``W* = ((Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ)ᵀ`` in float64 (Cholesky, else LU; never an explicit inverse).
 
     Args:
         key: the weight's name (for the message).
@@ -54,8 +54,12 @@ def solve_regmean(key: str, gram_sum: torch.Tensor, gram_weight_sum: torch.Tenso
     Raises:
         DatasetError: ``Σ G̃_i`` is singular (some input feature is zero on every token).
     """
-    try:
-        solution = torch.linalg.solve(gram_sum.double(), gram_weight_sum.double())  # (in, out)
+    gram, rhs = gram_sum.double(), gram_weight_sum.double()
+    factor, info = torch.linalg.cholesky_ex(gram)  # Σ G̃ is symmetric PSD: Cholesky when it is definite
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor).T.float().contiguous()
+    try:  # not numerically definite: LU
+        solution = torch.linalg.solve(gram, rhs)  # (in, out)
     except torch.linalg.LinAlgError:
         raise DatasetError(
             f"{NAME}: the summed Gram matrix of {key!r} is singular (an input feature is zero on every token); "

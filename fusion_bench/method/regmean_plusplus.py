@@ -132,8 +132,9 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         return acc.result()
 
     # ---- the run ----------------------------------------------------------------------------
-    def _resume_layers(self, meta: Mapping[str, Any], model: nn.Module, own: Mapping[str, torch.Tensor],
+    def _resume_layers(self, meta: Mapping[str, Any], own: Mapping[str, torch.Tensor],
                        fabric: Any) -> tuple[int, Features | None]:  # fmt: skip
+        """Load ``checkpoint_path`` if there is one: the solved weights into ``own``; the next layer and its features."""
         if self.checkpoint_path is None or not Path(self.checkpoint_path).expanduser().is_file():
             return 0, None
         state = load_checkpoint(self.checkpoint_path, expect=meta, what=f"{NAME}: checkpoint")
@@ -144,6 +145,22 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         self.seconds_per_layer = list(state["seconds_per_layer"])
         features = {name: [fabric.to_device(x) for x in batches] for name, batches in state["features"].items()}
         return int(state["next_layer"]), features
+
+    def _layer_step(self, modelpool: BaseModelPool, names: list[str], model: nn.Module, index: int,
+                    keys: Mapping[str, str], solved: set[str], features: Features, fabric: Any) -> Features:  # fmt: skip
+        """Merge encoder layer ``index`` into ``model``; return the features entering the next layer."""
+        start = time.perf_counter()
+        layers, own = vision_encoder_layers(model), modelpool.canonical_state_dict(model)
+        merged = self._merge_layer(modelpool, names, layers[index], keys, solved, features, fabric)  # canonical keys
+        with torch.no_grad():
+            for key, value in merged.items():
+                own[key].copy_(value.to(own[key].device, own[key].dtype))
+            if index + 1 < len(layers):
+                with fabric.autocast():
+                    features = {n: [encoder_layer_forward(layers[index], x) for x in xs] for n, xs in features.items()}
+        self.seconds_per_layer.append(round(time.perf_counter() - start, 3))
+        log_metrics(fabric, {f"{NAME}/seconds_per_layer": self.seconds_per_layer[-1]}, step=index)
+        return features
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Merge layer by layer (see module docstring) and return the merged vision encoder."""
@@ -157,21 +174,11 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         model = fabric.to_device(model)
         own = modelpool.canonical_state_dict(model)
         meta = self._checkpoint_meta(modelpool, names, keys)
-        start_layer, features = self._resume_layers(meta, model, own, fabric)
+        start_layer, features = self._resume_layers(meta, own, fabric)
         if features is None:
             features = self._first_features(data, names, model, fabric)
-        layers = vision_encoder_layers(model)
-        for index in tqdm(range(start_layer, len(layers)), desc=NAME, disable=None):
-            start = time.perf_counter()
-            merged = self._merge_layer(modelpool, names, layers[index], layer_keys[index], solved, features, fabric)
-            with torch.no_grad():
-                for key, value in merged.items():
-                    own[key].copy_(value.to(own[key].device, own[key].dtype))
-                if index + 1 < len(layers):
-                    with fabric.autocast():
-                        features = {n: [encoder_layer_forward(layers[index], x) for x in xs] for n, xs in features.items()}
-            self.seconds_per_layer.append(round(time.perf_counter() - start, 3))
-            log_metrics(fabric, {f"{NAME}/seconds_per_layer": self.seconds_per_layer[-1]}, step=index)
+        for index in tqdm(range(start_layer, len(layer_keys)), desc=NAME, disable=None):
+            features = self._layer_step(modelpool, names, model, index, layer_keys[index], solved, features, fabric)
             done = {k for keys in layer_keys[: index + 1] for k in keys.values()} & solved
             self._save_layer(meta, index + 1, own, done, features)
         return model.cpu().eval()

@@ -31,6 +31,7 @@ from fusion_bench.utils.io import atomic_write, atomic_write_json
 SKIP = {
     "dummy": "the pre-trained row",
     "clip_finetune": "trains an expert",
+    "image_classification_finetune": "trains a ViT/ResNet classifier",
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
 TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "surgery", "concrete")
@@ -62,29 +63,53 @@ def run(overrides: Sequence[str], report_path: Path) -> tuple[dict[str, Any], fl
     return report, time.perf_counter() - start
 
 
-def method_configs(only: Sequence[str] | None) -> list[tuple[str, str]]:
-    """``(row label, method override)`` for every registered method worth a row.
+def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list[tuple[str, str]]:
+    """``(row label, method overrides)`` for every registered method worth a row.
 
-    Each shipped YAML of a registered method is one row; a registered name without a YAML
-    runs with its defaults (``+method.name=...``). Methods in :data:`SKIP` or that train
-    (:data:`TRAINING_WORDS`) are left out unless named in ``only``.
+    Each shipped YAML of a registered method is one row (a YAML that picks its class by ``name:``
+    gives one row per registered name of that class, e.g. AdaMerging's two variants); a registered
+    name without a YAML runs with its defaults (``+method.name=...``). Methods in :data:`SKIP` are left
+    out unless named in ``only``; test-time methods (:data:`TRAINING_WORDS`) run only with
+    ``test_time_steps > 0``, for that many steps (``method.max_steps``, and the AdaMerging phase of
+    Concrete layer-wise AdaMerging), and their row label says so.
     """
     from fusion_bench.method import ALGORITHMS
     from fusion_bench.scripts.cli import config_choices
     from fusion_bench.utils.instantiate import resolve_target
 
-    by_class: dict[type, list[str]] = {}
+    by_class: dict[type, list[tuple[str, str]]] = {}
+    by_name: dict[str, str] = {}  # registered name -> the YAML selecting it by `name:`
+    by_module: dict[str, str] = {}  # module -> such a YAML, for its other names (switched by method.name=)
     for choice in config_choices("method"):
-        target = compose([f"method={choice}"]).method.get("_target_")
-        if target:
-            by_class.setdefault(resolve_target(target, what=choice), []).append(choice)
+        cfg = compose([f"method={choice}"]).method
+        if cfg.get("_target_"):
+            by_class.setdefault(resolve_target(cfg["_target_"], what=choice), []).append((choice, f"method={choice}"))
+        elif cfg.get("name") in ALGORITHMS:
+            by_name[cfg["name"]] = choice
+            by_module.setdefault(ALGORITHMS.get(cfg["name"]).__module__, choice)
     rows = []
     for name in ALGORITHMS.names():
-        wanted = name in (only or ()) or (only is None and name not in SKIP and not any(w in name for w in TRAINING_WORDS))
-        if wanted:
-            choices = by_class.get(ALGORITHMS.get(name), [])
-            rows += [(c, f"method={c}") for c in choices] or [(name, f"method=dummy method._target_=null +method.name={name}")]
-    return rows
+        trains = any(w in name for w in TRAINING_WORDS)
+        wanted = name in (only or ()) or (only is None and name not in SKIP and (not trains or test_time_steps > 0))
+        if not wanted:
+            continue
+        cls = ALGORITHMS.get(name)
+        named = []
+        if name in by_name:
+            label = by_name[name] if name in by_name[name] else f"{by_name[name]} ({name})"
+            named = [(label, f"method={by_name[name]}")]
+        elif cls.__module__ in by_module:
+            choice = by_module[cls.__module__]
+            named = [(f"{choice} ({name})", f"method={choice} method.name={name}")]
+        choices = by_class.get(cls) or named or [(name, f"method=dummy method._target_=null +method.name={name}")]
+        for label, override in dict.fromkeys(choices):
+            if trains and test_time_steps > 0:
+                steps = f" method.max_steps={test_time_steps}"
+                if "layer_wise_adamerging" in override and "concrete" in override:
+                    steps += f" method.max_adamerging_steps={test_time_steps}"
+                label, override = f"{label}, {test_time_steps} steps", override + steps
+            rows.append((label, override))
+    return list(dict.fromkeys(rows))
 
 
 def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]]:
@@ -98,12 +123,13 @@ def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]
     return rows
 
 
-def merge_rows(reports_dir: Path, only: Sequence[str] | None) -> dict[str, tuple[dict[str, Any], float] | str]:
+def merge_rows(reports_dir: Path, only: Sequence[str] | None,
+               test_time_steps: int = 0) -> dict[str, tuple[dict[str, Any], float] | str]:  # fmt: skip
     """Each method's report (or the error it raised), by row label."""
     rows: dict[str, tuple[dict[str, Any], float] | str] = {}
-    for label, override in method_configs(only):
+    for label, override in method_configs(only, test_time_steps):
         try:
-            rows[label] = run([*override.split(" "), f"modelpool={POOLS['merge']}"], reports_dir / f"method_{label.replace('/', '_')}.json")
+            rows[label] = run([*override.split(" "), f"modelpool={POOLS['merge']}"], reports_dir / f"method_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.json")
             print(f"  {label}: average {100 * rows[label][0]['average']['accuracy']:.1f} ({rows[label][1]:.0f}s)", file=sys.stderr)
         except Exception as err:  # a method under construction must not stop the table
             rows[label] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
@@ -155,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--doc", default="docs/mini_clip_benchmark.md", help="Markdown file to update")
     parser.add_argument("--readme", default=None, help="also update this README's table block")
     parser.add_argument("--reports", default="outputs/mini_clip_table", help="folder for the runs' JSON reports")
-    parser.add_argument("--methods", nargs="*", default=None, help="registered method names to run (default: all data-free ones)")
+    parser.add_argument("--methods", nargs="*", default=None, help="registered method names to run (default: all but SKIP)")
+    parser.add_argument("--test-time-steps", type=int, default=0,
+                        help="also run the test-time methods (AdaMerging, Concrete, WEMoE) for this many steps")
     args = parser.parse_args(argv)
     from fusion_bench.example import register_resolvers
 
@@ -164,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("individual models:", file=sys.stderr)
     individual = individual_rows(reports)
     print("merging methods:", file=sys.stderr)
-    merged = merge_rows(reports, args.methods)
+    merged = merge_rows(reports, args.methods, args.test_time_steps)
     table = markdown(individual, merged)
     total = time.perf_counter() - start
     atomic_write_json(reports / "summary.json", {"seconds": round(total, 1), "markdown": table})

@@ -35,6 +35,7 @@ SKIP = {
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
 TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "surgery", "concrete")
+DATA_WORDS = ("fisher", "regmean")
 MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
 POOLS = {"merge": "CLIPVisionModelPool/mini-clip_TA8", "single": "CLIPVisionModelPool/mini-clip_individual"}
 TASKPOOL = "CLIPVisionModelTaskPool/mini-clip_TA8"
@@ -142,6 +143,16 @@ def _cells(report: dict[str, Any]) -> str:
     return " | ".join(accs) + f" | **{100 * report['average']['accuracy']:.1f}**"
 
 
+def _grouped(labels: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Row labels by kind of method (data-free, with training data, test-time), each sorted."""
+    def kind(label: str) -> int:
+        return 2 if any(w in label for w in TRAINING_WORDS) else 1 if any(w in label for w in DATA_WORDS) else 0
+
+    names = ("data-free", "with training data (256 images per task)", "test-time adaptation (unlabelled test images)")
+    groups = [(name, sorted(label for label in labels if kind(label) == i)) for i, name in enumerate(names)]
+    return [(name, members) for name, members in groups if members]
+
+
 def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) -> str:
     """The results as Markdown: the methods table, then the 9×8 matrix and notes."""
     header = "| | " + " | ".join(MINI_TASKS) + " | avg |\n|---|" + "---:|" * (len(MINI_TASKS) + 1) + "\n"
@@ -149,12 +160,10 @@ def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) 
     own_avg = sum(own.values()) / len(own)
     lines = [header.rstrip("\n"), f"| Pre-trained | {_cells(individual['clip-mini'][0])} |",
              "| Fine-tuned (each expert on its own task) | " + " | ".join(f"{100 * own[t]:.1f}" for t in MINI_TASKS) + f" | **{100 * own_avg:.1f}** |"]  # fmt: skip
-    failed = []
-    for label, row in merged.items():
-        if isinstance(row, str):
-            failed.append(f"- `{label}`: {row}")
-        else:
-            lines.append(f"| `{label}` ({row[1]:.0f} s) | {_cells(row[0])} |")
+    failed = [f"- `{label}`: {row}" for label, row in merged.items() if isinstance(row, str)]
+    for group, labels in _grouped([label for label, row in merged.items() if not isinstance(row, str)]):
+        lines.append(f"| *{group}* |" + " |" * (len(MINI_TASKS) + 1))
+        lines += [f"| `{label}` ({merged[label][1]:.0f} s) | {_cells(merged[label][0])} |" for label in labels]
     matrix = [header.rstrip("\n")] + [f"| `{name}` | {_cells(rep)} |" for name, (rep, _) in individual.items()]
     parts = ["Accuracy (%) on the test splits (500 images per task).", "", *lines, "",
              "Every model on every task (rows: the pre-trained model and the eight experts):", "", *matrix]  # fmt: skip

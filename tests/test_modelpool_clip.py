@@ -141,3 +141,9 @@ def test_in_memory_modules_and_base_pool_tensor_access(tiny_example):
     assert pool.model_names == ["m"]
     key = next(iter(model.state_dict()))
     assert torch.equal(pool.get_tensor("m", key), model.state_dict()[key])
+
+
+def test_target_entry_must_build_a_clip_vision_model():
+    pool = CLIPVisionModelPool({"lin": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}})
+    with pytest.raises(ModelLoadError, match=r"^model 'lin': _target_ returned a Linear, not a CLIP vision model$"):
+        pool.load_model("lin")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from fusion_bench.data.loading import load_dataset_from_config, split_corruption_options
-from fusion_bench.errors import ModelPoolError, UnknownNameError
+from fusion_bench.errors import ModelLoadError, ModelPoolError, UnknownNameError
 from fusion_bench.modelpool.lazy_tensors import StateDictSource, TensorSource
 from fusion_bench.utils.io import atomic_directory
 from fusion_bench.utils.instantiate import call_with_options, resolve_target, to_container
@@ -102,6 +102,20 @@ class BaseModelPool:
             fn = resolve_target(opts.pop("_target_"), what=f"model {name!r}")
             return call_with_options(fn, opts, what=f"model {name!r}")
         raise ModelPoolError(f"model {name!r}: {type(self).__name__} cannot load entry {entry!r}")
+
+    def _load_checked_target(self, name: str, entry: Any, accepts: Callable[[nn.Module], bool], kind: str) -> nn.Module:
+        """Build a ``_target_`` entry and check that the result is what the pool serves.
+
+        Args:
+            name: the model's name in the pool (for the error).
+            entry: its ``_target_`` config.
+            accepts: the predicate the built model must pass.
+            kind: what the pool serves, in words (``"a CLIP vision model"``).
+        """
+        model = BaseModelPool._load_model(self, name, entry)
+        if not accepts(model):
+            raise ModelLoadError(f"model {name!r}: _target_ returned a {type(model).__name__}, not {kind}")
+        return model
 
     def load_pretrained_model(self) -> nn.Module:
         if not self.has_pretrained:

@@ -203,10 +203,7 @@ class CLIPVisionModelPool(BaseModelPool):
     # ---- models ------------------------------------------------------------------------
     def _load_model(self, name: str, entry: Any) -> nn.Module:
         if "_target_" in entry:
-            model = super()._load_model(name, entry)
-            if not is_clip_vision_model(model):
-                raise ModelLoadError(f"model {name!r}: _target_ returned a {type(model).__name__}, not a CLIP vision model")
-            return model
+            return self._load_checked_target(name, entry, is_clip_vision_model, "a CLIP vision model")
         ckpt = self._checkpoint(name)
         what = f"model {name!r} ({ckpt.location})"
         source = self.tensor_source(name)

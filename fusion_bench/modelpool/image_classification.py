@@ -217,10 +217,7 @@ class HFImageClassificationModelPool(BaseModelPool):
     # ---- models ------------------------------------------------------------------------------
     def _load_model(self, name: str, entry: Any) -> nn.Module:
         if "_target_" in entry:
-            model = super()._load_model(name, entry)
-            if not is_image_classifier(model):
-                raise ModelLoadError(f"model {name!r}: _target_ returned a {type(model).__name__}, not a supported image classifier")
-            return model
+            return self._load_checked_target(name, entry, is_image_classifier, "a supported image classifier")
         ckpt = self._checkpoint(name)
         cls = self.processor_class(name).model_class()
         try:

@@ -193,10 +193,7 @@ class OpenCLIPVisionModelPool(BaseModelPool):
     # ---- models ------------------------------------------------------------------------------
     def _load_model(self, name: str, entry: Any) -> nn.Module:
         if self._entries[name] is None:
-            model = super()._load_model(name, entry)
-            if not isinstance(model, ImageEncoder):
-                raise ModelLoadError(f"model {name!r}: _target_ returned a {type(model).__name__}, not an OpenCLIP ImageEncoder")
-            return model
+            return self._load_checked_target(name, entry, lambda m: isinstance(m, ImageEncoder), "an OpenCLIP ImageEncoder")
         source = self.tensor_source(name)
         state = {k: source.get(k) for k in source.keys()}
         return build_image_encoder(self.architecture(name), state, what=f"model {name!r} ({self._entries[name].path})")

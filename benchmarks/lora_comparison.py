@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import sys
 import time
@@ -50,17 +51,26 @@ def run_program(cfg: Any) -> tuple[dict[str, Any], float]:
     return report, time.perf_counter() - start
 
 
-def finetune(args: argparse.Namespace, variant: str, task: str) -> tuple[Path, float | None]:
-    """Fine-tune (or reuse) the ``variant`` expert of ``task``; return its folder and training seconds."""
+def finetune(args: argparse.Namespace, variant: str, task: str) -> tuple[Path, float | None, bool]:
+    """Fine-tune (or reuse) the ``variant`` expert of ``task``.
+
+    Returns:
+        its folder, its training seconds (of a reused expert: from its saved report, None without
+        one) and whether it was reused.
+    """
     out = Path(args.out) / variant / task
+    report_path = Path(args.out) / "reports" / f"finetune_{variant}_{task}.json"
     if out.exists() and not args.retrain:
-        return out, None
+        try:
+            return out, float(json.loads(report_path.read_text())["meta"]["fusion_seconds"]), True
+        except (OSError, ValueError, KeyError, TypeError):
+            return out, None, True
     cfg = compose([f"method={VARIANTS[variant]}", f"method.task={task}", f"method.num_steps={args.steps}",
                    f"method.batch_size={args.batch_size}", f"method.learning_rate={args.learning_rate}",
                    f"method.seed={args.seed}", f"method.save_path={out}", f"modelpool={args.modelpool}", "taskpool=dummy",
-                   f"report_save_path={Path(args.out) / 'reports' / f'finetune_{variant}_{task}.json'}"])  # fmt: skip
+                   f"report_save_path={report_path}"])  # fmt: skip
     _, seconds = run_program(cfg)
-    return out, seconds
+    return out, seconds, False
 
 
 def _pool_overrides(cfg: Any, variant: str, experts: dict[str, Path], tasks: Sequence[str]) -> None:
@@ -113,7 +123,8 @@ def trainable_parameters(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def markdown(tasks: Sequence[str], results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
+def markdown(tasks: Sequence[str], results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds: float,
+             reused_seconds: float, reused: int) -> str:  # fmt: skip
     """The comparison as Markdown."""
     header = "| variant | model | " + " | ".join(tasks) + " | avg |\n|---|---|" + "---:|" * (len(tasks) + 1)
     rows = [header]
@@ -128,13 +139,16 @@ def markdown(tasks: Sequence[str], results: dict[str, dict[str, Any]], args: arg
     params = ["| variant | trainable parameters per expert | training seconds per expert (mean) |", "|---|---:|---:|"]
     for variant, res in results.items():
         secs = [s for s in res["train_seconds"] if s is not None]
-        params.append(f"| {variant} | {res['trainable']:,} | {sum(secs) / len(secs):.1f} |" if secs else f"| {variant} | {res['trainable']:,} | (reused) |")
+        params.append(f"| {variant} | {res['trainable']:,} | {sum(secs) / len(secs):.1f} |" if secs else f"| {variant} | {res['trainable']:,} | (not recorded) |")
     setup = (f"Pool `{args.modelpool}`, task pool `{args.taskpool}`; every expert: Adam, lr {args.learning_rate:g} (fixed), "
              f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; LoRA / L-LoRA: q_proj and v_proj, r 16, "
              "alpha 32, dropout 0.1. Merges: task arithmetic λ = 0.3, simple average; adapters folded into weights "
-             "(LoRA: W0 + s·B·A; L-LoRA: the linearised layer's exact weights, see `fusion_bench/models/linearized/lora.py`).")  # fmt: skip
+             "(LoRA: W0 + s·B·A; L-LoRA: the linearised layer's exact weights, see `fusion_bench/models/linearized/lora.py`). "
+             "The full experts are fine-tuned here with the same settings as the LoRA ones, so they differ slightly from "
+             "the shipped experts of the README's table.")  # fmt: skip
     return "\n".join(["Accuracy (%) on the test splits.", "", *rows, "", *params, "", setup, "",
-                      f"Regenerated with `python benchmarks/lora_comparison.py` in {seconds / 60:.1f} min."]) + "\n"  # fmt: skip
+                      f"Regenerated with `python benchmarks/lora_comparison.py` in {(seconds + reused_seconds) / 60:.1f} min"
+                      + (f" ({reused} experts reused from an earlier run, their fine-tuning times from its reports)." if reused else ".")]) + "\n"  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -157,19 +171,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     tasks = list(compose([f"modelpool={args.modelpool}"]).modelpool.train_datasets)
     results: dict[str, dict[str, Any]] = {}
+    reused_seconds, reused = 0.0, 0
     for variant in args.variants:
         experts, seconds = {}, []
         for task in tasks:
-            experts[task], secs = finetune(args, variant, task)
+            experts[task], secs, was_reused = finetune(args, variant, task)
             seconds.append(secs)
-            print(f"  {variant} {task}: {'reused' if secs is None else f'{secs:.0f}s'}", file=sys.stderr)
+            if was_reused:
+                reused, reused_seconds = reused + 1, reused_seconds + (secs or 0.0)
+            print(f"  {variant} {task}: {'reused' if was_reused else 'trained'}"
+                  + ("" if secs is None else f", {secs:.0f}s"), file=sys.stderr)  # fmt: skip
         res: dict[str, Any] = {"train_seconds": seconds, "trainable": trainable_parameters(experts[tasks[0]])}
         res["own"] = own_task_accuracies(args, variant, experts, tasks)
         for merge, method in MERGES.items():
             res[merge] = evaluate(args, variant, experts, method, tasks, f"{merge}_{variant}")
             print(f"  {variant} {merge}: average {100 * res[merge]['average']['accuracy']:.1f}", file=sys.stderr)
         results[variant] = res
-    table = markdown(tasks, results, args, time.perf_counter() - start)
+    table = markdown(tasks, results, args, time.perf_counter() - start, reused_seconds, reused)
     atomic_write_json(Path(args.out) / "summary.json", {"markdown": table, "results": results})
     replace_block(Path(args.doc), table, MARK_START, MARK_END)
     print(table)

@@ -114,14 +114,16 @@ def stream_merge(
     own = modelpool.canonical_state_dict(model)
 
     def read(key: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        # runs in the reader thread: reading and checking the next key overlap the merge of this one
         base = modelpool.get_tensor(PRETRAINED, key) if with_base else None
-        return base, [modelpool.get_tensor(n, key) for n in names]
-
-    for key, (base, tensors) in tqdm(prefetched(read, keys), total=len(keys), desc=desc, leave=False, disable=None):
-        for n, t in zip(names, tensors):  # checked here, while the reader thread reads ahead
+        tensors = [modelpool.get_tensor(n, key) for n in names]
+        for n, t in zip(names, tensors):
             check_finite(n, key, t)
         if base is not None:
             check_finite(PRETRAINED, key, base)
+        return base, tensors
+
+    for key, (base, tensors) in tqdm(prefetched(read, keys), total=len(keys), desc=desc, leave=False, disable=None):
         target = own[key]
         if not target.is_floating_point():
             _check_equal_non_float(key, names, tensors, target)

@@ -34,9 +34,10 @@ from fusion_bench.merge.task_vectors import (
     sign_balance,
     sum_in_order,
     ties_merge_tensor,
-    trim_below,
+    trim_below_,
 )
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
+from fusion_bench.modelpool.lazy_tensors import TensorSource
 
 __all__ = [
     "Aggregate",
@@ -130,27 +131,37 @@ class PoolTaskVectors:
 
     def task(self, index: int) -> Iterator[tuple[str, Tensor]]:
         base, source = self.modelpool.tensor_source(PRETRAINED), self.modelpool.tensor_source(self.plan.names[index])
-        for key, (theta, b) in prefetched(lambda k: (source.get(k), base.get(k)), self.plan.keys):
+        name = self.plan.names[index]
+
+        def read(key: str) -> tuple[Tensor, Tensor]:  # in the reader thread, overlapping the caller's work
+            return self._checked_get(name, source, key), self._checked_get(PRETRAINED, base, key)
+
+        for key, (theta, b) in prefetched(read, self.plan.keys):
             yield key, self._task_vector(index, key, theta, b)
 
     def by_key(self) -> Iterator[tuple[str, list[Tensor]]]:
         base = self.modelpool.tensor_source(PRETRAINED)
         sources = [self.modelpool.tensor_source(n) for n in self.plan.names]
-        for key, (b, thetas) in prefetched(lambda k: (base.get(k), [s.get(k) for s in sources]), self.plan.keys):
+
+        def read(key: str) -> tuple[Tensor, list[Tensor]]:  # in the reader thread, overlapping the caller's work
+            thetas = [self._checked_get(n, s, key) for n, s in zip(self.plan.names, sources)]
+            return self._checked_get(PRETRAINED, base, key), thetas
+
+        for key, (b, thetas) in prefetched(read, self.plan.keys):
             yield key, [self._task_vector(i, key, theta, b) for i, theta in enumerate(thetas)]
 
     def _task_vector(self, index: int, key: str, theta: Tensor, base: Tensor) -> Tensor:
-        self._check(self.plan.names[index], key, theta)
-        self._check(PRETRAINED, key, base)
         dtype = compute_dtype(theta.dtype)
         tv = theta.to(dtype) - base.to(dtype)
         return tv if self.transform is None else self.transform(index, key, tv)
 
-    def _check(self, name: str, key: str, tensor: Tensor) -> None:
-        """NaN/Inf check, once per (model, key) over all passes."""
+    def _checked_get(self, name: str, source: TensorSource, key: str) -> Tensor:
+        """``source.get(key)``, NaN/Inf-checked once per (model, key) over all passes."""
+        tensor = source.get(key)
         if (name, key) not in self._checked:
             check_finite(name, key, tensor)
             self._checked.add((name, key))
+        return tensor
 
 
 class StateDictTaskVectors:
@@ -212,7 +223,7 @@ def ties_statistics(vectors: TaskVectors, density: float) -> TiesStatistics:
         thresholds.append(magnitude_threshold_(flat_task_vector(vectors, index, magnitude=True), density))
     balance = 0
     for _, tvs in vectors.by_key():
-        trimmed = [trim_below(tv, thr) for tv, thr in zip(tvs, thresholds)]
+        trimmed = [trim_below_(tv, thr) for tv, thr in zip(tvs, thresholds)]  # the task vectors are fresh tensors
         balance += sign_balance(torch.sign(sum_in_order(trimmed)))
     return TiesStatistics(tuple(thresholds), majority_sign(balance))
 

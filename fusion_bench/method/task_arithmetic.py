@@ -21,11 +21,15 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 def task_arithmetic_tensor(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, scaling_factor: float) -> torch.Tensor:
-    """``base + scaling_factor * Σ_i (finetuned_i − base)`` for one tensor."""
-    total = torch.zeros_like(base)
+    """``base + scaling_factor * Σ_i (finetuned_i − base)`` for one tensor.
+
+    Two buffers (the sum and one difference) serve every model: the same operations, in the
+    same order, as the plain expression, without a fresh temporary per model.
+    """
+    total, diff = torch.zeros_like(base), torch.empty_like(base)
     for theta in finetuned:
-        total += theta - base
-    return base + scaling_factor * total
+        total.add_(torch.sub(theta, base, out=diff))
+    return total.mul_(scaling_factor).add_(base)
 
 
 def task_arithmetic(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float) -> dict[str, torch.Tensor]:

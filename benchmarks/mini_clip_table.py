@@ -12,6 +12,7 @@ then writes the Markdown tables to ``docs/mini_clip_benchmark.md`` (between the 
 ``<!-- mini-clip-table:start -->`` / ``end``) and, with ``--readme``, into README.md between
 the same markers. Every run's JSON report is kept under ``--reports``. Run from the repository
 root:  python benchmarks/mini_clip_table.py [--readme README.md] [--methods task_arithmetic ...]
+(``--fast-dev-run``: one batch of 25 test images per task, a smoke run whose table says so.)
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ def compose(overrides: Sequence[str]) -> Any:
         return hydra_compose("fusion_bench_config", overrides=list(overrides))
 
 
+FAST_DEV_RUN: list[str] = []  # under --fast-dev-run: one batch of 25 test images per task
+
+
 def run(overrides: Sequence[str], report_path: Path) -> tuple[dict[str, Any], float]:
     """Run the fusion program with ``overrides``; return its report and wall time."""
     from fusion_bench.program import FabricModelFusionProgram
 
     cfg = compose([*overrides, f"taskpool={TASKPOOL}", f"report_save_path={report_path}",
-                   f"fabric.loggers.root_dir={report_path.parent / 'logs'}"])  # fmt: skip
+                   f"fabric.loggers.root_dir={report_path.parent / 'logs'}", *FAST_DEV_RUN])  # fmt: skip
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the program prints each report
         report = FabricModelFusionProgram(cfg).run()
@@ -165,7 +169,9 @@ def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) 
         lines.append(f"| *{group}* |" + " |" * (len(MINI_TASKS) + 1))
         lines += [f"| `{label}` ({merged[label][1]:.0f} s) | {_cells(merged[label][0])} |" for label in labels]
     matrix = [header.rstrip("\n")] + [f"| `{name}` | {_cells(rep)} |" for name, (rep, _) in individual.items()]
-    parts = ["Accuracy (%) on the test splits (500 images per task).", "", *lines, "",
+    scope = ("**fast_dev_run: one batch of 25 test images per task, not the benchmark's numbers.**" if FAST_DEV_RUN
+             else "Accuracy (%) on the test splits (500 images per task).")  # fmt: skip
+    parts = [scope, "", *lines, "",
              "Every model on every task (rows: the pre-trained model and the eight experts):", "", *matrix]  # fmt: skip
     if failed:
         parts += ["", "Methods that failed on this run:", "", *failed]
@@ -193,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="registered method names to run (default: all but SKIP)")
     parser.add_argument("--test-time-steps", type=int, default=0,
                         help="also run the test-time methods (AdaMerging, Concrete, WEMoE) for this many steps")
+    parser.add_argument("--fast-dev-run", action="store_true", help="one batch of 25 test images per task (a smoke run)")
     args = parser.parse_args(argv)
+    FAST_DEV_RUN[:] = ["taskpool.fast_dev_run=true", "taskpool.dataloader_kwargs.batch_size=25"] if args.fast_dev_run else []
     from fusion_bench.example import register_resolvers
 
     register_resolvers()

@@ -118,3 +118,32 @@ def test_build_script_is_deterministic(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", "clip-mini", "clip-mini_count"]
     assert digests[0] == digests[1]
     assert CLIPVisionModelPool({"count": str(tmp_path / "a" / "clip-mini_count")}).load_model("count") is not None
+
+
+def test_table_script_smoke_run_writes_the_tables_from_its_reports(tmp_path):
+    """The README table's script end to end (two methods, a few batches per task): every row is there,
+    each number is its report's, and the block says it is a smoke run."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mini_clip_table.py"
+    spec = importlib.util.spec_from_file_location("mini_clip_table_under_test", script)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    doc, reports = tmp_path / "doc.md", tmp_path / "reports"
+    doc.write_text("# before\n")
+    table.main(["--doc", str(doc), "--reports", str(reports), "--methods", "simple_average", "task_arithmetic", "--fast-dev-run"])
+    text = doc.read_text()
+    assert text.startswith("# before\n<!-- mini-clip-table:start -->\n**fast_dev_run:")
+    assert text.rstrip().endswith("<!-- mini-clip-table:end -->")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for name, report_file in [("`simple_average`", "method_simple_average.json"), ("`task_arithmetic`", "method_task_arithmetic.json"),
+                              ("`clip-mini`", "clip-mini.json"), *((f"`clip-mini_{t}`", f"clip-mini_{t}.json") for t in TASKS)]:  # fmt: skip
+        report = json.loads((reports / report_file).read_text())
+        assert report["meta"]["fast_dev_run"] is True
+        label = next(k for k in rows if k.startswith(name))
+        cells = [c.strip(" *|") for c in rows[label].split(" | ")[1:]]
+        assert cells == [f"{100 * report[t]['accuracy']:.1f}" for t in TASKS] + [f"{100 * report['average']['accuracy']:.1f}"], name
+    own = [json.loads((reports / f"clip-mini_{t}.json").read_text())[t]["accuracy"] for t in TASKS]
+    fine_tuned = [c.strip(" *|") for c in rows["Fine-tuned (each expert on its own task)"].split(" | ")[1:]]
+    assert fine_tuned == [f"{100 * a:.1f}" for a in own] + [f"{100 * sum(own) / len(own):.1f}"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from fusion_bench.testing.tiny_clip import _move_into_place, _quiet_progress, _read_marker, build_tiny_image_dataset
+from fusion_bench.testing.tiny_clip import _quiet_progress, build_once, build_tiny_image_dataset
 
 __all__ = [
     "CLASSIFICATION_TASKS",
@@ -42,7 +41,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
-MARKER = ".complete"
 ARCHITECTURES = ("vit", "resnet")
 GRAYSCALE = ("shapes",)  # grayscale images for RGB models: the processors convert them
 CLASSIFICATION_TASKS: dict[str, list[str]] = {
@@ -240,14 +238,5 @@ def build_tiny_classification_example(
     tasks = {t: list(c) for t, c in (tasks or CLASSIFICATION_TASKS).items()}
     root = Path(root).expanduser().absolute()
     marker = {"format": FORMAT_VERSION, "seed": seed, "tasks": tasks}
-    if _read_marker(root) == marker:
-        return _layout(root, tasks)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build.", dir=root.parent))
-    try:
-        _build_into(tmp, tasks, seed)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        _move_into_place(tmp, root, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, marker, lambda tmp: _build_into(tmp, tasks, seed))
     return _layout(root, tasks)

@@ -23,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -563,6 +563,27 @@ def _move_into_place(tmp: Path, root: Path, marker: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def build_once(root: Path, marker: dict[str, Any], build: Callable[[Path], None]) -> None:
+    """Build a fixture folder once: reuse ``root`` if its marker equals ``marker``, else ``build``
+    into a temporary sibling, write the marker last and rename the result into place.
+
+    Args:
+        root: the destination folder (absolute).
+        marker: what identifies a complete build (format version, seed, contents).
+        build: fills the folder it is given.
+    """
+    if _read_marker(root) == marker:
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build.", dir=root.parent))
+    try:
+        build(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        _move_into_place(tmp, root, marker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_tiny_example(
     root: str | Path,
     *,
@@ -592,14 +613,5 @@ def build_tiny_example(
     layouts = {t: ("prefixed", "bare")[i % 2] for i, t in enumerate(tasks)} | dict(key_layouts or {})
     root = Path(root).expanduser().absolute()
     marker = {"format": FORMAT_VERSION, "seed": seed, "tasks": tasks, "key_layouts": layouts}
-    if _read_marker(root) == marker:
-        return _layout(root, tasks)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build.", dir=root.parent))
-    try:
-        _build_into(tmp, tasks, seed, layouts)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        _move_into_place(tmp, root, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, marker, lambda tmp: _build_into(tmp, tasks, seed, layouts))
     return _layout(root, tasks)

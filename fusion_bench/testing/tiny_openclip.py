@@ -17,9 +17,6 @@ CLIP example's (:func:`fusion_bench.testing.tiny_clip.build_tiny_example`). Dete
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -27,7 +24,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from fusion_bench.testing.tiny_clip import MARKER, _move_into_place, _perturb_, _read_marker
+from fusion_bench.testing.tiny_clip import _perturb_, build_once
 
 __all__ = ["TINY_OPENCLIP_CONFIG", "ARCH_DIR", "TASK_VECTORS_NAMES", "TinyOpenCLIPExample", "build_tiny_openclip_example", "tiny_openclip_encoder"]
 
@@ -159,13 +156,5 @@ def build_tiny_openclip_example(root: str | Path, *, datasets: Mapping[str, str 
     root = Path(root).expanduser().absolute()
     datasets = {t: Path(p) for t, p in datasets.items()}
     marker = {"format": FORMAT_VERSION, "seed": seed, "datasets": {t: str(p) for t, p in datasets.items()}}
-    if _read_marker(root) != marker:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build.", dir=root.parent))
-        try:
-            _build_into(tmp, datasets, seed)
-            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-            _move_into_place(tmp, root, marker)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, marker, lambda tmp: _build_into(tmp, datasets, seed))
     return _layout(root, datasets)

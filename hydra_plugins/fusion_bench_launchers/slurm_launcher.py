@@ -19,9 +19,15 @@ from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
 from omegaconf import OmegaConf
+
+try:
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
+except ImportError:  # not installed: Hydra scans this module on every run, so no error here
+    from hydra.plugins.launcher import Launcher as _SubmititSlurmLauncher
+
+    BaseQueueConf = None
 
 from ._jobs import JobFailure, exit_if_failed, failure_of_return, last_line, print_job_error, split_finished
 
@@ -66,6 +72,17 @@ def slurm_states(array_ids: set[str]) -> dict[str, str]:
 
 class SlurmLauncher(_SubmititSlurmLauncher):
     """hydra-submitit-launcher's ``SlurmLauncher`` that waits for all jobs and reports each failure."""
+
+    if BaseQueueConf is None:  # hydra-submitit-launcher is missing: say so when the launcher is chosen
+
+        def __init__(self, **params: Any) -> None:
+            raise ImportError("hydra/launcher=slurm needs hydra-submitit-launcher: pip install 'fusion_bench[slurm]'")
+
+        def setup(self, **kwargs: Any) -> None:  # pragma: no cover - never constructed
+            raise NotImplementedError
+
+        def launch(self, *args: Any, **kwargs: Any) -> Sequence[JobReturn]:  # pragma: no cover
+            raise NotImplementedError
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         """Run one job on its SLURM node; a failed job's traceback goes to its stderr log."""

@@ -25,6 +25,8 @@ from fusion_bench.data.mini_tasks import MINI_TASKS, build_mini_task_datasets, m
 from engines import SLURM_PROGRAMS, missing_engine, ray_cluster, require_engine, slurm_cluster
 
 TA = ["method=task_arithmetic"]  # default pools: the built-in mini benchmark
+FAST = ["fast_dev_run=true"]  # the failure sweeps: one batch per task is enough to keep a report
+FAST_PREFIX = "fast_dev_run=True,"  # as Hydra names the job folder
 SLURM_HOW = "apt-get install slurmctld slurmd slurm-client munge; pip install 'fusion_bench[slurm]'"
 RAY_HOW = "pip install 'fusion_bench[ray]'"
 
@@ -35,9 +37,10 @@ def fusion_bench(args: list[str], cwd: Path, env: dict[str, str], timeout: int =
                           text=True, timeout=timeout)  # fmt: skip
 
 
-def job_folder(sweep: Path, scaling_factor: str) -> Path:
-    """The folder of the job ``method=task_arithmetic method.scaling_factor=<value>``."""
-    return sweep / f"method.scaling_factor={scaling_factor},method=task_arithmetic"
+def job_folder(sweep: Path, scaling_factor: str, prefix: str = "") -> Path:
+    """The folder of the job ``method=task_arithmetic method.scaling_factor=<value>`` (its sorted
+    overrides; ``prefix``: those sorted before them, e.g. ``fast_dev_run=True,``)."""
+    return sweep / f"{prefix}method.scaling_factor={scaling_factor},method=task_arithmetic"
 
 
 def job_id(folder: Path) -> str:
@@ -87,12 +90,29 @@ def check_failure(proc: subprocess.CompletedProcess, sweep: Path, good: str) -> 
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fusion_bench: error: sweep job #")]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert "method.scaling_factor=abc" in lines[0] and "could not convert string to float: 'abc'" in lines[0]
-    log = Path(lines[0].rsplit("; log: ", 1)[1])
-    assert log.is_file() and "could not convert string to float" in log.read_text()
+    head, _, log = lines[0].rpartition("; log: ")
+    job, _, reason = head.partition("): ")  # "... #1 (<overrides>) failed (<where>): <reason>"
+    assert "#1 (method=task_arithmetic fast_dev_run=true method.scaling_factor=abc)" in job
+    assert "'abc'" in reason  # the job's own error (a ValueError today), whichever way the job reported it
+    log = Path(log)
+    assert log.is_file() and reason.split(": ")[-1] in log.read_text()
     assert "Traceback" not in proc.stderr
-    assert json.loads((job_folder(sweep, good) / "report.json").read_text())["meta"]["config"]["method"]["scaling_factor"] == float(good)
+    report = json.loads((job_folder(sweep, good, FAST_PREFIX) / "report.json").read_text())
+    assert report["meta"]["config"]["method"]["scaling_factor"] == float(good)
     return log
+
+
+def test_missing_engine_skips_locally_and_fails_in_ci(monkeypatch):
+    assert missing_engine(("sh",), ("json",)) is None
+    reason = missing_engine(("no-such-program-fb",), ("no_such_module_fb",))
+    assert reason == "not installed: no-such-program-fb, no_such_module_fb"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed: no-such-program-fb"):
+        require_engine(reason, "apt-get install ...")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but the sweep engine is missing"):
+        require_engine(reason, "apt-get install ...")
+    require_engine(None, "installed: nothing happens")
 
 
 # ---------------------------------------------------------------------------------------------- SLURM
@@ -150,7 +170,7 @@ def test_slurm_sweep_reports_table_and_relaunch(slurm, tmp_path):
 
 def test_slurm_failed_job_surfaces_and_others_are_kept(slurm, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = fusion_bench([*slurm_args(slurm, sweep), *TA, "method.scaling_factor=0.3,abc"], tmp_path, slurm.env)
+    proc = fusion_bench([*slurm_args(slurm, sweep), *TA, *FAST, "method.scaling_factor=0.3,abc"], tmp_path, slurm.env)
     log = check_failure(proc, sweep, "0.3")
     assert log.parent.parent == sweep / ".submitit" and log.name.endswith("_log.err")
 
@@ -233,6 +253,6 @@ def test_ray_sweep_reports_table_and_relaunch(ray_local, tmp_path):
 
 def test_ray_failed_job_surfaces_and_others_are_kept(ray_local, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = fusion_bench([*ray_args(ray_local, sweep), *TA, "method.scaling_factor=0.3,abc"], tmp_path, ray_local.env)
+    proc = fusion_bench([*ray_args(ray_local, sweep), *TA, *FAST, "method.scaling_factor=0.3,abc"], tmp_path, ray_local.env)
     log = check_failure(proc, sweep, "0.3")
     assert log == sweep / ".ray" / "1.log"

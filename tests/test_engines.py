@@ -92,7 +92,7 @@ def check_failure(proc: subprocess.CompletedProcess, sweep: Path, good: str) -> 
     assert len(lines) == 1, proc.stderr[-3000:]
     head, _, log = lines[0].rpartition("; log: ")
     job, _, reason = head.partition("): ")  # "... #1 (<overrides>) failed (<where>): <reason>"
-    assert "#1 (method=task_arithmetic fast_dev_run=true method.scaling_factor=abc)" in job
+    assert "#1 (method=task_arithmetic fast_dev_run=True method.scaling_factor=abc)" in job
     assert "'abc'" in reason  # the job's own error (a ValueError today), whichever way the job reported it
     log = Path(log)
     assert log.is_file() and reason.split(": ")[-1] in log.read_text()

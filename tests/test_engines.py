@@ -202,8 +202,12 @@ def test_slurm_states_parse_squeue_and_fall_back_to_sacct(monkeypatch):
         return query(["printf", "6_0|CANCELLED by 0\n6_0.batch|CANCELLED\n"])
 
     monkeypatch.setattr(slurm_launcher, "_query", fake)
-    assert slurm_launcher.slurm_states({"5", "6"}) == {"5_0": "RUNNING", "5_1": "COMPLETED", "6_0": "CANCELLED"}
+    assert slurm_launcher.slurm_states({"5", "6", "7"}) == {"5_0": "RUNNING", "5_1": "COMPLETED", "6_0": "CANCELLED",
+                                                             "7": slurm_launcher.LEFT}  # fmt: skip
     assert calls == ["squeue", "sacct"]
+    # squeue failing: no guess about arrays nobody listed
+    monkeypatch.setattr(slurm_launcher, "_query", lambda command: None)
+    assert slurm_launcher.slurm_states({"7"}) == {}
 
 
 # ------------------------------------------------------------------------------------------------ Ray

@@ -39,12 +39,15 @@ LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
 POLL_SECONDS = float(os.environ.get("FUSION_BENCH_SLURM_POLL_S", "5"))
 
 
-def _query(command: list[str]) -> dict[str, str]:
-    """``{job id: state}`` from a ``squeue``/``sacct`` call printing ``id|state`` lines; {} if it fails."""
+LEFT = "LEFT_QUEUE"  # the state of an array that neither squeue nor sacct knows (any more)
+
+
+def _query(command: list[str]) -> dict[str, str] | None:
+    """``{job id: state}`` from a ``squeue``/``sacct`` call printing ``id|state`` lines; None if it fails."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return None
     states = {}
     for line in out.splitlines():
         job_id, _, state = line.strip().partition("|")
@@ -57,16 +60,20 @@ def slurm_states(array_ids: set[str]) -> dict[str, str]:
     """The states of the tasks of job arrays ``array_ids`` (``{"12_0": "RUNNING", ...}``).
 
     ``squeue --states=all`` knows every job the controller holds (finished ones for ``MinJobAge``
-    seconds) and needs no accounting database; ``sacct`` fills in jobs the controller forgot.
+    seconds) and needs no accounting database; ``sacct`` fills in jobs the controller forgot. An
+    array that squeue answered for without listing it, and sacct does not know, is ``{id: LEFT}``.
     """
     if not array_ids:
         return {}
     ids = ",".join(sorted(array_ids))
-    states = _query(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={ids}"])
+    queue = _query(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={ids}"])
+    states = dict(queue or {})
     missing = {a for a in array_ids if not any(k.split("_")[0] == a for k in states)}
     if missing:
         sacct = ["sacct", "--noheader", "--parsable2", "--format=JobID,State", f"--jobs={','.join(sorted(missing))}"]
-        states.update(_query(sacct))
+        states.update(_query(sacct) or {})
+        if queue is not None:  # squeue worked: the jobs it does not list have left the controller
+            states.update({a: LEFT for a in missing if not any(k.split("_")[0] == a for k in states)})
     return states
 
 
@@ -138,7 +145,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         while pending:
             states = slurm_states({job_id.split("_")[0] for job_id in pending})
             for job_id, job in list(pending.items()):
-                state = states.get(job_id)
+                state = states.get(job_id, states.get(job_id.split("_")[0]))
                 if (state not in LIVE_STATES) if state is not None else job.paths.result_pickle.exists():
                     del pending[job_id]
             if pending:
@@ -150,7 +157,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         log_path = job.paths.stderr
         where = f"SLURM job {job.job_id}"
         if not job.paths.result_pickle.exists():  # the process died: an exit status, a signal, a time limit
-            state = slurm_states({str(job.job_id).split("_")[0]}).get(str(job.job_id), "UNKNOWN")
+            array_id = str(job.job_id).split("_")[0]
+            states = slurm_states({array_id})
+            state = states.get(str(job.job_id), states.get(array_id, "UNKNOWN"))
             reason = last_line(log_path, "no output")
             return None, JobFailure(num, list(overrides), reason, f"{where}, {state}", log_path)
         try:

@@ -159,7 +159,6 @@ def slurm_cluster(root: Path, *, cpus: int = 2, mem_mb: int = 4096, partition: s
         node=node, hostname=socket.gethostname().split(".")[0], root=root, ctld_port=ctld_port, slurmd_port=slurmd_port,
         user=os.environ.get("USER") or "root", cpus=cpus, mem_mb=mem_mb, partition=partition,
     ))  # fmt: skip
-    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and v != "SLURM_CONF"]:
         del env[var]  # a test run inside a SLURM job must not leak that job into this cluster

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -25,6 +26,11 @@ from fusion_bench.utils.io import atomic_write_json
 from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
+
+# Lightning warns on every run on a machine with SLURM's `srun` (a login node, a machine with SLURM
+# installed) when the program is not started by srun; our SLURM launcher starts jobs with sbatch and
+# one task per device, which Lightning's SLURM environment picks up without srun.
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 __all__ = ["FabricModelFusionProgram", "missing_keys", "output_path_or_none", "ACCURACY_TYPE"]
 

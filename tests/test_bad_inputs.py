@@ -159,8 +159,8 @@ CASES = [
     ("unknown-taskpool", ["taskpool=nope"], r"unknown taskpool 'nope'"),
     ("unknown-fabric", ["fabric=gpu8"], r"unknown fabric 'gpu8'"),
     ("unknown-method-in-sweep", ["-m", "method=task_arithmetic,nope"], r"unknown method 'nope'"),
-    ("unparsable-override", ["seed='unterminated"], r"cannot parse the command line"),
-    ("unparsable-list", ["method.scaling_factor=[1,"], r"cannot parse the command line"),
+    ("unparsable-override", ["seed='unterminated"], r"cannot parse \"seed='unterminated\": "),
+    ("unparsable-list", ["method.scaling_factor=[1,"], r"cannot parse 'method\.scaling_factor=\[1,': no viable alternative at input"),
     # devices
     ("zero-devices", ["fabric.devices=0"], r"option 'fabric\.devices' must be .*; got 0$"),
     ("negative-devices", ["fabric.devices=-3"], r"option 'fabric\.devices' must be .*; got -3$"),

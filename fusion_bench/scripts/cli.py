@@ -199,6 +199,20 @@ def _first_combination(overrides: list[str]) -> list[str]:
     return list(batches[0][0]) if batches and batches[0] else list(overrides)
 
 
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first override Hydra's parser rejects, quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException:
+            return repr(override)
+    return None
+
+
 def check_command_line(args: Sequence[str]) -> str | None:
     """The one-line error of a command line that cannot start a run (None: it can).
 
@@ -222,7 +236,7 @@ def check_command_line(args: Sequence[str]) -> str | None:
     try:
         combination = _first_combination(mine)
     except OverrideParseException as err:
-        return f"cannot parse the command line: {str(err).splitlines()[0]}"
+        return f"cannot parse {_unparsable(mine) or 'the command line'}: {str(err).splitlines()[0]}"
     try:
         _compose(name, combination)
         return None

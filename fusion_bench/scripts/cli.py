@@ -12,6 +12,7 @@ exits with status 130 (no report is written).
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 import warnings
 from importlib import resources
@@ -288,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``fusion_bench`` command (``argv``: the arguments, default ``sys.argv[1:]``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        print(help_text())
+        try:
+            print(help_text(), flush=True)
+        except BrokenPipeError:  # `fusion_bench --help | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if "--json" in args:
         args = [a for a in args if a != "--json"] + ["++print_json=true"]

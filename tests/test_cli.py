@@ -16,14 +16,15 @@ TINY = ["modelpool=CLIPVisionModelPool/tiny-clip_example", "taskpool=CLIPVisionM
 
 def test_end_to_end_report_matches_in_process_evaluation(tiny_example, tmp_path):
     report_path = tmp_path / "reports" / "dummy.json"
-    proc = run_cli(["method=dummy", *TINY, f"report_save_path={report_path}", "print_config=true"], cwd=tmp_path)
+    proc = run_cli(["method=dummy", *TINY, f"report_save_path={report_path}", "print_config=true", "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     assert list(report)[:1] == ["model_info"] and report["model_info"]["all_params"] > 0
     assert set(tiny_example.datasets) <= set(report) and "average" in report
     assert report["meta"]["fast_dev_run"] is False and report["meta"]["seed"] == 42
     assert "_target_: fusion_bench.method.DummyAlgorithm" in proc.stderr  # print_config
-    assert json.loads(proc.stdout[proc.stdout.index("{") :]) == report  # the printed report is the saved one
+    assert json.loads(proc.stdout) == report  # --json: stdout is exactly the saved report
+    assert re.search(r"^average +\d+\.\d\d%", proc.stderr, re.M)  # the summary went to stderr
 
     from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
@@ -40,11 +41,11 @@ def test_individual_model_override_and_dummy_taskpool(tiny_example, tmp_path):
     proc = run_cli(
         ["method=dummy", "modelpool=CLIPVisionModelPool/tiny-clip_example_individual", "taskpool=dummy",
          f"modelpool.models._pretrained_.pretrained_model_name_or_path={tiny_example.finetuned['mnist']}",
-         "report_save_path=false"],
+         "report_save_path=false", "--json"],
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    report = json.loads(proc.stdout)
     assert set(report["model_info"]) == {"trainable_params", "all_params", "trainable_percentage"}
     assert not list(tmp_path.glob("*.json"))
 

@@ -86,7 +86,15 @@ def test_shape_mismatch_names_model_and_tensor():
 
 def test_missing_key_names_model():
     pool = BaseModelPool({"_pretrained_": BASE, "a": A, "nobias": nn.Linear(3, 3, bias=False)})
-    with pytest.raises(IncompatibleModelsError, match=r"model 'nobias' has different tensors than '_pretrained_': missing \['bias'\]"):
+    with pytest.raises(IncompatibleModelsError, match=r"model 'nobias' lacks tensor\(s\) \['bias'\] that the other models have"):
+        TaskArithmeticAlgorithm().run(pool)
+
+
+def test_unexpected_key_in_the_base_model_names_the_base_model():
+    extra = nn.Linear(3, 3)
+    extra.register_buffer("stray", torch.zeros(1))
+    pool = BaseModelPool({"_pretrained_": extra, "a": A, "b": linear([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 0])})
+    with pytest.raises(IncompatibleModelsError, match=r"^model '_pretrained_' has unexpected tensor\(s\) \['stray'\] that the other models lack$"):
         TaskArithmeticAlgorithm().run(pool)
 
 

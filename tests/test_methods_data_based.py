@@ -279,9 +279,9 @@ def test_per_example_fisher_merge_matches_independent_fisher(tiny_example):
 
 def test_cli_regmean_matches_independent_least_squares(tiny_example, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli(["method=regmean/clip_regmean", *TINY, f"merged_model_save_path={out}", "report_save_path=false"], cwd=tmp_path)
+    proc = run_cli(["method=regmean/clip_regmean", *TINY, f"merged_model_save_path={out}", "report_save_path=false", "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    report = json.loads(proc.stdout)
     assert report["clip_regmean"]["svhn"]["num_tokens"] == 40 * 17  # 16 patches + CLS per image
     assert_state_close(saved_model(out), oracle_regmean(tiny_pool(tiny_example)), atol=REGMEAN_ATOL)
 

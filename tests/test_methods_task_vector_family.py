@@ -381,7 +381,7 @@ def test_dare_only_on_linear_weights(clip_pool):
         (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'ta', 'ties'"),
         (lambda: WeightedAverageAlgorithm(weights=[1, -1]), r"'weights' \[1.0, -1.0\] sums to 0"),
         (lambda: WeightedAverageAlgorithm(weights="abc"), r"'weights' must be a list of numbers"),
-        (lambda: TiesMergingAlgorithm(scaling_factor=math.nan), r"'scaling_factor' must be a number"),
+        (lambda: TiesMergingAlgorithm(scaling_factor=math.nan), r"'scaling_factor' must be a finite number"),
     ],
 )
 def test_bad_options_raise_config_error(make, message):

@@ -115,7 +115,7 @@ def test_build_script_is_deterministic(tmp_path):
     for out in (tmp_path / "a", tmp_path / "b"):
         build_mini_clip(out, recipe, tasks=["count"])
         digests.append(json.loads((out / "BUILD.json").read_text())["files"])
-        assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", "clip-mini", "clip-mini_count"]
+        assert sorted(p.name for p in out.iterdir()) == [".fusion_bench_output.json", "BUILD.json", "clip-mini", "clip-mini_count"]
     assert digests[0] == digests[1]
     assert CLIPVisionModelPool({"count": str(tmp_path / "a" / "clip-mini_count")}).load_model("count") is not None
 

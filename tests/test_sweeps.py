@@ -23,8 +23,10 @@ TINY = ["modelpool=CLIPVisionModelPool/tiny-clip_example", "taskpool=CLIPVisionM
 
 
 def job_dir(sweep, **overrides):
-    """The folder Hydra gives a job: its sorted ``key=value`` overrides (``hydra.job.override_dirname``)."""
-    return sweep / ",".join(sorted(f"{k}={v}" for k, v in overrides.items()))
+    """The folder Hydra gives a job: its sorted ``key=value`` overrides (``hydra.job.override_dirname``),
+    one level: a config group's choice ``Group/name`` is written ``Group.name``."""
+    items = sorted(f"{k}={v}" for k, v in overrides.items())
+    return sweep / ",".join(i.replace("/", ".") if "." not in i.partition("=")[0] else i for i in items)
 
 
 def task_arithmetic_oracle(tiny_example, scaling_factor):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from fusion_bench.errors import UnknownNameError
-from fusion_bench.utils.io import atomic_directory, atomic_write, atomic_write_json
+from fusion_bench.errors import ConfigError, UnknownNameError
+from fusion_bench.utils.io import MARKER, atomic_directory, atomic_write, atomic_write_json, clean_stale_temporaries
 from fusion_bench.utils.registry import Registry
 
 
@@ -36,8 +37,80 @@ def test_atomic_directory(tmp_path):
         with atomic_directory(tmp_path / "d") as d:
             (d / "g").write_text("2")
             raise ValueError
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [MARKER, "f"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_directory_replaces_only_its_own_files(tmp_path):
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "old").write_text("1")
+        (d / "kept").write_text("1")
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "kept").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [MARKER, "kept"]  # 'old' was ours: gone
+    assert (tmp_path / "d" / "kept").read_text() == "2"
+    (tmp_path / "d" / "thesis.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files FusionBench did not write \('thesis.txt'\)"):
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "kept").write_text("3")
+    assert (tmp_path / "d" / "kept").read_text() == "2" and (tmp_path / "d" / "thesis.txt").read_text() == "mine"
+    with atomic_directory(tmp_path / "d", overwrite=True) as d:
+        (d / "kept").write_text("3")
+    assert (tmp_path / "d" / "kept").read_text() == "3" and (tmp_path / "d" / "thesis.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_directory_never_replaces_a_file(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        with atomic_directory(tmp_path / "f") as d:
+            (d / "x").write_text("1")
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "f").write_text("1")
+        path = atomic_write_json(tmp_path / "r.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "f").stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".m.{dead}.abcd.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 10)
+    live = tmp_path / f".m.{os.getpid()}.efgh.tmp"  # this (live) process's: kept
+    live.mkdir()
+    other = tmp_path / f".other.{dead}.abcd.tmp"  # another target's: kept
+    other.mkdir()
+    assert clean_stale_temporaries(tmp_path / "m") == [stale]
+    with atomic_directory(tmp_path / "other") as d:
+        (d / "f").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "other"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_atomic_write_json_refuses_non_finite_numbers(tmp_path):
+    with pytest.raises(ValueError, match=r"report.a.loss is nan"):
+        atomic_write_json(tmp_path / "r.json", {"a": {"loss": float("nan")}})
+    assert not list(tmp_path.iterdir())
 
 
 def test_registry_lists_known_names():

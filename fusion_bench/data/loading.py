@@ -97,7 +97,7 @@ def _load_uncorrupted(cfg: dict[str, Any], *, split: str | None, what: str) -> A
         raise DatasetError(f"{what}: the entry needs 'path' (hub id or local folder); got keys {sorted(cfg)}")
     path = str(path)
     if is_saved_to_disk(path):
-        return _pick_split(datasets.load_from_disk(str(Path(path).expanduser())), cfg["split"], what=what)
+        return _pick_split(_load_from_disk(path, what=what), cfg["split"], what=what)
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise DatasetError(f"{what}: local path {path!r} does not exist")
     kwargs = {k: v for k, v in cfg.items() if k not in ("path",)}
@@ -107,6 +107,19 @@ def _load_uncorrupted(cfg: dict[str, Any], *, split: str | None, what: str) -> A
         return datasets.load_dataset(path, **kwargs)
     except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
         raise DatasetError(f"{what}: cannot load dataset {path!r} ({err.__class__.__name__}: {err})") from None
+
+
+def _load_from_disk(path: str, *, what: str) -> Any:
+    """``datasets.load_from_disk``; a damaged folder (truncated ``.arrow``, bad JSON) is a
+    :class:`DatasetError` naming ``what`` and the path."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(Path(path).expanduser()))
+    except Exception as err:  # pyarrow.ArrowInvalid, OSError, JSONDecodeError...: the files are damaged
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise DatasetError(f"{what}: cannot read the saved dataset {path!r} ({err.__class__.__name__}: {first}); "
+                           "delete it to have it generated again, or restore it") from None
 
 
 def check_image_classification_columns(dataset: Any, *, what: str) -> None:

@@ -20,11 +20,38 @@ from tqdm.auto import tqdm
 
 from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
+from fusion_bench.utils.progress import progress
 
 __all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "prefetched", "stream_merge", "stream_task_vectors", "compute_dtype"]
 
 T = TypeVar("T")
 PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
+
+
+def _shown(keys: Sequence[str]) -> str:
+    return f"{list(keys[:3])}{'...' if len(keys) > 3 else ''}"
+
+
+def check_same_tensor_names(keys_by_model: dict[str, Sequence[str]]) -> None:
+    """Raise naming the model whose tensor names differ from the others' (the most common set of
+    names is the expected one): its unexpected tensors, or those it lacks.
+
+    Raises:
+        IncompatibleModelsError: one line, naming the model and up to three tensors.
+    """
+    sets = {name: frozenset(keys) for name, keys in keys_by_model.items()}
+    counts: dict[frozenset, int] = {}
+    for keys in sets.values():
+        counts[keys] = counts.get(keys, 0) + 1
+    expected = max(counts, key=lambda k: (counts[k], k == next(iter(sets.values()))))
+    for name, keys in sets.items():
+        if keys == expected:
+            continue
+        unexpected, lacking = sorted(keys - expected), sorted(expected - keys)
+        others = "the other models" if counts[expected] > 1 else repr(next(n for n, k in sets.items() if k == expected))
+        parts = ([f"has unexpected tensor(s) {_shown(unexpected)} that {others} lack"] if unexpected else []) + (
+            [f"lacks tensor(s) {_shown(lacking)} that {others} have"] if lacking else [])
+        raise IncompatibleModelsError(f"model {name!r} {' and '.join(parts)}")
 
 
 def check_pool_compatible(modelpool: BaseModelPool, names: Sequence[str]) -> list[str]:
@@ -37,15 +64,9 @@ def check_pool_compatible(modelpool: BaseModelPool, names: Sequence[str]) -> lis
     ref_source = modelpool.tensor_source(ref_name)
     ref_keys = ref_source.keys()
     ref_meta = {k: ref_source.shape_dtype(k) for k in ref_keys}
+    check_same_tensor_names({name: list(modelpool.tensor_source(name).keys()) for name in progress(names, desc="opening models")})
     for name in names[1:]:
         source = modelpool.tensor_source(name)
-        keys = set(source.keys())
-        missing, extra = sorted(set(ref_keys) - keys), sorted(keys - set(ref_keys))
-        if missing or extra:
-            raise IncompatibleModelsError(
-                f"model {name!r} has different tensors than {ref_name!r}: "
-                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, extra {extra[:3]}{'...' if len(extra) > 3 else ''}"
-            )
         for key in ref_keys:
             got = source.shape_dtype(key)
             if got != ref_meta[key]:

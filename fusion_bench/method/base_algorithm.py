@@ -30,6 +30,14 @@ class BaseAlgorithm:
 
     fabric: "lightning.Fabric | None" = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's ``__init__`` refuses NaN/Inf and non-numbers for numeric options (CLI and
+        Python alike) before its own checks run."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_checks_arguments", False):
+            cls.__init__ = _checked_init(cls, init)  # type: ignore[method-assign]
+
     def run(self, modelpool: "BaseModelPool") -> nn.Module:
         """Fuse the models of ``modelpool`` and return the fused model."""
         raise NotImplementedError
@@ -41,3 +49,23 @@ class BaseAlgorithm:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "fabric")
         return f"{type(self).__name__}({opts})"
+
+
+def _checked_init(cls: type, init: Any) -> Any:
+    import functools
+
+    from fusion_bench.method._options import check_arguments
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if type(self).__init__ is __init__:  # once, by the outermost constructor
+            check_arguments(_method_label(type(self)), init, args, kwargs)
+        init(self, *args, **kwargs)
+
+    __init__._checks_arguments = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _method_label(cls: type) -> str:
+    names = [n for n in ALGORITHMS if ALGORITHMS.get(n) is cls]
+    return names[0] if names else cls.__name__

@@ -30,6 +30,7 @@ from fusion_bench.models.hf_clip import (
     vision_state_dict,
 )
 from fusion_bench.utils.instantiate import to_container
+from fusion_bench.utils.io import read_json_file
 
 __all__ = ["CLIPVisionModelPool", "HuggingFaceClipVisionPool", "looks_like_local_path"]
 
@@ -157,7 +158,7 @@ class CLIPVisionModelPool(BaseModelPool):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(f"{what}: no config.json in {str(path)!r}; is it a save_pretrained folder?")
-        return _Checkpoint(json.loads(config_file.read_text()), files, str(path))
+        return _Checkpoint(read_json_file(config_file, what=what), files, str(path))
 
     @staticmethod
     def _hub_checkpoint(repo_id: str, revision: str | None, *, what: str) -> _Checkpoint:
@@ -173,7 +174,7 @@ class CLIPVisionModelPool(BaseModelPool):
             if index is not None:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
                 files = [_hub_file(repo_id, s, revision, what=what) for s in shards]
-        return _Checkpoint(json.loads(config_file.read_text()), files, repo_id)
+        return _Checkpoint(read_json_file(config_file, what=what), files, repo_id)
 
     def tensor_source(self, name: str) -> TensorSource:
         entry = self.get_model_config(name)

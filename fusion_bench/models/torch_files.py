@@ -13,6 +13,7 @@ module, not a traceback from deep inside ``pickle``.
 from __future__ import annotations
 
 import pickle
+import re
 import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -78,11 +79,25 @@ def load_state_dict_file(path: str | Path, *, what: str) -> dict[str, torch.Tens
         raise PickleRequiredError(
             f"{what}: {str(path)!r} is a pickle of Python objects, not a state dict, and loading it runs code "
             f"from the file; if you trust it set allow_pickle: true (e.g. modelpool.allow_pickle=true), "
-            f"or convert it once to safetensors ({str(err).splitlines()[0][:120]})"
+            f"or convert it once to safetensors ({_pickle_reason(err)})"
         ) from None
     except (OSError, RuntimeError, EOFError) as err:
         raise ModelLoadError(f"{what}: cannot read {str(path)!r} ({err.__class__.__name__}: {err})") from None
     return _as_state_dict(obj, path, what)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _pickle_reason(err: Exception) -> str:
+    """The part of torch's refusal that says what the pickle holds, as plain text (torch's message
+    is many lines with terminal escape codes): e.g. ``unsupported global: GLOBAL mod.Class``."""
+    text = " ".join(_ANSI.sub("", str(err)).split())
+    found = re.search(r"Unsupported (global|operand): (GLOBAL )?[\w.<>]+", text)
+    if found:
+        return f"it needs {found.group(0)[len('Unsupported '):].replace('GLOBAL ', '')}"
+    sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return sentence.rstrip(".") or err.__class__.__name__
 
 
 def _torch_load_weights_only(path: Path) -> Any:

@@ -16,13 +16,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import fusion_bench
-from fusion_bench.errors import ConfigError
+from fusion_bench.errors import ConfigError, FusionBenchError
 from fusion_bench.method import ALGORITHMS, BaseAlgorithm
 from fusion_bench.modelpool import MODELPOOLS, BaseModelPool
 from fusion_bench.program.hydra_job import check_process_launch, default_report_path, existing_report, hydra_job_meta, job_command_line
 from fusion_bench.taskpool import TASKPOOLS, BaseTaskPool
 from fusion_bench.utils.instantiate import instantiate_component
-from fusion_bench.utils.io import atomic_write_json
+from fusion_bench.program.preflight import check_fabric_options, check_outputs, check_run_options
+from fusion_bench.program.summary import print_report
+from fusion_bench.utils.io import atomic_write_json, check_finite_json, overwrite_allowed
 from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
@@ -37,6 +39,10 @@ __all__ = ["FabricModelFusionProgram", "missing_keys", "output_path_or_none", "A
 ACCURACY_TYPE = "absolute"  # top-1 fraction in [0, 1], not normalised by the fine-tuned models' accuracy
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteReportError(FusionBenchError, ValueError):
+    """The report holds NaN or Inf (a diverged merge or training): it is not written."""
 
 
 def output_path_or_none(value: Any, option: str = "report_save_path") -> str | None:
@@ -67,13 +73,20 @@ class FabricModelFusionProgram:
     Args:
         config: the composed root config (keys: method, modelpool, taskpool, fabric, seed,
             fast_dev_run, print_config, report_save_path, skip_existing_report,
-            merged_model_save_path, checkpoint_hash).
+            merged_model_save_path, checkpoint_hash, overwrite, print_json).
+
+    Every option, and every output path, is checked here, before any work.
     """
 
     def __init__(self, config: DictConfig) -> None:
         self.config = config
+        check_run_options(config)
         self.report_save_path = default_report_path(config.get("report_save_path"))
         self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
+        self.overwrite = bool(config.get("overwrite", False))
+        self.print_json = bool(config.get("print_json", False))
+        check_fabric_options(config)
+        check_outputs(config, report_path=self.report_save_path, model_path=self.merged_model_save_path)
         self.model: Any = None  # the fused model, once run() has made it
         self.skip_existing_report = config.get("skip_existing_report", False)
         if not isinstance(self.skip_existing_report, bool):
@@ -95,7 +108,12 @@ class FabricModelFusionProgram:
         from hydra.utils import instantiate
 
         cfg = self.fabric_config()
-        fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
+        try:
+            fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
+        except Exception as err:  # Lightning's own checks (unknown strategy, ...), wrapped by Hydra
+            cause = err.__cause__ or err
+            first = " ".join((str(cause).strip().splitlines() or [type(cause).__name__])[0].split())
+            raise ConfigError(f"fabric (strategy={cfg.get('strategy')!r}, accelerator={cfg.get('accelerator')!r}): {first}") from None
         check_process_launch(fabric)
         with job_command_line():
             fabric.launch()
@@ -140,7 +158,8 @@ class FabricModelFusionProgram:
         environment = launch_environment()
         fabric = self._build_fabric()
         try:
-            return self._run_on_rank(fabric, modelpool, method, taskpool, started)
+            with overwrite_allowed(self.overwrite):
+                return self._run_on_rank(fabric, modelpool, method, taskpool, started)
         finally:
             end_process_group(fabric, environment)
 
@@ -162,10 +181,16 @@ class FabricModelFusionProgram:
         times = {"fusion_seconds": fusion_seconds, "total_seconds": time.perf_counter() - start,
                  "wall_seconds": time.perf_counter() - started}  # fmt: skip
         report["meta"] = self._meta(taskpool, modelpool, fabric, times)
+        try:
+            check_finite_json(report)
+        except ValueError as err:
+            raise NonFiniteReportError(f"{err}: the run produced a non-finite number; no report written") from None
         if fabric.is_global_zero:
-            print(json.dumps(report, indent=2))
             if self.report_save_path is not None:
-                log.info("report saved to %s", atomic_write_json(self.report_save_path, report))
+                atomic_write_json(self.report_save_path, report)
+            if self.print_json:
+                print(json.dumps(report, indent=2, allow_nan=False))
+            print_report(report, self.report_save_path, file=sys.stderr if self.print_json else sys.stdout)
         return report
 
     def _model_card(self, method: BaseAlgorithm, modelpool: BaseModelPool) -> str:

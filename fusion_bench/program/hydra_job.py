@@ -2,8 +2,9 @@
 
 * In a multirun (``fusion_bench -m ...``) each job writes ``report.json`` in its own job folder,
   ``${hydra.sweep.dir}/${hydra.sweep.subdir}``; the root config makes the subfolder the job's
-  overrides (``hydra.job.override_dirname``), so a job's report path depends only on its overrides
-  and a re-launch with ``skip_existing_report=true`` finds what the last launch finished.
+  overrides (``hydra.job.override_dirname``) made safe by :func:`job_dir_name` (one level, path
+  values shortened to their last part and a hash), so a job's report path depends only on its
+  overrides and a re-launch with ``skip_existing_report=true`` finds what the last launch finished.
 * ``fabric.strategy=ddp`` starts one process per device by re-running the command line
   (Lightning's subprocess launcher). Inside a multirun the command line is the whole sweep, so
   :func:`job_command_line` hands the child processes this job's overrides and folder instead.
@@ -12,18 +13,66 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from fusion_bench.errors import ConfigError
 
-__all__ = ["hydra_job_meta", "is_multirun", "default_report_path", "existing_report", "job_command_line",
+__all__ = ["job_dir_name", "register_job_dir_resolver", "hydra_job_meta", "is_multirun", "default_report_path", "existing_report", "job_command_line",
            "check_process_launch", "NO_PATH_VALUES"]  # fmt: skip
 
 NO_PATH_VALUES = (False, "", "none", "false", "False")
 _SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher")
+
+
+_MAX_DIR_NAME = 200  # file systems allow 255 bytes
+_UNSAFE = re.compile(r"[^\w.=,+-]")
+_ITEM_START = re.compile(r",(?=[\w.+~/-]+=)")  # the ',' before the next 'key=' of override_dirname
+
+
+def _short_hash(text: str, digits: int = 8) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:digits]
+
+
+def _safe_value(value: str) -> str:
+    """A value fit for a folder name: a path becomes its last part and a hash of the whole."""
+    if "/" in value or "\\" in value:
+        last = value.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "root"
+        value = f"{last}-{_short_hash(value, 6)}"
+    return _UNSAFE.sub("_", value)
+
+
+def job_dir_name(override_dirname: str) -> str:
+    """The folder name of a sweep job from Hydra's ``key=value,key=value`` string.
+
+    One path level (no ``/``), no characters outside ``[A-Za-z0-9_.=,+-]``, at most 200 characters
+    (longer names keep their start and end in a hash of the whole); the same overrides always
+    give the same name, and different overrides different names.
+    """
+    if not override_dirname:
+        return "default"
+    items = []
+    for item in _ITEM_START.split(override_dirname):
+        key, sep, value = item.partition("=")
+        if "." not in key:  # a config group's choice (modelpool=Group/name): not a path
+            value = value.replace("/", ".")
+        items.append(f"{_UNSAFE.sub('_', key.replace('/', '.'))}{sep}{_safe_value(value)}")
+    name = ",".join(items)
+    if len(name) > _MAX_DIR_NAME or name in (".", ".."):
+        name = f"{name[: _MAX_DIR_NAME - 9]}~{_short_hash(override_dirname)}"
+    return name
+
+
+def register_job_dir_resolver() -> None:
+    """Register ``${fusion_bench_job_dir:...}`` (the root config's ``hydra.sweep.subdir``)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("fusion_bench_job_dir"):
+        OmegaConf.register_new_resolver("fusion_bench_job_dir", lambda s="": job_dir_name(str(s)))
 
 
 def _hydra_config() -> Any:
@@ -43,14 +92,16 @@ def is_multirun() -> bool:
 def default_report_path(value: Any) -> str | None:
     """The report path of ``report_save_path=value``.
 
-    ``null`` means print only in a single run and ``<job folder>/report.json`` in a multirun;
-    ``false`` (or ``""``, ``none``) never writes; a string is the path.
+    ``null`` means ``<job folder>/report.json`` (Hydra's run folder in a single run, the job's
+    folder in a multirun; print only outside Hydra); ``false`` (or ``""``, ``none``) never
+    writes; a string is the path.
 
     Raises:
         ConfigError: ``value`` is neither a path nor one of those.
     """
     if value is None or value == "null":
-        return str(Path(_hydra_config().runtime.output_dir) / "report.json") if is_multirun() else None
+        hc = _hydra_config()
+        return str(Path(hc.runtime.output_dir) / "report.json") if hc is not None and hc.runtime.output_dir else None
     if value in NO_PATH_VALUES:
         return None
     if not isinstance(value, str):

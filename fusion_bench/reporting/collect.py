@@ -106,13 +106,25 @@ def _single_model(method: Mapping[str, Any], modelpool: Mapping[str, Any]) -> st
     return Path(str(path).rstrip("/")).name if path else next(iter(models))
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_report(path: str | Path) -> Run | None:
-    """The :class:`Run` of one JSON file, or None if it is not a report (no task with an accuracy)."""
+    """The :class:`Run` of one JSON file, or None if it is valid JSON but not a report (no task with
+    an accuracy).
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid JSON (NaN/Infinity included): a broken
+            report is never skipped silently.
+    """
     path = Path(path)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        report = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except OSError as err:
+        raise ConfigError(f"cannot read {str(path)!r} ({err.__class__.__name__}: {err.strerror or err})") from None
+    except ValueError as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); fix or remove it") from None
     if not isinstance(report, dict):
         return None
     sections, averages = _sections(report)
@@ -143,10 +155,11 @@ def find_report_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """The reports among ``paths`` (files or folders; non-report JSON files are skipped).
+    """The reports among ``paths`` (files or folders; valid JSON files that are not reports are
+    skipped, invalid ones are an error).
 
     Raises:
-        ConfigError: a path does not exist, or no report is found.
+        ConfigError: a path does not exist, a JSON file is invalid, or no report is found.
     """
     runs = [run for run in map(load_report, find_report_files(paths)) if run is not None]
     if not runs:

@@ -212,7 +212,7 @@ def build_mini_clip(
     for task in tasks:
         mini_tasks.get_mini_task(task)  # unknown names fail before any work
     start = time.perf_counter()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # rebuilding the shipped folder in place
         record = _build_into(tmp, recipe, tasks, start)
         build = {
             "format": BUILD_FORMAT, "recipe": dataclasses.asdict(recipe), "tasks": tasks, "training": record,

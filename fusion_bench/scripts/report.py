@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FusionBenchError as err:
         print(f"fusion_bench_report: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nfusion_bench_report: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     print(document)
 
 

@@ -37,6 +37,7 @@ from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
 from fusion_bench.taskpool.task_groups import add_group_averages, check_task_groups, mean_over_tasks
 from fusion_bench.utils.distributed import ShardSampler, global_rank, world_size
 from fusion_bench.utils.instantiate import to_container
+from fusion_bench.utils.progress import progress
 
 __all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"]
 
@@ -134,7 +135,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.clip_model = load_clip_model(self._clip_model_cfg).eval().requires_grad_(False)
         self.processor = load_clip_processor(self._processor_cfg, what="taskpool processor")
         self.data_processor = load_clip_processor(self._data_processor_cfg, what="taskpool data_processor")
-        self.test_datasets = {task: self._load_dataset(task) for task in self._dataset_cfgs}
+        self.test_datasets = {task: self._load_dataset(task) for task in progress(list(self._dataset_cfgs), desc="test data")}
         self._fingerprint = text_tower_fingerprint(self.clip_model) if self.head_cache_dir else None
         self._is_setup = True
 
@@ -218,7 +219,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         model = model.to(device).eval()
         self.clip_model.to(device)
         report: dict[str, Any] = {}
-        for task in self.task_names:
+        for task in progress(self.task_names, desc="evaluating", leave=True):
             classifier = self.get_classifier(model, task).to(device)
             self.on_task_evaluation_begin(classifier, task)
             try:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.example import register_resolvers
+from fusion_bench.scripts.override_hints import list_index_override_error
 
 __all__ = ["main", "CONFIG_DIR", "config_choices"]
 
@@ -47,6 +48,15 @@ def unknown_group_choice(args: list[str]) -> str | None:
     return None
 
 
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``config_name`` composed with ``overrides`` (no run)."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
 @hydra.main(config_path="../config", config_name="fusion_bench_config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     from fusion_bench.program import FabricModelFusionProgram
@@ -60,7 +70,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point of the ``fusion_bench`` command."""
-    error = unknown_group_choice(sys.argv[1:])
+    error = unknown_group_choice(sys.argv[1:]) or list_index_override_error(sys.argv[1:], _compose)
     if error is not None:
         print(f"fusion_bench: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -108,6 +108,8 @@ def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list
             choice = by_module[cls.__module__]
             named = [(f"{choice} ({name})", f"method={choice} method.name={name}")]
         choices = by_class.get(cls) or named or [(name, f"method=dummy method._target_=null +method.name={name}")]
+        if name in MULTITASK:  # one MTL row (full fine-tuning); its LoRA / L-LoRA configs only when named
+            choices = [c for c in choices if c[0] == name] or choices
         for label, override in dict.fromkeys(choices):
             if trains and test_time_steps > 0:
                 steps = f" method.max_steps={test_time_steps}"

@@ -35,6 +35,7 @@ SKIP = {
     "image_classification_finetune": "trains a ViT/ResNet classifier",
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
+MULTITASK = ("clip_multitask_finetune",)  # trains one model on all tasks (traditional MTL): the experts' recipe
 TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "surgery", "concrete")
 DATA_WORDS = ("fisher", "regmean")
 MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
@@ -107,14 +108,35 @@ def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list
             choice = by_module[cls.__module__]
             named = [(f"{choice} ({name})", f"method={choice} method.name={name}")]
         choices = by_class.get(cls) or named or [(name, f"method=dummy method._target_=null +method.name={name}")]
+        if name in MULTITASK:  # one MTL row (full fine-tuning); its LoRA / L-LoRA configs only when named
+            choices = [c for c in choices if c[0] == name] or choices
         for label, override in dict.fromkeys(choices):
             if trains and test_time_steps > 0:
                 steps = f" method.max_steps={test_time_steps}"
                 if "layer_wise_adamerging" in override and "concrete" in override:
                     steps += f" method.max_adamerging_steps={test_time_steps}"
                 label, override = f"{label}, {test_time_steps} steps", override + steps
+            if name in MULTITASK:
+                label, override = f"{label}, {multitask_steps()}", override + " " + multitask_overrides()
             rows.append((label, override))
     return list(dict.fromkeys(rows))
+
+
+def multitask_overrides() -> str:
+    """Traditional MTL trains like the mini benchmark's experts: their steps, learning rate and (per task) batch."""
+    from fusion_bench.scripts.build_mini_clip import MiniClipRecipe
+
+    r = MiniClipRecipe()
+    return (f"method.num_steps={r.finetune_steps} method.batch_size={r.finetune_batch_size} "
+            f"method.learning_rate={r.finetune_learning_rate} method.lr_scheduler=fixed")
+
+
+def multitask_steps() -> str:
+    """The MTL row's label suffix."""
+    from fusion_bench.scripts.build_mini_clip import MiniClipRecipe
+
+    r = MiniClipRecipe()
+    return f"{r.finetune_steps} steps x {r.finetune_batch_size} images per task"
 
 
 def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]]:

@@ -81,7 +81,7 @@ def test_generalization_configs_merge_seen_models_and_evaluate_all_eight(exp, se
     modelpool, _, taskpool = FabricModelFusionProgram(cfg).build()
     assert modelpool.model_names == seen and modelpool.train_dataset_names == seen == modelpool.test_dataset_names
     assert [modelpool.get_model_config(t)["pretrained_model_name_or_path"] for t in seen] == [
-        f"tanganke/clip-vit-base-patch32_{t}" for t in seen
+        f"tanganke/clip-vit-base-patch32_{t.replace('_', '-')}" for t in seen  # the Cars expert: stanford-cars
     ]
     assert taskpool.task_names == TA8 and taskpool.task_groups == {"seen": seen, "unseen": unseen}
     mini = compose_root("fusion_bench_config", [f"modelpool=CLIPVisionModelPool/mini-clip_generalization_{exp}",

@@ -181,14 +181,23 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         return new_lora_vision_model(vision, **self.lora_config, linearized=self.use_l_lora, seed=self.seed,
                                      base_model_name_or_path=base_name)  # fmt: skip
 
-    def run(self, modelpool: BaseModelPool) -> nn.Module:
-        """Fine-tune, save if ``save_path`` is set, and return the fine-tuned vision encoder
-        (LoRA / L-LoRA: folded into a plain ``CLIPVisionModel``)."""
+    def _setup(self, modelpool: BaseModelPool) -> tuple[str, nn.Module, list[Any]]:
+        """``(task label, classifier to train, train loaders)``: one task's head and loader."""
         task = self._task(modelpool)
         heads = self._heads(modelpool, task)
         classifier = heads.classifier(self._trainable(modelpool, modelpool.load_pretrained_model()), task)
         loader = heads.loader(heads.dataset("train", task), batch_size=self.batch_size, shuffle=True, seed=self.seed,
                               num_workers=self.num_workers, drop_last=True, what=f"train dataset {task!r}")  # fmt: skip
+        return task, classifier, [loader]
+
+    def _batches(self, loaders: Sequence[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The endless stream of training batches over the (device-ready) ``loaders``."""
+        return cycle(loaders[0])
+
+    def run(self, modelpool: BaseModelPool) -> nn.Module:
+        """Fine-tune, save if ``save_path`` is set, and return the fine-tuned vision encoder
+        (LoRA / L-LoRA: folded into a plain ``CLIPVisionModel``)."""
+        task, classifier, loaders = self._setup(modelpool)
         fabric = self._fabric()
         params = [p for p in classifier.vision_model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in params)
@@ -197,7 +206,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         scheduler = None
         if self.lr_scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.num_steps)))
-        batches = cycle(fabric.setup_dataloaders(loader, move_to_device=True))
+        batches = self._batches([fabric.setup_dataloaders(loader, move_to_device=True) for loader in loaders])
         self.task_name = task
         self.losses = finetune_classifier(classifier, batches, optimizer, num_steps=self.num_steps, scheduler=scheduler,
                                           backward=fabric.backward)  # fmt: skip

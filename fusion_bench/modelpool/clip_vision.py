@@ -240,7 +240,10 @@ class CLIPVisionModelPool(BaseModelPool):
 register_modelpool("CLIPVisionModelPool")(CLIPVisionModelPool)
 
 
-@register_modelpool("huggingface_clip_vision", "HuggingFaceClipVisionPool")
+LIST_FORM_TYPES = ("huggingface_clip_vision", "HuggingFaceClipVisionPool")
+
+
+@register_modelpool(*LIST_FORM_TYPES)
 class HuggingFaceClipVisionPool(CLIPVisionModelPool):
     """The older list form of a CLIP pool::
 
@@ -253,6 +256,7 @@ class HuggingFaceClipVisionPool(CLIPVisionModelPool):
         self,
         models: Any,
         *,
+        type: str | None = None,
         processor: Any = None,
         dataset_type: str | None = None,
         train_datasets: Any = None,
@@ -260,6 +264,8 @@ class HuggingFaceClipVisionPool(CLIPVisionModelPool):
         test_datasets: Any = None,
         tta_datasets: Any = None,
     ) -> None:
+        if type is not None and type not in LIST_FORM_TYPES:  # the YAML's registry key, accepted here too
+            raise ModelPoolError(f"HuggingFaceClipVisionPool: type {type!r} is not this pool's; use one of {', '.join(LIST_FORM_TYPES)}")
         super().__init__(
             _list_to_mapping(models, "models", value=lambda e: {k: v for k, v in e.items() if k != "name"}),
             processor=processor,

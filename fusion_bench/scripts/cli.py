@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.example import register_resolvers
+from fusion_bench.scripts.override_hints import list_index_override_error
 
 __all__ = ["main", "CONFIG_DIR", "config_choices", "check_command_line", "HELP"]
 
@@ -225,7 +226,7 @@ def check_command_line(args: Sequence[str]) -> str | None:
     flags, overrides = _split_command_line(args)
     if any(f in flags for f in _PASS_THROUGH) or any(o.startswith("hydra.searchpath") for o in overrides):
         return None  # another config source or a Hydra info command: Hydra answers
-    error = unknown_group_choice(overrides)
+    error = unknown_group_choice(overrides) or list_index_override_error(list(args), _compose)
     if error is not None:
         return error
     name = _root_config_name(flags)

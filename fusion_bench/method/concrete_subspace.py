@@ -11,13 +11,16 @@ trained by Adam on the summed test-time entropy (:mod:`fusion_bench.method._test
 * **Concrete task arithmetic** (``clip_concrete_task_arithmetic``): ``θ = θ0 + λ Σ_t (m ⊙ τ_t)``
   with fixed ``λ`` = 0.3; Adam lr 1e-3 on the logits, 2000 steps.
 * **Concrete layer-wise AdaMerging** (``clip_concrete_layer_wise_adamerging``): bi-level. Each
-  step, the inner problem: layer-wise ``λ`` reset to ``scaling_factor``, one step of its own Adam
-  (lr ``base_lr`` = 1) on the entropy with the mask held fixed; the outer problem: the entropy of
-  the merge with the updated ``λ`` (held fixed) and the mask drawn this step, back-propagated to
-  the logits (first order, as the reference does). Then layer-wise AdaMerging with the final
-  mask (``λ`` from ``scaling_factor`` again, Adam ``adamerging_lr``, ``max_adamerging_steps``).
-  The reference computes the inner merge before resetting ``λ`` (so its inner forward sees the
-  previous step's updated ``λ``); here ``λ`` is reset first, as the algorithm states.
+  step, the inner problem: one step of its own Adam (lr ``base_lr`` = 1) on layer-wise ``λ``,
+  taken from ``λ0`` = ``scaling_factor``, on the entropy with this step's mask held fixed; the
+  outer problem: the entropy of the merge with the updated ``λ`` (held fixed) and the same mask,
+  back-propagated to the logits (first order, as the reference does). Then layer-wise
+  AdaMerging with the final mask (``λ`` reset to ``λ0`` before it, whatever its length; Adam
+  ``adamerging_lr``, ``max_adamerging_steps``).
+  ``inner_lambda`` picks where the inner gradient is evaluated: ``carry`` (default, the
+  reference's order) merges with the ``λ`` carried from the previous inner step, then resets
+  ``λ`` to ``λ0`` and steps from there with that gradient; ``reset`` resets first and takes the
+  gradient at ``λ0`` (the bi-level step as written). Both agree at the first step.
 
 The final mask (``eval_mask_type``): ``continuous``, a relaxed draw as the reference does (here
 seeded); ``discrete``, a seeded hard Bernoulli draw; ``threshold``, the deterministic mask keeping
@@ -50,10 +53,11 @@ from fusion_bench.models.concrete_mask import (
 from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters, unload
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["concrete_mask_step", "ConcreteTaskArithmeticAlgorithm", "ConcreteLayerWiseAdaMergingAlgorithm"]
+__all__ = ["concrete_mask_step", "INNER_LAMBDA", "ConcreteTaskArithmeticAlgorithm", "ConcreteLayerWiseAdaMergingAlgorithm"]
 
 MASK_FORMAT = "fusion_bench.concrete_mask.v1"
 TRAIN_NOISE, FINAL_NOISE = 0, 1  # purposes of the mask noise seeds
+INNER_LAMBDA = ("carry", "reset")  # where the inner step's gradient is taken (see module docstring)
 
 
 def concrete_mask_step(stack: TaskVectorStack, coefficients: Tensor, logits: Mapping[str, Tensor],
@@ -209,6 +213,8 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
     Args:
         scaling_factor: the initial layer-wise ``λ`` (of the inner problem and of the AdaMerging phase).
         base_lr: the inner problem's Adam learning rate on ``λ``.
+        inner_lambda: ``"carry"`` (the inner gradient at the carried ``λ``, then reset and step; the
+            reference's order) or ``"reset"`` (reset to ``λ0`` first, gradient there).
         adamerging_lr: the AdaMerging phase's learning rate.
         max_adamerging_steps: AdaMerging steps with the final mask.
         clamp_weights: clamp ``λ`` to [0, 1] in the merge.
@@ -221,8 +227,8 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
 
     name = "clip_concrete_layer_wise_adamerging"
 
-    def __init__(self, *, scaling_factor: float = 0.3, base_lr: float = 1.0, adamerging_lr: float = 1e-3,
-                 max_adamerging_steps: int = 1000, clamp_weights: bool = False, temperature: float = 0.5,
+    def __init__(self, *, scaling_factor: float = 0.3, base_lr: float = 1.0, inner_lambda: str = "carry",
+                 adamerging_lr: float = 1e-3, max_adamerging_steps: int = 1000, clamp_weights: bool = False, temperature: float = 0.5,
                  initial_logits: float = 0.0, eval_mask_type: str = "continuous", optimizer: str = "adam",
                  lr: float = 1e-3, max_steps: int = 1000, batch_size: int = 16, num_workers: int = 0, seed: int = 42,
                  mask_checkpoint: str | None = None, save_mask: str | None = None,
@@ -234,6 +240,7 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         n = self.name
         self.scaling_factor = check_range(n, "scaling_factor", scaling_factor)
         self.base_lr = check_range(n, "base_lr", base_lr, low=0.0, low_open=True)
+        self.inner_lambda = check_choice(n, "inner_lambda", inner_lambda, INNER_LAMBDA)
         self.adamerging_lr = check_range(n, "adamerging_lr", adamerging_lr, low=0.0, low_open=True)
         self.max_adamerging_steps = check_int(n, "max_adamerging_steps", max_adamerging_steps, low=0)
         self.clamp_weights = check_bool(n, "clamp_weights", clamp_weights)
@@ -245,7 +252,7 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
 
     def trajectory_options(self) -> dict[str, Any]:
         return {**super().trajectory_options(), "scaling_factor": self.scaling_factor, "base_lr": self.base_lr,
-                "adamerging_lr": self.adamerging_lr, "clamp_weights": self.clamp_weights,
+                "inner_lambda": self.inner_lambda, "adamerging_lr": self.adamerging_lr, "clamp_weights": self.clamp_weights,
                 "eval_mask_type": self.eval_mask_type}  # fmt: skip
 
     @property
@@ -262,6 +269,8 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         phases = [Phase("mask", 0 if self.mask_checkpoint else self.max_steps, bilevel.mask_step),
                   Phase("adamerging", self.max_adamerging_steps, bilevel.adamerging_step)]  # fmt: skip
         self.train(phases, bilevel.state(), self.identity(stack, modelpool))
+        if self.max_adamerging_steps == 0:
+            bilevel.reset_lambda()  # the (empty) AdaMerging phase starts from λ0 too
         mask = bilevel.final_mask()
         self.merging_weights = finish_coefficients(self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights)
         with torch.no_grad():
@@ -299,15 +308,33 @@ class _BiLevel:
         self.method.average_gradients([self.lam])
         return value
 
-    def mask_step(self, step: int, global_step: int) -> dict[str, float]:
-        """Inner step on λ (from λ0, mask fixed), then the mask's step at the updated λ."""
-        m = self.method
+    def reset_lambda(self) -> None:
+        """``λ ← λ0`` (in place; the optimisers keep their state)."""
         with torch.no_grad():
             self.lam.copy_(self.init)
+
+    def inner_step(self, mask: Mapping[str, Tensor]) -> float:
+        """One inner step on λ with ``mask`` fixed, ending at ``λ0`` minus the optimiser's step.
+
+        ``carry``: the gradient at the current (carried) λ, then the reset; ``reset``: the reset,
+        then the gradient at ``λ0``. Returns the inner objective.
+        """
+        m = self.method
+        self.inner_opt.zero_grad(set_to_none=True)
+        if m.inner_lambda == "reset":
+            self.reset_lambda()
+        value = self.lam_objective(merge_parameters(self.stack, self.lam, mask, clamp=m.clamp))
+        if m.inner_lambda == "carry":
+            self.reset_lambda()
+        self.inner_opt.step()
+        return value
+
+    def mask_step(self, step: int, global_step: int) -> dict[str, float]:
+        """The inner step on λ (mask fixed), then the mask's step at the updated λ."""
+        m = self.method
         drawn = sample_concrete_mask(self.logits, m.temperature, m._generator(TRAIN_NOISE, global_step))
         mask = rescale_mask(drawn)
-        inner = adamerging_step(self.stack, self.lam, self.inner_opt, self.lam_objective, clamp=m.clamp,
-                                mask={k: v.detach() for k, v in mask.items()})  # fmt: skip
+        inner = self.inner_step({k: v.detach() for k, v in mask.items()})
         self.mask_opt.zero_grad(set_to_none=True)
         value = self.mask_objective(merge_parameters(self.stack, self.lam.detach(), mask, clamp=m.clamp))
         self.mask_opt.step()
@@ -323,7 +350,6 @@ class _BiLevel:
         """Layer-wise AdaMerging with the final mask, λ from λ0 at its first step."""
         mask = self.final_mask()
         if step == 0:
-            with torch.no_grad():
-                self.lam.copy_(self.init)
+            self.reset_lambda()
         value = adamerging_step(self.stack, self.lam, self.ada_opt, self.lam_objective, clamp=self.method.clamp, mask=mask)
         return {"loss": value}

@@ -307,8 +307,19 @@ def test_regmean_plusplus_takes_grams_through_merged_layers(tiny_example):
             np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-5, atol=REGMEAN_ATOL, err_msg=key)
         with torch.no_grad():
             features = {t: [merged.encoder.layers[layer](x, None) for x in xs] for t, xs in features.items()}
-    for key in ("post_layernorm.weight", "embeddings.patch_embedding.weight", "encoder.layers.1.mlp.fc1.bias"):
-        np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6)
+    for key in ("embeddings.patch_embedding.weight", "pre_layrnorm.bias", "encoder.layers.1.mlp.fc1.bias"):
+        expected = np.mean([states[t][key] for t in TASKS], axis=0)
+        np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-6, atol=1e-9)
+    # outside the embeddings, pre-layernorm and encoder layers: θ0 by default (the reference), the mean on request
+    theta0 = {k: v.double().numpy() for k, v in vision_state_dict(pool.load_model("_pretrained_")).items()}
+    outside = [k for k in theta0 if not k.startswith(("embeddings.", "pre_layrnorm.", "encoder."))]
+    assert sorted(outside) == ["post_layernorm.bias", "post_layernorm.weight"]
+    for key in outside:
+        np.testing.assert_array_equal(vision_state_dict(merged)[key].double().numpy(), theta0[key])
+        assert np.abs(np.mean([states[t][key] for t in TASKS], axis=0) - theta0[key]).max() > 1e-5  # the check can fail
+    averaged = vision_state_dict(RegMeanAlgorithmForCLIPPlusPlus(num_regmean_examples=40, outside_encoder="average").run(pool))
+    for key in outside:
+        np.testing.assert_allclose(averaged[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6)
     plain = vision_state_dict(RegMeanAlgorithmForCLIP(num_regmean_examples=40).run(pool))
     assert not torch.allclose(plain["encoder.layers.0.self_attn.q_proj.weight"], vision_state_dict(merged)["encoder.layers.0.self_attn.q_proj.weight"])
 

@@ -232,6 +232,51 @@ def test_consensus_per_task_lambdas():
     assert merged.weight.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
+def ties_consensus_oracle(
+    base: nn.Linear, models: list[nn.Linear], *, density: float, lam: float, k: int, alpha: float, raw: bool = True
+) -> tuple[np.ndarray, list[float], float]:
+    """numpy, float32: whole-model TIES (sum) τ_MTL; TALL masks from the raw task vectors (``raw=False``: from the
+    trimmed ones); θ0 + α (keep ⊙ τ_MTL)."""
+    tvs = [flat32(m) - flat32(base) for m in models]  # (d,) each, keys sorted (bias, weight)
+    d = tvs[0].size
+    trimmed = []
+    for tv in tvs:
+        thr = np.sort(np.abs(tv))[d - int(d * density) - 1]  # the (d − int(d·density))-th smallest |v|
+        trimmed.append(np.where(np.abs(tv) >= thr, tv, np.float32(0)))
+    total = np.zeros(d, np.float32)
+    for tv in trimmed:
+        total = total + tv
+    sign = np.sign(total)
+    sign[sign == 0] = np.sign(sign.sum())
+    mtl = np.zeros(d, np.float32)
+    for tv in trimmed:
+        mtl = mtl + np.where(np.where(sign > 0, tv > 0, tv < 0), tv, np.float32(0))
+    masks = [np.abs(tv) >= np.float32(lam) * np.abs(mtl - tv) for tv in (tvs if raw else trimmed)]
+    keep = np.sum(masks, axis=0) >= k
+    return flat32(base) + np.float32(alpha) * np.where(keep, mtl, np.float32(0)), [float(m.mean()) for m in masks], float(keep.mean())
+
+
+def test_ties_consensus_builds_the_tall_masks_from_the_raw_task_vectors():
+    gen = torch.Generator().manual_seed(0)
+    base = linear(torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist())
+    models = [plus(base, torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist()) for _ in range(3)]
+    pool = BaseModelPool({"_pretrained_": base, **{n: m for n, m in zip("abc", models)}})
+    options = {"scaling_factor": 0.5, "tall_mask_lambda": 0.6, "consensus_k": 2, "aggregation": "ties", "threshold": 40}
+    algorithm = ConsensusMergingAlgorithm(**options)
+    merged = algorithm.run(pool)
+    expected, tall, consensus = ties_consensus_oracle(base, models, density=0.4, lam=0.6, k=2, alpha=0.5)
+    np.testing.assert_allclose(flat32(merged), expected, rtol=0, atol=1e-6)
+    report = algorithm.extra_report()["consensus_merging"]
+    assert report["tall_mask_density"] == pytest.approx(dict(zip("abc", tall)))
+    assert report["consensus_mask_density"] == pytest.approx(consensus)
+    # masks built from the trimmed vectors would differ: the test tells the two apart
+    _, tall_trimmed, consensus_trimmed = ties_consensus_oracle(base, models, density=0.4, lam=0.6, k=2, alpha=0.5, raw=False)
+    assert tall_trimmed != pytest.approx(tall) and consensus_trimmed != pytest.approx(consensus)
+    sds = [m.state_dict() for m in (base, *models)]
+    core = consensus_merging(sds[0], sds[1:], scaling_factor=0.5, aggregation="ties", threshold=40)
+    assert all(torch.equal(core[k], v) for k, v in merged.state_dict().items())
+
+
 # ---- PCB ----------------------------------------------------------------------------------------
 PCB_TVS = {
     "a": ([[0.9, -0.2, 0.4], [0.05, 1.3, -0.7], [0.3, -0.15, 0.6]], [0.25, -0.45, 0.1]),

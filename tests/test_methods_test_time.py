@@ -344,8 +344,8 @@ def test_concrete_layer_wise_adamerging_end_to_end(pool, weights, tmp_path):
 
 
 def test_concrete_layer_wise_adamerging_with_no_adamerging_step_merges_at_the_initial_lambda(pool, weights, tmp_path):
-    method = ConcreteLayerWiseAdaMergingAlgorithm(max_steps=3, max_adamerging_steps=0, lr=0.5, eval_mask_type="threshold",
-                                                  save_mask=str(tmp_path / "m.pt"), **FAST)  # fmt: skip
+    options = {"max_steps": 3, "max_adamerging_steps": 0, "lr": 0.5, "eval_mask_type": "threshold"}
+    method = ConcreteLayerWiseAdaMergingAlgorithm(save_mask=str(tmp_path / "m.pt"), **options, **FAST)
     model = run(method, pool)
     logits = load_checkpoint(tmp_path / "m.pt")["mask_logits"]
     mask = {k: v.double().numpy() for k, v in rescale_mask(threshold_mask(logits)).items()}
@@ -370,8 +370,10 @@ def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
     import fusion_bench.method.concrete_subspace as concrete
 
     _, stack = linear_stack()
-    masks = [{"weight": torch.tensor([[1.0, 0.5], [0.0, 2.0], [1.5, 1.0]]), "bias": torch.tensor([0.5, 1.0, 1.5])},
-             {"weight": torch.tensor([[0.2, 1.0], [1.0, 1.0], [2.0, 0.8]]), "bias": torch.tensor([1.0, 0.0, 2.0])}]  # fmt: skip
+    masks = [
+        {"weight": torch.tensor([[1.0, 0.5], [0.0, 2.0], [1.5, 1.0]]), "bias": torch.tensor([0.5, 1.0, 1.5])},
+        {"weight": torch.tensor([[0.2, 1.0], [1.0, 1.0], [2.0, 0.8]]), "bias": torch.tensor([1.0, 0.0, 2.0])},
+    ]
     drawn = iter(masks)
     def sample(logits, temperature, generator):  # the step's fixed mask, tied to the logits with a zero gradient
         return {k: m + 0.0 * logits[k] for k, m in next(drawn).items()}

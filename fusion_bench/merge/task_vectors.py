@@ -326,7 +326,7 @@ def ties_merge_tensor(tvs: Sequence[Tensor], stats: TiesStatistics, merge_func: 
     Returns:
         the merged task vector (not yet scaled).
     """
-    trimmed = [trim_below_(tv, thr) for tv, thr in zip(tvs, stats.thresholds)]
+    trimmed = [trim_below(tv, thr) for tv, thr in zip(tvs, stats.thresholds)]  # tvs stay untouched
     return disjoint_merge(trimmed, ties_elect_sign(trimmed, stats.majority), merge_func)
 
 

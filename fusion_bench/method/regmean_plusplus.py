@@ -7,16 +7,17 @@ RegMean (:mod:`fusion_bench.method.regmean`) takes the inputs of model i's layer
 own earlier layers; the merged model will feed layer l from the *merged* earlier layers instead.
 RegMean++ takes that into account, layer by layer:
 
-1. every tensor RegMean does not solve (embeddings, layer norms, biases, ``post_layernorm``) is the
-   mean of the fine-tuned models, as in RegMean; excluded tensors keep their pre-trained values;
+1. every tensor of the embeddings, ``pre_layrnorm`` and the encoder layers that RegMean does not
+   solve (embeddings, layer norms, biases) is the mean of the fine-tuned models, as in RegMean;
+   tensors outside them (``post_layernorm``) keep their pre-trained values, as the reference does
+   (``outside_encoder: average`` averages them too); excluded tensors keep their pre-trained values;
 2. ``X_i⁰ = pre_layrnorm(embeddings(images_i))`` with the merged embeddings, for the first
    ``num_regmean_examples`` train images of each model's task;
 3. for l = 0..L-1: run model i's own layer l on ``X_iˡ`` with forward hooks, giving its Gram
    matrices ``G_i`` (each linear layer's input, every token); merge the layer's linear weights as
    RegMean does, ``W* = (Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ``; then ``X_iˡ⁺¹ = merged layer l (X_iˡ)``.
 
-Differences from the reference implementation (FusionBench's ``regmean_plusplus``): it keeps the
-pre-trained ``post_layernorm``; here it is averaged like every other non-solved tensor. Memory: the
+Memory: the
 merged model, one layer of one fine-tuned model (read tensor by tensor from the pool) and the
 features ``X_iˡ`` of every task (``num_regmean_examples × tokens × width`` each). With
 ``checkpoint_path`` the state is saved after every layer and a rerun resumes after the last one.
@@ -37,6 +38,7 @@ from fusion_bench.errors import IncompatibleModelsError
 from fusion_bench.merge import check_finite
 from fusion_bench.method._clip_classification import CLIPTaskClassifiers
 from fusion_bench.method._data_merging import canonical_parameter_names, fabric_or_cpu, log_metrics
+from fusion_bench.method._options import check_choice
 from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.method.regmean import RegMeanAccumulator, RegMeanAlgorithmForCLIP
 from fusion_bench.modelpool import BaseModelPool
@@ -49,17 +51,34 @@ __all__ = ["RegMeanAlgorithmForCLIPPlusPlus"]
 
 NAME = "clip_regmean_plusplus"
 Features = dict[str, list[torch.Tensor]]
+REGRESSED_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.")  # canonical keys RegMean++ walks through
+OUTSIDE_ENCODER = ("pretrained", "average")
 
 
 @register_algorithm(NAME)
 class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
     """RegMean++ over a CLIP pool's fine-tuned vision encoders (see module docstring).
 
-    Args: those of :class:`~fusion_bench.method.regmean.RegMeanAlgorithmForCLIP`; ``checkpoint_path``
-    is written after every encoder layer.
+    Args:
+        outside_encoder: the tensors outside the embeddings, ``pre_layrnorm`` and the encoder
+            layers (``post_layernorm``): ``"pretrained"`` (kept, the reference) or ``"average"``.
+        others: those of :class:`~fusion_bench.method.regmean.RegMeanAlgorithmForCLIP`;
+            ``checkpoint_path`` is written after every encoder layer.
     """
 
     NAME = NAME
+
+    def __init__(self, *, outside_encoder: str = "pretrained", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.outside_encoder = check_choice(NAME, "outside_encoder", outside_encoder, OUTSIDE_ENCODER)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "outside_encoder": self.outside_encoder}
+
+    def _kept(self, key: str) -> bool:
+        """Whether ``key`` keeps its pre-trained value (excluded, or outside the regressed modules)."""
+        outside = not key.startswith(REGRESSED_PREFIXES) and self.outside_encoder == "pretrained"
+        return outside or self.is_excluded(key)
 
     # ---- steps ------------------------------------------------------------------------------
     def _layer_keys(self, modelpool: BaseModelPool, model: nn.Module) -> list[dict[str, str]]:
@@ -79,9 +98,9 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
 
     @torch.no_grad()
     def _average_the_rest(self, modelpool: BaseModelPool, names: list[str], model: nn.Module, solved: set[str]) -> None:
-        """Step 1: every other float tensor of ``model`` = the mean of the fine-tuned models (streamed)."""
+        """Step 1: every other float tensor of ``model`` not kept at θ0 = the mean of the fine-tuned models (streamed)."""
         for key, target in modelpool.canonical_state_dict(model).items():
-            if key in solved or self.is_excluded(key):
+            if key in solved or self._kept(key):
                 continue
             if not target.is_floating_point():
                 for name in names:

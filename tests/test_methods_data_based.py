@@ -14,10 +14,10 @@ from torch import nn
 
 from fusion_bench.errors import ConfigError, DatasetError
 from fusion_bench.method import FisherMergingForCLIPVisionModel, RegMeanAlgorithmForCLIP, RegMeanAlgorithmForCLIPPlusPlus
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers
-from fusion_bench.method._data_merging import first_examples
-from fusion_bench.method.fisher_merging import fisher_weighted_average
-from fusion_bench.method.regmean import regmean, solve_regmean
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
+from fusion_bench.method.data.base import first_examples
+from fusion_bench.method.data.fisher_merging import fisher_weighted_average
+from fusion_bench.method.data.regmean import regmean, solve_regmean
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.fisher import diagonal_fisher
 from fusion_bench.models.hf_clip import vision_state_dict

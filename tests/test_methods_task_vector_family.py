@@ -14,15 +14,6 @@ from PIL import Image
 from torch import nn
 
 from fusion_bench.errors import ConfigError, IncompatibleModelsError, ModelPoolError
-from fusion_bench.merge.task_vectors import (
-    breadcrumbs_mask,
-    dare_drop,
-    dare_generator,
-    disjoint_merge,
-    magnitude_threshold,
-    ties_elect_sign,
-    trim_top_k,
-)
 from fusion_bench.method import (
     ConsensusMergingAlgorithm,
     DareTaskArithmeticAlgorithm,
@@ -34,12 +25,18 @@ from fusion_bench.method import (
     TiesMergingAlgorithm,
     WeightedAverageAlgorithm,
 )
-from fusion_bench.method.consensus import consensus_merging
-from fusion_bench.method.dare import dare_task_arithmetic, dare_ties_merging, linear_weight_keys
-from fusion_bench.method.model_breadcrumbs import model_breadcrumbs
-from fusion_bench.method.pcb_merging import pcb_merging
-from fusion_bench.method.ties_merging import ties_merging
-from fusion_bench.method.weighted_average import weighted_average
+from fusion_bench.method.averaging.weighted_average import weighted_average
+from fusion_bench.method.task_vector.consensus import consensus_merging
+from fusion_bench.method.task_vector.dare import dare_drop, dare_generator, dare_task_arithmetic, dare_ties_merging, linear_weight_keys
+from fusion_bench.method.task_vector.model_breadcrumbs import breadcrumbs_mask, model_breadcrumbs
+from fusion_bench.method.task_vector.pcb_merging import pcb_merging
+from fusion_bench.method.task_vector.ties_merging import (
+    disjoint_merge,
+    magnitude_threshold,
+    ties_elect_sign,
+    ties_merging,
+    trim_top_k,
+)
 from fusion_bench.modelpool import BaseModelPool, CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 
@@ -423,7 +420,7 @@ def test_dare_only_on_linear_weights(clip_pool):
         (lambda: PCBMergingAlgorithm(pcb_ratio=0), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: PCBMergingAlgorithm(pcb_ratio=1.5), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: ConsensusMergingAlgorithm(tall_mask_lambda=-1), r"'tall_mask_lambda' must be in \[0, inf\]"),
-        (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'ta', 'ties'"),
+        (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'task_arithmetic', 'ties_merging', 'ta', 'ties'"),
         (lambda: WeightedAverageAlgorithm(weights=[1, -1]), r"'weights' \[1.0, -1.0\] sums to 0"),
         (lambda: WeightedAverageAlgorithm(weights="abc"), r"'weights' must be a list of numbers"),
         (lambda: TiesMergingAlgorithm(scaling_factor=math.nan), r"'scaling_factor' must be a number"),

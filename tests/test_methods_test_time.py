@@ -24,7 +24,7 @@ from fusion_bench.method import (
     ConcreteLayerWiseAdaMergingAlgorithm,
     ConcreteTaskArithmeticAlgorithm,
 )
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers, SeededBatchStream
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers, SeededBatchStream
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.concrete_mask import rescale_mask, sample_concrete_mask, threshold_mask
 from fusion_bench.models.functional_merge import (
@@ -187,7 +187,7 @@ def test_seeded_batch_stream_resumes_exactly():
 # ---- AdaMerging end to end ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [CLIPTaskWiseAdaMergingAlgorithm, CLIPLayerWiseAdaMergingAlgorithm])
 def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, weights, tmp_path):
-    from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
+    from fusion_bench.method.task_vector.task_arithmetic import TaskArithmeticAlgorithm
 
     path = tmp_path / "w.pt"
     method = cls(max_steps=20, lr=0.1, save_merging_weights=str(path), **FAST)
@@ -309,7 +309,7 @@ def test_checkpoints_and_logs_go_under_the_fabric_logger(pool, tmp_path):
 
 # ---- Concrete subspace ---------------------------------------------------------------------------------------
 def test_concrete_task_arithmetic_learns_a_mask_that_lowers_the_entropy(pool, weights, tmp_path):
-    from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
+    from fusion_bench.method.task_vector.task_arithmetic import TaskArithmeticAlgorithm
 
     method = ConcreteTaskArithmeticAlgorithm(max_steps=20, lr=0.5, eval_mask_type="threshold", save_mask=str(tmp_path / "m.pt"), **FAST)
     model = run(method, pool)
@@ -367,7 +367,7 @@ def _adam(lam0: np.ndarray, grads: list[np.ndarray], lr: float, *, from_start: l
 @pytest.mark.parametrize("order", ["carry", "reset"])
 def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
     """Two mask steps on one linear layer with fixed masks and L(θ) = Σ_x ||W x + b||²: the inner λ by hand."""
-    import fusion_bench.method.concrete_subspace as concrete
+    import fusion_bench.method.test_time.concrete_subspace as concrete
 
     _, stack = linear_stack()
     masks = [

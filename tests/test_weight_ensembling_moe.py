@@ -20,7 +20,7 @@ from fusion_bench.method import (
     SparseCLIPWeightEnsemblingMoEAlgorithm,
     TaskArithmeticAlgorithm,
 )
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import is_clip_vision_model, vision_encoder_layers
 from fusion_bench.models.wemoe import MLPExperts, WEMoERouter, WeightEnsemblingMLP, magnitude_quantile, prune_task_vector

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
@@ -13,10 +13,28 @@ if TYPE_CHECKING:
 
     from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["BaseAlgorithm", "ALGORITHMS", "register_algorithm"]
+__all__ = ["BaseAlgorithm", "ALGORITHMS", "CORES", "register_algorithm"]
 
 ALGORITHMS: Registry["BaseAlgorithm"] = Registry("method")
-register_algorithm = ALGORITHMS.register
+CORES: dict[str, Callable[..., dict[str, Any]]] = {}  # method name -> its pure core (fusion_bench.merge.cores)
+
+
+def register_algorithm(name: str, *, core: Callable[..., dict[str, Any]] | None = None) -> Callable[[type], type]:
+    """Class decorator: register the algorithm under ``name`` (and its in-memory pure core, if any).
+
+    Args:
+        name: the method's name (``method.name=`` and messages).
+        core: the state-dict function computing the same merge in memory (decorated with
+            :func:`fusion_bench.merge.cores.pure_core`); listed in :data:`CORES`.
+    """
+
+    def decorator(cls: type) -> type:
+        ALGORITHMS.register(name)(cls)
+        if core is not None:
+            CORES[name] = core
+        return cls
+
+    return decorator
 
 
 class BaseAlgorithm:

@@ -3,7 +3,7 @@
 Matena & Raffel, *Merging Models with Fisher-Weighted Averaging*, NeurIPS 2022.
 https://arxiv.org/abs/2111.09832
 
-Steps (the reference defaults behind the seeds' tables):
+Steps (the reference defaults behind the published tables; docs/algorithms.md):
 
 1. For each fine-tuned model i, in pool order: the diagonal Fisher ``F_i`` of its parameters
    (:mod:`fusion_bench.models.fisher`), the classifier being the model behind its task's zero-shot

@@ -5,7 +5,7 @@ https://arxiv.org/abs/2212.09849
 
 Each linear layer ``y = W x`` is merged as the solution of ``min_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖²``
 over the models' own inputs ``X_i``: ``W* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ`` with ``G_i = X_iᵀ X_i / n``.
-Steps (the reference defaults behind the seeds' tables):
+Steps (the reference defaults behind the published tables; docs/algorithms.md):
 
 1. For each fine-tuned model i, in pool order: forward hooks on every ``nn.Linear`` of the vision
    encoder (``q/k/v/out_proj``, ``fc1``, ``fc2``; not the patch convolution) collect ``G_i``, the mean of

@@ -17,7 +17,7 @@ divides 0 by 0). No randomness: the result is deterministic.
 
 ``variant``:
 
-* ``reference`` (default; FusionBench, which produced the seeds' tables): every 2-D tensor is
+* ``reference`` (default; the FusionBench code behind the published tables, docs/algorithms.md): every 2-D tensor is
   optimised, every other tensor is the mean of ``τ_i``;
 * ``paper_code`` (the paper's official ViT script): only the attention and MLP weight matrices
   of the encoder layers are optimised (``q/k/v/out_proj.weight``, ``fc1/fc2.weight``; the

@@ -14,7 +14,7 @@ code), ``tall_mask_lambda`` = 0.6 (FusionBench's ``config/method/tall_mask/task_
 the paper picks λ_t per task on validation data from {0.2, ..., 0.6}), ``scaling_factor`` =
 0.3 (task arithmetic's), TIES variant ``threshold`` = 20 with ``merge_func: sum`` (the authors'
 ``ties_merging(..., reset_thresh=20, merge_func="dis-sum")``). The mask uses ``≥`` as
-ALGORITHMS.md and the paper; the authors' code uses ``>`` (they differ only on exact ties).
+the paper (docs/algorithms.md); the authors' code uses ``>`` (they differ only on exact ties).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ with one coefficient per task and parameter tensor (``λ ∈ ℝ^{T×L}``). ``λ
 arithmetic's scaling factor and is trained by Adam on the summed prediction entropy of one
 shuffled unlabelled test batch per task per step (:mod:`fusion_bench.method.test_time.base`).
 
-Reference defaults (the seeds' tables): ``init_values`` 0.3, unclamped, Adam lr 1e-3, batch 16,
+Reference defaults (the published tables; docs/algorithms.md): ``init_values`` 0.3, unclamped, Adam lr 1e-3, batch 16,
 1000 steps. The paper's own code clamps ``λ`` to [0, 1]: ``clamp_weights=true``.
 ``save_merging_weights=PATH`` writes the learned (clamped, if so) coefficients with the pool's
 model names, the variant and the model's tensor layout; ``weights=PATH`` loads such a file

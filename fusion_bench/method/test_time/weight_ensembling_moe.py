@@ -3,7 +3,7 @@
 Tang et al., *Merging Multi-Task Models via Weight-Ensembling Mixture of Experts*, ICML 2024.
 https://arxiv.org/abs/2402.00433
 
-Steps (reference defaults, as the seeds' tables were made):
+Steps (reference defaults, as the published tables were made; docs/algorithms.md):
 
 1. base = task arithmetic of the pool, ``θ0 + λ Σ τi`` with ``λ = scaling_factor`` (null: ``init_lambda``,
    0.3), frozen;

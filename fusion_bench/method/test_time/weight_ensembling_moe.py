@@ -60,6 +60,7 @@ from fusion_bench.models.wemoe import (
 )
 from fusion_bench.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fusion_bench.utils.instantiate import to_container
+from fusion_bench.utils.paths import optional_path
 
 __all__ = ["CLIPWeightEnsemblingMoEAlgorithm", "SparseCLIPWeightEnsemblingMoEAlgorithm", "entropy_minimisation_step"]
 
@@ -106,15 +107,6 @@ def entropy_minimisation_step(classifiers: Mapping[str, nn.Module], batches: Map
     return entropies
 
 
-def _path_or_none(method: str, option: str, value: Any) -> str | None:
-    """A path option: a path, or null/false/"" for none."""
-    if value in (None, False, ""):
-        return None
-    if not isinstance(value, (str, Path)):
-        raise ConfigError(f"{method}: option {option!r} must be a file path or null; got {value!r}")
-    return str(value)
-
-
 @register_algorithm(NAME)
 class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
     """WEMoE for a CLIP vision model pool (see the module docstring).
@@ -151,8 +143,8 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
                  seed: int = 42, num_workers: int = 0, devices: int = 1, save_interval: int = 100,
                  train_state_path: str | None = None, clip_model: Any = None) -> None:  # fmt: skip
         name = self.NAME
-        self.checkpoint = _path_or_none(name, "checkpoint", checkpoint)
-        self.save_checkpoint = _path_or_none(name, "save_checkpoint", save_checkpoint)
+        self.checkpoint = optional_path(checkpoint, f"{name}: option 'checkpoint'")
+        self.save_checkpoint = optional_path(save_checkpoint, f"{name}: option 'save_checkpoint'")
         self.router_hidden_layers = check_int(name, "router_hidden_layers", router_hidden_layers)
         if self.router_hidden_layers not in ROUTER_DEPTHS:
             raise ConfigError(f"{name}: option 'router_hidden_layers' must be one of {ROUTER_DEPTHS}; got {router_hidden_layers!r}")
@@ -172,7 +164,7 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         self.devices = check_int(name, "devices", devices, low=1)
         self.save_interval = check_int(name, "save_interval", save_interval)
         default_state = f"{self.save_checkpoint}.train_state" if self.save_checkpoint else None
-        self.train_state_path = _path_or_none(name, "train_state_path", train_state_path) or default_state
+        self.train_state_path = optional_path(train_state_path, f"{name}: option 'train_state_path'") or default_state
         self.clip_model = to_container(clip_model)
         self._history: list[float] = []
         self._summary: dict[str, Any] = {}

@@ -36,6 +36,7 @@ from fusion_bench.taskpool.classification import check_num_classes, evaluate_cla
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
 from fusion_bench.taskpool.task_groups import add_group_averages, check_task_groups, mean_over_tasks
 from fusion_bench.utils.distributed import ShardSampler, global_rank, world_size
+from fusion_bench.utils.paths import cache_root
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"]
@@ -47,8 +48,7 @@ LOSS_REDUCTION = "cross-entropy averaged over samples"
 
 def default_head_cache_dir() -> str:
     """``$FUSION_BENCH_CACHE_DIR/zeroshot_heads`` (default ``~/.cache/fusion_bench``)."""
-    root = os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")
-    return str(Path(root).expanduser() / "zeroshot_heads")
+    return str(cache_root() / "zeroshot_heads")
 
 
 @register_taskpool("clip_vit_classification", "CLIPVisionModelTaskPool")

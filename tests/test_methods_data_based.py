@@ -355,7 +355,7 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_example, tmp_path, monkeyp
     assert len(calls) == (2 if step == "_add_model" else 1)  # only what was not finished before the interrupt
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
-    assert set(TASKS) <= set(method.extra_report()[method.NAME])
+    assert set(TASKS) <= set(method.extra_report()[method.name])
 
 
 def test_checkpoint_of_another_pool_or_architecture_is_refused(tiny_example, tmp_path):

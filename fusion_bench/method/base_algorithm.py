@@ -30,6 +30,7 @@ def register_algorithm(name: str, *, core: Callable[..., dict[str, Any]] | None 
 
     def decorator(cls: type) -> type:
         ALGORITHMS.register(name)(cls)
+        cls.name = name  # the one place a method's name is set
         if core is not None:
             CORES[name] = core
         return cls
@@ -40,13 +41,14 @@ def register_algorithm(name: str, *, core: Callable[..., dict[str, Any]] | None 
 class BaseAlgorithm:
     """A fusion method.
 
-    Subclasses take their hyperparameters as keyword arguments in ``__init__`` (the
+    Subclasses are registered with :func:`register_algorithm` (which sets :attr:`name`), take their hyperparameters as keyword arguments in ``__init__`` (the
     same names as in their YAML config) and implement :meth:`run`. The program sets
     :attr:`fabric` (a ``lightning.Fabric``) before calling ``run``; methods use it for
     devices instead of calling ``.cuda()``.
     """
 
     fabric: "lightning.Fabric | None" = None
+    name: str = "method"  # set by :func:`register_algorithm` on every registered subclass
 
     def run(self, modelpool: "BaseModelPool") -> nn.Module:
         """Fuse the models of ``modelpool`` and return the fused model."""

@@ -211,21 +211,19 @@ def architecture_fingerprint(modelpool: BaseModelPool, keys: Sequence[str]) -> s
 class PerModelDataMerge(BaseAlgorithm):
     """Template of the merges that take one statistic per model from its task's data (see module doc).
 
-    Subclasses set :attr:`NAME`, call :meth:`_init_data_options` in ``__init__`` and implement
+    Subclasses are registered (which sets :attr:`name`), call :meth:`_init_data_options` in ``__init__`` and implement
     :meth:`_new_accumulator` and :meth:`_add_model`, and extend :meth:`_options`.
     """
-
-    NAME = "data_merge"
 
     def _init_data_options(self, *, num_examples: tuple[str, int], dataloader_kwargs: Any,
                            exclude_param_names_regex: Any, seed: int, checkpoint_path: str | None) -> None:  # fmt: skip
         """Validate and keep the shared options; ``num_examples`` is ``(option name, value)``."""
-        self.dataloader_kwargs = check_dataloader_kwargs(self.NAME, dataloader_kwargs)
-        self._exclusions = compile_exclusions(self.NAME, exclude_param_names_regex)
+        self.dataloader_kwargs = check_dataloader_kwargs(self.name, dataloader_kwargs)
+        self._exclusions = compile_exclusions(self.name, exclude_param_names_regex)
         self.exclude_param_names_regex = [p.pattern for p in self._exclusions]
         self._num_examples_option = num_examples[0]
-        self._num_examples = check_int(self.NAME, num_examples[0], num_examples[1], low=1)
-        self.seed = check_int(self.NAME, "seed", seed, low=0)
+        self._num_examples = check_int(self.name, num_examples[0], num_examples[1], low=1)
+        self.seed = check_int(self.name, "seed", seed, low=0)
         self.checkpoint_path = checkpoint_path or None
         self.per_model: dict[str, dict[str, Any]] = {}
 
@@ -254,16 +252,16 @@ class PerModelDataMerge(BaseAlgorithm):
         """Check the pool before any heavy work; return the task data, the model names and the tensor keys."""
         names = modelpool.model_names
         if not names:
-            raise ConfigError(f"{self.NAME}: the pool has no fine-tuned models; models: {modelpool.all_model_names}")
+            raise ConfigError(f"{self.name}: the pool has no fine-tuned models; models: {modelpool.all_model_names}")
         if not modelpool.has_pretrained:
-            raise ConfigError(f"{self.NAME}: the pool needs a {PRETRAINED!r} model; models: {modelpool.all_model_names}")
-        data = CLIPTaskClassifiers(modelpool, clip_model=self._clip_model(), what=self.NAME)
+            raise ConfigError(f"{self.name}: the pool needs a {PRETRAINED!r} model; models: {modelpool.all_model_names}")
+        data = CLIPTaskClassifiers(modelpool, clip_model=self._clip_model(), what=self.name)
         data.check_tasks("train", names)
         keys = check_pool_compatible(modelpool, [PRETRAINED, *names])
         for pattern in self._exclusions:
             if not any(pattern.match(k) for k in keys):
                 raise ConfigError(
-                    f"{self.NAME}: exclude_param_names_regex {pattern.pattern!r} matches no tensor; "
+                    f"{self.name}: exclude_param_names_regex {pattern.pattern!r} matches no tensor; "
                     f"tensors are named like {keys[0]!r} (matched from the start with re.match)"
                 )
         return data, names, keys
@@ -287,24 +285,24 @@ class PerModelDataMerge(BaseAlgorithm):
         dataset = data.dataset("train", task)
         if len(dataset) < self._num_examples:
             log.warning("%s: train dataset %r has %d images, fewer than %s=%d; using all of them",
-                        self.NAME, task, len(dataset), self._num_examples_option, self._num_examples)  # fmt: skip
+                        self.name, task, len(dataset), self._num_examples_option, self._num_examples)  # fmt: skip
         subset = first_examples(dataset, self._num_examples, shuffle=self.dataloader_kwargs["shuffle"], seed=self.seed + index)
         loader = data.loader(subset, batch_size=self.dataloader_kwargs["batch_size"],
                              num_workers=self.dataloader_kwargs["num_workers"], what=f"train dataset {task!r}")  # fmt: skip
-        for pixel_values, _labels in tqdm(loader, desc=f"{self.NAME}: {task}", leave=False, disable=None):
+        for pixel_values, _labels in tqdm(loader, desc=f"{self.name}: {task}", leave=False, disable=None):
             yield fabric.to_device(pixel_values)
 
     def _checkpoint_meta(self, modelpool: BaseModelPool, names: list[str], keys: list[str]) -> dict[str, Any]:
-        return {"method": self.NAME, "models": list(names), "architecture": architecture_fingerprint(modelpool, keys),
+        return {"method": self.name, "models": list(names), "architecture": architecture_fingerprint(modelpool, keys),
                 "options": self._options()}  # fmt: skip
 
     def _resume(self, acc: Any, meta: Mapping[str, Any]) -> list[str]:
         if self.checkpoint_path is None or not Path(self.checkpoint_path).expanduser().is_file():
             return []
-        state = load_checkpoint(self.checkpoint_path, expect=meta, what=f"{self.NAME}: checkpoint")
+        state = load_checkpoint(self.checkpoint_path, expect=meta, what=f"{self.name}: checkpoint")
         acc.load_state_dict(state["accumulator"])
         self.per_model = {k: dict(v) for k, v in state["per_model"].items()}
-        log.info("%s: resuming from %s after %s", self.NAME, self.checkpoint_path, state["done"])
+        log.info("%s: resuming from %s after %s", self.name, self.checkpoint_path, state["done"])
         return list(state["done"])
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
@@ -315,7 +313,7 @@ class PerModelDataMerge(BaseAlgorithm):
         acc = self._new_accumulator()
         meta = self._checkpoint_meta(modelpool, names, keys)
         done = self._resume(acc, meta)
-        for index, name in enumerate(tqdm(names, desc=self.NAME, disable=None)):
+        for index, name in enumerate(tqdm(names, desc=self.name, disable=None)):
             if name in done:
                 continue
             start = time.perf_counter()
@@ -323,7 +321,7 @@ class PerModelDataMerge(BaseAlgorithm):
             entry = self._add_model(acc, name, model, self._batches(data, index, name, fabric), fabric, data)
             entry["seconds"] = round(time.perf_counter() - start, 3)
             self.per_model[name] = entry
-            log_metrics(fabric, {f"{self.NAME}/{name}/{k}": float(v) for k, v in entry.items()}, step=index)
+            log_metrics(fabric, {f"{self.name}/{name}/{k}": float(v) for k, v in entry.items()}, step=index)
             done.append(name)
             if self.checkpoint_path is not None:
                 save_checkpoint(self.checkpoint_path, {"accumulator": acc.state_dict(), "done": list(done),
@@ -333,4 +331,4 @@ class PerModelDataMerge(BaseAlgorithm):
 
     def extra_report(self) -> dict[str, Any]:
         """Per model: images used, seconds, and the method's own numbers."""
-        return {self.NAME: dict(self.per_model)} if self.per_model else {}
+        return {self.name: dict(self.per_model)} if self.per_model else {}

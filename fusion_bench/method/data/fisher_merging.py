@@ -121,8 +121,6 @@ class FisherMergingForCLIPVisionModel(PerModelDataMerge):
         checkpoint_path: file saved after each model; a rerun resumes from it (null: none).
     """
 
-    NAME = NAME
-
     def __init__(
         self,
         *,

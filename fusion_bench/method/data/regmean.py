@@ -126,8 +126,6 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
         checkpoint_path: file saved after each model; a rerun resumes from it (null: none).
     """
 
-    NAME = NAME
-
     def __init__(
         self,
         *,
@@ -142,7 +140,7 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
                                 exclude_param_names_regex=exclude_param_names_regex, seed=seed,
                                 checkpoint_path=checkpoint_path)  # fmt: skip
         self.num_regmean_examples = self._num_examples
-        self.reduce_non_diagonal_ratio = check_range(self.NAME, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio,
+        self.reduce_non_diagonal_ratio = check_range(self.name, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio,
                                                      low=0.0, high=1.0)  # fmt: skip
 
     def _options(self) -> dict[str, Any]:
@@ -158,7 +156,7 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
         keys = canonical_parameter_names(data.modelpool, model)
         modules = linear_inputs(model, keys, tensors)
         if not modules:
-            raise IncompatibleModelsError(f"{self.NAME}: model {name!r} has no nn.Linear layer to merge (all excluded?)")
+            raise IncompatibleModelsError(f"{self.name}: model {name!r} has no nn.Linear layer to merge (all excluded?)")
         model = fabric.to_device(model)
         count = 0
         with LinearInputGrams(modules) as hooks:

@@ -66,8 +66,6 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
             ``checkpoint_path`` is written after every encoder layer.
     """
 
-    NAME = NAME
-
     def __init__(self, *, outside_encoder: str = "pretrained", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.outside_encoder = check_choice(NAME, "outside_encoder", outside_encoder, OUTSIDE_ENCODER)

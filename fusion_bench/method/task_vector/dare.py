@@ -146,16 +146,15 @@ def linear_weight_keys(modelpool: BaseModelPool) -> frozenset[str]:
 class _DareOptions(BaseAlgorithm):
     """The options both DARE variants share (validated here, at construction)."""
 
-    _name = "dare"
 
     def __init__(self, scaling_factor: float, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool,
                  seed: int) -> None:  # fmt: skip
-        self.scaling_factor = check_range(self._name, "scaling_factor", scaling_factor)
-        self.sparsity_ratio = check_range(self._name, "sparsity_ratio", sparsity_ratio, low=0, high=1, high_open=True,
+        self.scaling_factor = check_range(self.name, "scaling_factor", scaling_factor)
+        self.sparsity_ratio = check_range(self.name, "sparsity_ratio", sparsity_ratio, low=0, high=1, high_open=True,
                                           hint=" (the probability of dropping each entry)")  # fmt: skip
-        self.rescale = check_bool(self._name, "rescale", rescale)
-        self.only_on_linear_weights = check_bool(self._name, "only_on_linear_weights", only_on_linear_weights)
-        self.seed = check_int(self._name, "seed", seed)
+        self.rescale = check_bool(self.name, "rescale", rescale)
+        self.only_on_linear_weights = check_bool(self.name, "only_on_linear_weights", only_on_linear_weights)
+        self.seed = check_int(self.name, "seed", seed)
 
     def _transform(self, modelpool: BaseModelPool) -> TaskVectorTransform:
         keys = linear_weight_keys(modelpool) if self.only_on_linear_weights else None
@@ -174,7 +173,6 @@ class DareTaskArithmeticAlgorithm(_DareOptions):
         seed: base seed of the drop masks.
     """
 
-    _name = "dare_task_arithmetic"
 
     def __init__(self, scaling_factor: float = 0.3, sparsity_ratio: float = 0.5, rescale: bool = True,
                  only_on_linear_weights: bool = False, seed: int = 42) -> None:  # fmt: skip
@@ -200,13 +198,12 @@ class DareTiesMergingAlgorithm(_DareOptions):
         merge_func: ``sum`` (reference), ``mean`` (TIES paper) or ``max``.
     """
 
-    _name = "dare_ties_merging"
 
     def __init__(self, scaling_factor: float = 0.5, sparsity_ratio: float = 0.5, rescale: bool = True,
                  only_on_linear_weights: bool = False, seed: int = 42, threshold: float = 20,
                  merge_func: str = "sum") -> None:  # fmt: skip
         super().__init__(scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed)
-        self._density, self.merge_func = check_ties_options(self._name, threshold, merge_func)
+        self._density, self.merge_func = check_ties_options(self.name, threshold, merge_func)
         self.threshold = float(threshold)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:

@@ -215,12 +215,10 @@ class _AdaMerging(TestTimeAlgorithm):
 @register_algorithm("clip_task_wise_adamerging")
 class CLIPTaskWiseAdaMergingAlgorithm(_AdaMerging):
     __doc__ = "Task-wise AdaMerging (``λ ∈ ℝ^T``).\n\n" + (_AdaMerging.__doc__ or "")
-    name = "clip_task_wise_adamerging"
     layer_wise = False
 
 
 @register_algorithm("clip_layer_wise_adamerging")
 class CLIPLayerWiseAdaMergingAlgorithm(_AdaMerging):
     __doc__ = "Layer-wise AdaMerging (``λ ∈ ℝ^{T×L}``, one per parameter tensor).\n\n" + (_AdaMerging.__doc__ or "")
-    name = "clip_layer_wise_adamerging"
     layer_wise = True

@@ -160,7 +160,6 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
 
-    name = "clip_concrete_task_arithmetic"
 
     def __init__(self, *, scaling_factor: float = 0.3, temperature: float = 0.5, initial_logits: float = 0.0,
                  eval_mask_type: str = "continuous", optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 2000,
@@ -225,7 +224,6 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
 
-    name = "clip_concrete_layer_wise_adamerging"
 
     def __init__(self, *, scaling_factor: float = 0.3, base_lr: float = 1.0, inner_lambda: str = "carry",
                  adamerging_lr: float = 1e-3, max_adamerging_steps: int = 1000, clamp_weights: bool = False, temperature: float = 0.5,

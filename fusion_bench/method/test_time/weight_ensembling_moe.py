@@ -134,15 +134,13 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         clip_model: the full CLIP giving the text tower, projection and logit scale (None: ``_pretrained_``).
     """
 
-    NAME = NAME
-
     def __init__(self, *, checkpoint: str | None = None, save_checkpoint: str | None = None, router_hidden_layers: int = 2,
                  init_lambda: float = 0.3, scaling_factor: float | None = None, num_upscaled_layers: int | None = None,
                  tv_prune_ratio: float = 0.0, shared_gate: bool = False, batch_reduce: bool = True, lr: float = 1e-4,
                  optimizer: str = "adam", max_steps: int = 1000, batch_size: int = 16, use_grad_accumulate: bool = True,
                  seed: int = 42, num_workers: int = 0, devices: int = 1, save_interval: int = 100,
                  train_state_path: str | None = None, clip_model: Any = None) -> None:  # fmt: skip
-        name = self.NAME
+        name = self.name
         self.checkpoint = optional_path(checkpoint, f"{name}: option 'checkpoint'")
         self.save_checkpoint = optional_path(save_checkpoint, f"{name}: option 'save_checkpoint'")
         self.router_hidden_layers = check_int(name, "router_hidden_layers", router_hidden_layers)
@@ -174,9 +172,9 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """Build the WEMoE model, load or train its routers, and return it (per-sample routing)."""
         names = modelpool.model_names
         if not names or not modelpool.has_pretrained:
-            raise ConfigError(f"{self.NAME}: needs a {PRETRAINED!r} model and at least one fine-tuned model; the pool has {modelpool.all_model_names}")
+            raise ConfigError(f"{self.name}: needs a {PRETRAINED!r} model and at least one fine-tuned model; the pool has {modelpool.all_model_names}")
         meta = self._meta(names, self._layout(modelpool))
-        heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, what=self.NAME)
+        heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, what=self.name)
         loaded = resume = None
         if self.checkpoint is not None:  # validated before any heavy work
             loaded = self._load_routers_checkpoint(meta)
@@ -185,7 +183,7 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
             resume = self._load_train_state(meta)
         model = self._build(modelpool, names, meta)
         if loaded is not None:
-            model.load_router_state_dict(loaded["routers"], what=f"{self.NAME}: checkpoint {self.checkpoint!r}")
+            model.load_router_state_dict(loaded["routers"], what=f"{self.name}: checkpoint {self.checkpoint!r}")
         else:
             self._train(model, heads, names, meta, resume)
             if self.save_checkpoint is not None and self._is_global_zero():
@@ -196,10 +194,10 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """The encoder's layer count and MLP sizes (from tensor headers) and the layers to upscale."""
         layers = sorted(int(m.group(1)) for k in modelpool.keys(PRETRAINED) if (m := _FC1.fullmatch(k)))
         if not layers:
-            raise ModelLoadError(f"{self.NAME}: model {PRETRAINED!r} has no CLIP encoder MLPs ('encoder.layers.<i>.mlp.fc1.weight')")
+            raise ModelLoadError(f"{self.name}: model {PRETRAINED!r} has no CLIP encoder MLPs ('encoder.layers.<i>.mlp.fc1.weight')")
         count = self.num_upscaled_layers or len(layers)
         if count > len(layers):
-            raise ConfigError(f"{self.NAME}: option 'num_upscaled_layers' is {count} but the model has {len(layers)} encoder layers")
+            raise ConfigError(f"{self.name}: option 'num_upscaled_layers' is {count} but the model has {len(layers)} encoder layers")
         (intermediate, hidden), _ = modelpool.tensor_source(PRETRAINED).shape_dtype(f"encoder.layers.{layers[0]}.mlp.fc1.weight")
         return {"num_layers": len(layers), "hidden_size": int(hidden), "intermediate_size": int(intermediate),
                 "upscaled_layers": layers[len(layers) - count :]}  # fmt: skip
@@ -218,8 +216,8 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """Frozen task arithmetic (streamed per tensor), then the MLPs upscaled with the experts' task vectors."""
         scaling = self.scaling_factor
         merged = stream_merge(modelpool, lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
-                              model_names=names, desc=f"{self.NAME}: task arithmetic base")  # fmt: skip
-        experts = {i: self._experts(modelpool, names, i) for i in tqdm(meta["upscaled_layers"], desc=f"{self.NAME}: upscaling", leave=False, disable=None)}
+                              model_names=names, desc=f"{self.name}: task arithmetic base")  # fmt: skip
+        experts = {i: self._experts(modelpool, names, i) for i in tqdm(meta["upscaled_layers"], desc=f"{self.name}: upscaling", leave=False, disable=None)}
         return upscale_clip_vision_model(merged, experts, router_depth=self.router_hidden_layers, init_lambda=self.init_lambda,
                                          shared_gate=self.shared_gate, batch_reduce=self.batch_reduce, seed=self.seed,
                                          meta=meta)  # fmt: skip
@@ -239,13 +237,13 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
     def _load_routers_checkpoint(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         path = Path(self.checkpoint).expanduser()
         path = path / CHECKPOINT_FILE if path.is_dir() else path
-        return load_checkpoint(path, expect=meta, what=f"{self.NAME}: checkpoint")
+        return load_checkpoint(path, expect=meta, what=f"{self.name}: checkpoint")
 
     def _load_train_state(self, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         if self.train_state_path is None or not Path(self.train_state_path).is_file():
             return None
         try:
-            return load_checkpoint(self.train_state_path, expect=self._train_meta(meta), what=f"{self.NAME}: train state")
+            return load_checkpoint(self.train_state_path, expect=self._train_meta(meta), what=f"{self.name}: train state")
         except ConfigError as err:
             raise ConfigError(f"{err}; delete it to start over, or set method.train_state_path") from None
 
@@ -269,7 +267,7 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
             self.fabric.launch()
         elif self.devices not in (1, self.fabric.world_size):
             log.warning("%s: method.devices=%d ignored: the run's Fabric has %d device(s); set fabric.devices instead",
-                        self.NAME, self.devices, self.fabric.world_size)  # fmt: skip
+                        self.name, self.devices, self.fabric.world_size)  # fmt: skip
         return self.fabric
 
     def _is_global_zero(self) -> bool:
@@ -288,7 +286,7 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         dtype = next(model.parameters()).dtype
         model.train()
         began = time.perf_counter()
-        for step in tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc=self.NAME, disable=None):
+        for step in tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc=self.name, disable=None):
             entropies = entropy_minimisation_step(classifiers, streams, optimizer, use_grad_accumulate=self.use_grad_accumulate,
                                                   backward=fabric.backward, device=fabric.device, dtype=dtype)  # fmt: skip
             self._history.append(sum(entropies.values()))
@@ -300,11 +298,11 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
     def _apply_resume(self, model: WEMoECLIPVisionModel, optimizer: Any, resume: Mapping[str, Any] | None) -> int:
         if resume is None:
             return 0
-        model.load_router_state_dict(resume["routers"], what=f"{self.NAME}: train state {self.train_state_path!r}")
+        model.load_router_state_dict(resume["routers"], what=f"{self.name}: train state {self.train_state_path!r}")
         optimizer.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng_state"])
         self._history = resume["history"].tolist()
-        log.info("%s: resumed from step %d of %s", self.NAME, resume["step"], self.train_state_path)
+        log.info("%s: resumed from step %d of %s", self.name, resume["step"], self.train_state_path)
         return min(int(resume["step"]), self.max_steps)
 
     def _finish(self, fabric: Any, start: int, seconds: float) -> None:
@@ -319,13 +317,13 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """The checkpoint loaded, or: steps, seconds per step, the entropy objective (summed over tasks) at the start and end: the
         mean of the first and last 10 steps (of each half when there are fewer than 20)."""
         if self.checkpoint is not None:
-            return {self.NAME: {"checkpoint": self.checkpoint, "trained": False}}
+            return {self.name: {"checkpoint": self.checkpoint, "trained": False}}
         report: dict[str, Any] = {"trained": True, "max_steps": self.max_steps, "save_checkpoint": self.save_checkpoint, **self._summary}
         if self._history:
             window = max(1, min(10, len(self._history) // 2))
             report["entropy_first"] = sum(self._history[:window]) / window
             report["entropy_last"] = sum(self._history[-window:]) / window
-        return {self.NAME: report}
+        return {self.name: report}
 
 
 def _with_defaults(init: Callable[..., None], **defaults: Any) -> inspect.Signature:
@@ -342,8 +340,6 @@ class SparseCLIPWeightEnsemblingMoEAlgorithm(CLIPWeightEnsemblingMoEAlgorithm):
     """The efficient WEMoE: the same options, defaults ``tv_prune_ratio=0.9`` (each MLP task vector
     keeps its largest ~10% entries), ``shared_gate=True`` (one router for all layers) and
     ``use_grad_accumulate=False`` (the reference's configuration)."""
-
-    NAME = SPARSE_NAME
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**{**SPARSE_DEFAULTS, **options})

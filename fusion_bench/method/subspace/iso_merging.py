@@ -27,7 +27,7 @@ data and the published tables used α = 1.5 for these methods. ``common_space_fr
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,9 @@ from fusion_bench.merge import stream_merge
 from fusion_bench.method.subspace.svd import (
     compose,
     isotropic_spectrum,
-    matrix_or_mean,
     polar_factor,
     project_out,
+    subspace_merge_tensor,
     thin_svd,
     truncated_svd,
 )
@@ -112,13 +112,6 @@ def iso_cts_matrix(task_vectors: Sequence[Tensor], *, common_space_fraction: flo
     return compose(polar_factor(u_cat), isotropic_spectrum(s_cat), polar_factor(vh_cat))
 
 
-def _iso_tensor(base: Tensor, finetuned: Sequence[Tensor], merge_matrix: Callable[[Sequence[Tensor]], Tensor],
-                scaling_factor: float) -> Tensor:  # fmt: skip
-    """``θ0 + α · M`` for one key (2-D: ``merge_matrix``; else the mean of ``τ``)."""
-    task_vectors = [theta - base for theta in finetuned]
-    return base + scaling_factor * matrix_or_mean(task_vectors, merge_matrix)
-
-
 @pure_core()
 def iso_c(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 1.0) -> dict[str, Tensor]:
     """Iso-C over whole state dicts (the pure core).
@@ -131,7 +124,7 @@ def iso_c(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: fl
     Returns:
         the merged state dict.
     """
-    return {k: _iso_tensor(base[k], [sd[k] for sd in finetuned], iso_c_matrix, scaling_factor) for k in base}
+    return {k: subspace_merge_tensor(base[k], [sd[k] for sd in finetuned], iso_c_matrix, scaling_factor) for k in base}
 
 
 @pure_core()
@@ -149,7 +142,7 @@ def iso_cts(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: 
         the merged state dict.
     """
     merge = partial(iso_cts_matrix, common_space_fraction=common_space_fraction)
-    return {k: _iso_tensor(base[k], [sd[k] for sd in finetuned], merge, scaling_factor) for k in base}
+    return {k: subspace_merge_tensor(base[k], [sd[k] for sd in finetuned], merge, scaling_factor) for k in base}
 
 
 @register_algorithm("iso_c", core=iso_c)
@@ -166,7 +159,7 @@ class IsoCAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         return stream_merge(
             modelpool,
-            lambda key, base, thetas: _iso_tensor(base, thetas, iso_c_matrix, self.scaling_factor),
+            lambda key, base, thetas: subspace_merge_tensor(base, thetas, iso_c_matrix, self.scaling_factor),
             desc="Iso-C",
         )
 
@@ -190,5 +183,5 @@ class IsoCTSAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         merge = partial(iso_cts_matrix, common_space_fraction=self.common_space_fraction)
         return stream_merge(
-            modelpool, lambda key, base, thetas: _iso_tensor(base, thetas, merge, self.scaling_factor), desc="Iso-CTS"
+            modelpool, lambda key, base, thetas: subspace_merge_tensor(base, thetas, merge, self.scaling_factor), desc="Iso-CTS"
         )

@@ -32,6 +32,7 @@ __all__ = [
     "project_out",
     "mean_in_order",
     "matrix_or_mean",
+    "subspace_merge_tensor",
 ]
 
 SVD = tuple[Tensor, Tensor, Tensor]
@@ -159,3 +160,11 @@ def matrix_or_mean(task_vectors: Sequence[Tensor], merge_matrix: Callable[[Seque
     if task_vectors[0].ndim == 2:
         return merge_matrix(task_vectors)
     return mean_in_order(task_vectors)
+
+
+def subspace_merge_tensor(
+    base: Tensor, finetuned: Sequence[Tensor], merge_matrix: Callable[[Sequence[Tensor]], Tensor], scale: float
+) -> Tensor:
+    """``θ0 + scale · matrix_or_mean(τ, merge_matrix)`` for one key: the per-key formula of TSV-M, Iso-C and Iso-CTS."""
+    task_vectors = [theta - base for theta in finetuned]
+    return base + scale * matrix_or_mean(task_vectors, merge_matrix)

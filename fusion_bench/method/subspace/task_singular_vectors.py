@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench.merge import stream_merge
-from fusion_bench.method.subspace.svd import compose, matrix_or_mean, polar_factor, truncated_svd
+from fusion_bench.method.subspace.svd import compose, polar_factor, subspace_merge_tensor, truncated_svd
 from fusion_bench.method._options import check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
@@ -65,8 +65,7 @@ def tsv_merging_tensor(base: Tensor, finetuned: Sequence[Tensor], *, alpha: floa
     Returns:
         the merged tensor.
     """
-    task_vectors = [theta - base for theta in finetuned]
-    return base + alpha * matrix_or_mean(task_vectors, tsv_merge_matrix)
+    return subspace_merge_tensor(base, finetuned, tsv_merge_matrix, alpha)
 
 
 @pure_core()

@@ -22,14 +22,13 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fusion_bench.errors import ConfigError
 from fusion_bench.method.task_vector.core import (
     Aggregate,
     PoolTaskVectors,
     StateDictTaskVectors,
-    TaskVectors,
     family_core,
     family_merge,
     plan_pool,

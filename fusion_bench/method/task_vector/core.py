@@ -21,7 +21,6 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fusion_bench.merge.streaming import check_finite, compute_dtype, prefetched, stream_merge, validate_pool
 from fusion_bench.merge.tensors import sum_in_order

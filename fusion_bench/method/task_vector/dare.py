@@ -24,7 +24,7 @@ import hashlib
 from typing import AbstractSet, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fusion_bench.method.task_vector.core import (
     PoolTaskVectors,
@@ -146,7 +146,6 @@ def linear_weight_keys(modelpool: BaseModelPool) -> frozenset[str]:
 class _DareOptions(BaseAlgorithm):
     """The options both DARE variants share (validated here, at construction)."""
 
-
     def __init__(self, scaling_factor: float, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool,
                  seed: int) -> None:  # fmt: skip
         self.scaling_factor = check_range(self.name, "scaling_factor", scaling_factor)
@@ -173,7 +172,6 @@ class DareTaskArithmeticAlgorithm(_DareOptions):
         seed: base seed of the drop masks.
     """
 
-
     def __init__(self, scaling_factor: float = 0.3, sparsity_ratio: float = 0.5, rescale: bool = True,
                  only_on_linear_weights: bool = False, seed: int = 42) -> None:  # fmt: skip
         super().__init__(scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed)
@@ -197,7 +195,6 @@ class DareTiesMergingAlgorithm(_DareOptions):
         threshold: TIES' percent kept by magnitude, in (0, 100].
         merge_func: ``sum`` (reference), ``mean`` (TIES paper) or ``max``.
     """
-
 
     def __init__(self, scaling_factor: float = 0.5, sparsity_ratio: float = 0.5, rescale: bool = True,
                  only_on_linear_weights: bool = False, seed: int = 42, threshold: float = 20,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fusion_bench.merge.tensors import order_statistics_
 from fusion_bench.method.task_vector.core import TaskVectorTransform, family_core, family_merge, plan_pool, sum_aggregate

@@ -160,7 +160,6 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
 
-
     def __init__(self, *, scaling_factor: float = 0.3, temperature: float = 0.5, initial_logits: float = 0.0,
                  eval_mask_type: str = "continuous", optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 2000,
                  batch_size: int = 16, num_workers: int = 0, seed: int = 42, mask_checkpoint: str | None = None,
@@ -223,7 +222,6 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         batch_size, num_workers, seed, save_interval, checkpoint_dir, resume, devices, clip_model, task_text:
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
-
 
     def __init__(self, *, scaling_factor: float = 0.3, base_lr: float = 1.0, inner_lambda: str = "carry",
                  adamerging_lr: float = 1e-3, max_adamerging_steps: int = 1000, clamp_weights: bool = False, temperature: float = 0.5,

@@ -13,7 +13,6 @@ report's ``meta.corruption`` then says which corruption, severity and seed each 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 

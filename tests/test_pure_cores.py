@@ -108,3 +108,19 @@ def test_per_key_steps_leave_the_task_vectors_untouched(step):
         before = [tv.clone() for tv in tvs]
         aggregate(key, tvs)
         assert all(torch.equal(tv, b) for tv, b in zip(tvs, before)), key
+
+
+SPELLINGS = [("ta", "task_arithmetic"), ("ties", "ties_merging")]
+
+
+@pytest.mark.parametrize("core, option", [("consensus_merging", "aggregation"), ("lines", "merge")])
+def test_one_inner_step_chooser_takes_both_spellings(core, option):
+    models = state_dicts(torch.float32)
+    results = {}
+    for short, long in SPELLINGS:
+        a = CORES[core](models[0], models[1:], **{option: short})
+        b = CORES[core](models[0], models[1:], **{option: long})
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        results[long] = a
+    key = "encoder.layers.0.fc.weight"
+    assert not torch.equal(results["task_arithmetic"][key], results["ties_merging"][key])

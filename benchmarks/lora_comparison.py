@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA vs L-LoRA experts, alone and merged (the seeds' comparison), offline.
+"""Full fine-tuning vs LoRA vs L-LoRA experts, alone and merged (the published comparison), offline.
 
 For each variant (``full``: ``method=clip_finetune``; ``lora``: ``clip_finetune_lora``; ``l_lora``:
 ``clip_finetune_l_lora``) and each task of the pool, fine-tune an expert from the pool's

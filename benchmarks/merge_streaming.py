@@ -29,14 +29,14 @@ from pathlib import Path
 
 def naive_merge(pool, method: str) -> dict:
     """The baseline: every state dict in memory at once, then the method's in-memory core."""
-    from fusion_bench.method.task_arithmetic import task_arithmetic
+    from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic
 
     base = {k: pool.get_tensor("_pretrained_", k) for k in pool.keys("_pretrained_")}
     finetuned = [{k: pool.get_tensor(n, k) for k in base} for n in pool.model_names]
     if method == "task_arithmetic":
         return task_arithmetic(base, finetuned, scaling_factor=0.3)
     if method == "ties_merging":
-        from fusion_bench.method.ties_merging import ties_merging
+        from fusion_bench.method.task_vector.ties_merging import ties_merging
 
         return ties_merging(base, finetuned, threshold=20, scaling_factor=0.3)
     raise ValueError(f"no naive baseline for {method!r}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fusion_bench.utils.paths import cache_root
+
 __all__ = ["example_root", "example_path", "classification_example_root", "classification_example_path",
            "openclip_example_path", "register_resolvers"]
 
@@ -24,8 +26,7 @@ def _root(env_var: str, default_name: str) -> Path:
     """``$env_var``, else ``$FUSION_BENCH_CACHE_DIR/default_name`` (cache default ``~/.cache/fusion_bench``)."""
     if env_var in os.environ:
         return Path(os.environ[env_var]).expanduser()
-    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
-    return cache / default_name
+    return cache_root() / default_name
 
 
 def example_root() -> Path:

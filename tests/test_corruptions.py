@@ -23,7 +23,7 @@ from fusion_bench.data.corruptions import (
 )
 from fusion_bench.data.loading import load_dataset_from_config
 from fusion_bench.errors import ConfigError, DatasetError
-from fusion_bench.testing.tiny_clip import _class_image
+from fusion_bench.testing.tiny_datasets import _class_image
 
 RANDOM = ("gaussian_noise", "impulse_noise", "motion_blur", "spatter")
 

@@ -182,7 +182,7 @@ def test_corruption_figure_shows_each_corruption_and_severity(tmp_path):
     from PIL import Image
 
     from fusion_bench.scripts.corruption_figure import corruption_grid, save_corruption_grid
-    from fusion_bench.testing.tiny_clip import _class_image
+    from fusion_bench.testing.tiny_datasets import _class_image
 
     img = _class_image(np.random.default_rng(0), 3, 8, 32, "RGB")
     fig = corruption_grid(img, index=4, table="cifar")

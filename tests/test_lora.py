@@ -13,8 +13,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench.errors import ConfigError, IncompatibleModelsError, ModelLoadError, ModelPoolError
 from fusion_bench.merge import stream_merge
-from fusion_bench.method.clip_finetune import CLIPFinetuneAlgorithm
-from fusion_bench.method.task_arithmetic import task_arithmetic_tensor
+from fusion_bench.method.train.clip_finetune import CLIPFinetuneAlgorithm
+from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_tensor
 from fusion_bench.modelpool import CLIPVisionLoRAModelPool, CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 from fusion_bench.models.linearized import (

@@ -10,8 +10,8 @@ from torch import nn
 
 from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm
-from fusion_bench.method.simple_average import simple_average
-from fusion_bench.method.task_arithmetic import task_arithmetic
+from fusion_bench.method.averaging.simple_average import simple_average
+from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic
 from fusion_bench.modelpool import BaseModelPool, CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 

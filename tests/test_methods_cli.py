@@ -10,7 +10,7 @@ from conftest import run_cli
 from hydra import compose, initialize_config_dir
 
 from fusion_bench.example import register_resolvers
-from fusion_bench.method.ties_merging import TiesMergingAlgorithm
+from fusion_bench.method.task_vector.ties_merging import TiesMergingAlgorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 from fusion_bench.program import FabricModelFusionProgram

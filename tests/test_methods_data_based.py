@@ -14,10 +14,10 @@ from torch import nn
 
 from fusion_bench.errors import ConfigError, DatasetError
 from fusion_bench.method import FisherMergingForCLIPVisionModel, RegMeanAlgorithmForCLIP, RegMeanAlgorithmForCLIPPlusPlus
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers
-from fusion_bench.method._data_merging import first_examples
-from fusion_bench.method.fisher_merging import fisher_weighted_average
-from fusion_bench.method.regmean import regmean, solve_regmean
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
+from fusion_bench.method.data.base import first_examples
+from fusion_bench.method.data.fisher_merging import fisher_weighted_average
+from fusion_bench.method.data.regmean import regmean, solve_regmean
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.fisher import diagonal_fisher
 from fusion_bench.models.hf_clip import vision_state_dict
@@ -307,8 +307,19 @@ def test_regmean_plusplus_takes_grams_through_merged_layers(tiny_example):
             np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-5, atol=REGMEAN_ATOL, err_msg=key)
         with torch.no_grad():
             features = {t: [merged.encoder.layers[layer](x, None) for x in xs] for t, xs in features.items()}
-    for key in ("post_layernorm.weight", "embeddings.patch_embedding.weight", "encoder.layers.1.mlp.fc1.bias"):
-        np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6)
+    for key in ("embeddings.patch_embedding.weight", "pre_layrnorm.bias", "encoder.layers.1.mlp.fc1.bias"):
+        expected = np.mean([states[t][key] for t in TASKS], axis=0)
+        np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-6, atol=1e-9)
+    # outside the embeddings, pre-layernorm and encoder layers: θ0 by default (the reference), the mean on request
+    theta0 = {k: v.double().numpy() for k, v in vision_state_dict(pool.load_model("_pretrained_")).items()}
+    outside = [k for k in theta0 if not k.startswith(("embeddings.", "pre_layrnorm.", "encoder."))]
+    assert sorted(outside) == ["post_layernorm.bias", "post_layernorm.weight"]
+    for key in outside:
+        np.testing.assert_array_equal(vision_state_dict(merged)[key].double().numpy(), theta0[key])
+        assert np.abs(np.mean([states[t][key] for t in TASKS], axis=0) - theta0[key]).max() > 1e-5  # the check can fail
+    averaged = vision_state_dict(RegMeanAlgorithmForCLIPPlusPlus(num_regmean_examples=40, outside_encoder="average").run(pool))
+    for key in outside:
+        np.testing.assert_allclose(averaged[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6)
     plain = vision_state_dict(RegMeanAlgorithmForCLIP(num_regmean_examples=40).run(pool))
     assert not torch.allclose(plain["encoder.layers.0.self_attn.q_proj.weight"], vision_state_dict(merged)["encoder.layers.0.self_attn.q_proj.weight"])
 
@@ -344,7 +355,7 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_example, tmp_path, monkeyp
     assert len(calls) == (2 if step == "_add_model" else 1)  # only what was not finished before the interrupt
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
-    assert set(TASKS) <= set(method.extra_report()[method.NAME])
+    assert set(TASKS) <= set(method.extra_report()[method.name])
 
 
 def test_checkpoint_of_another_pool_or_architecture_is_refused(tiny_example, tmp_path):

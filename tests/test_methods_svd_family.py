@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fusion_bench.errors import ConfigError, ModelPoolError
-from fusion_bench.merge.svd import isotropic_spectrum, polar_factor, project_out, truncated_svd
+from fusion_bench.method.subspace.svd import isotropic_spectrum, polar_factor, project_out, truncated_svd
 from fusion_bench.method import (
     IsoCAlgorithm,
     IsoCTSAlgorithm,
@@ -23,12 +23,12 @@ from fusion_bench.method import (
     TSVMergingAlgorithm,
     WUDIMergingAlgorithm,
 )
-from fusion_bench.method.iso_merging import iso_c, iso_cts, iso_cts_subspace_sizes
-from fusion_bench.method.lines import lines
-from fusion_bench.method.model_stock import model_stock
-from fusion_bench.method.task_singular_vectors import tsv_merging
-from fusion_bench.method.ties_merging import ties_merging
-from fusion_bench.method.wudi_merging import wudi_merging
+from fusion_bench.method.subspace.iso_merging import iso_c, iso_cts, iso_cts_subspace_sizes
+from fusion_bench.method.task_vector.lines import lines
+from fusion_bench.method.subspace.model_stock import model_stock
+from fusion_bench.method.subspace.task_singular_vectors import tsv_merging
+from fusion_bench.method.task_vector.ties_merging import ties_merging
+from fusion_bench.method.subspace.wudi_merging import wudi_merging
 from fusion_bench.modelpool import BaseModelPool, CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 

@@ -14,15 +14,6 @@ from PIL import Image
 from torch import nn
 
 from fusion_bench.errors import ConfigError, IncompatibleModelsError, ModelPoolError
-from fusion_bench.merge.task_vectors import (
-    breadcrumbs_mask,
-    dare_drop,
-    dare_generator,
-    disjoint_merge,
-    magnitude_threshold,
-    ties_elect_sign,
-    trim_top_k,
-)
 from fusion_bench.method import (
     ConsensusMergingAlgorithm,
     DareTaskArithmeticAlgorithm,
@@ -34,12 +25,18 @@ from fusion_bench.method import (
     TiesMergingAlgorithm,
     WeightedAverageAlgorithm,
 )
-from fusion_bench.method.consensus import consensus_merging
-from fusion_bench.method.dare import dare_task_arithmetic, dare_ties_merging, linear_weight_keys
-from fusion_bench.method.model_breadcrumbs import model_breadcrumbs
-from fusion_bench.method.pcb_merging import pcb_merging
-from fusion_bench.method.ties_merging import ties_merging
-from fusion_bench.method.weighted_average import weighted_average
+from fusion_bench.method.averaging.weighted_average import weighted_average
+from fusion_bench.method.task_vector.consensus import consensus_merging
+from fusion_bench.method.task_vector.dare import dare_drop, dare_generator, dare_task_arithmetic, dare_ties_merging, linear_weight_keys
+from fusion_bench.method.task_vector.model_breadcrumbs import breadcrumbs_mask, model_breadcrumbs
+from fusion_bench.method.task_vector.pcb_merging import pcb_merging
+from fusion_bench.method.task_vector.ties_merging import (
+    disjoint_merge,
+    magnitude_threshold,
+    ties_elect_sign,
+    ties_merging,
+    trim_top_k,
+)
 from fusion_bench.modelpool import BaseModelPool, CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 
@@ -232,6 +229,51 @@ def test_consensus_per_task_lambdas():
     assert merged.weight.tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
+def ties_consensus_oracle(
+    base: nn.Linear, models: list[nn.Linear], *, density: float, lam: float, k: int, alpha: float, raw: bool = True
+) -> tuple[np.ndarray, list[float], float]:
+    """numpy, float32: whole-model TIES (sum) τ_MTL; TALL masks from the raw task vectors (``raw=False``: from the
+    trimmed ones); θ0 + α (keep ⊙ τ_MTL)."""
+    tvs = [flat32(m) - flat32(base) for m in models]  # (d,) each, keys sorted (bias, weight)
+    d = tvs[0].size
+    trimmed = []
+    for tv in tvs:
+        thr = np.sort(np.abs(tv))[d - int(d * density) - 1]  # the (d − int(d·density))-th smallest |v|
+        trimmed.append(np.where(np.abs(tv) >= thr, tv, np.float32(0)))
+    total = np.zeros(d, np.float32)
+    for tv in trimmed:
+        total = total + tv
+    sign = np.sign(total)
+    sign[sign == 0] = np.sign(sign.sum())
+    mtl = np.zeros(d, np.float32)
+    for tv in trimmed:
+        mtl = mtl + np.where(np.where(sign > 0, tv > 0, tv < 0), tv, np.float32(0))
+    masks = [np.abs(tv) >= np.float32(lam) * np.abs(mtl - tv) for tv in (tvs if raw else trimmed)]
+    keep = np.sum(masks, axis=0) >= k
+    return flat32(base) + np.float32(alpha) * np.where(keep, mtl, np.float32(0)), [float(m.mean()) for m in masks], float(keep.mean())
+
+
+def test_ties_consensus_builds_the_tall_masks_from_the_raw_task_vectors():
+    gen = torch.Generator().manual_seed(0)
+    base = linear(torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist())
+    models = [plus(base, torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist()) for _ in range(3)]
+    pool = BaseModelPool({"_pretrained_": base, **{n: m for n, m in zip("abc", models)}})
+    options = {"scaling_factor": 0.5, "tall_mask_lambda": 0.6, "consensus_k": 2, "aggregation": "ties", "threshold": 40}
+    algorithm = ConsensusMergingAlgorithm(**options)
+    merged = algorithm.run(pool)
+    expected, tall, consensus = ties_consensus_oracle(base, models, density=0.4, lam=0.6, k=2, alpha=0.5)
+    np.testing.assert_allclose(flat32(merged), expected, rtol=0, atol=1e-6)
+    report = algorithm.extra_report()["consensus_merging"]
+    assert report["tall_mask_density"] == pytest.approx(dict(zip("abc", tall)))
+    assert report["consensus_mask_density"] == pytest.approx(consensus)
+    # masks built from the trimmed vectors would differ: the test tells the two apart
+    _, tall_trimmed, consensus_trimmed = ties_consensus_oracle(base, models, density=0.4, lam=0.6, k=2, alpha=0.5, raw=False)
+    assert tall_trimmed != pytest.approx(tall) and consensus_trimmed != pytest.approx(consensus)
+    sds = [m.state_dict() for m in (base, *models)]
+    core = consensus_merging(sds[0], sds[1:], scaling_factor=0.5, aggregation="ties", threshold=40)
+    assert all(torch.equal(core[k], v) for k, v in merged.state_dict().items())
+
+
 # ---- PCB ----------------------------------------------------------------------------------------
 PCB_TVS = {
     "a": ([[0.9, -0.2, 0.4], [0.05, 1.3, -0.7], [0.3, -0.15, 0.6]], [0.25, -0.45, 0.1]),
@@ -378,7 +420,7 @@ def test_dare_only_on_linear_weights(clip_pool):
         (lambda: PCBMergingAlgorithm(pcb_ratio=0), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: PCBMergingAlgorithm(pcb_ratio=1.5), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: ConsensusMergingAlgorithm(tall_mask_lambda=-1), r"'tall_mask_lambda' must be in \[0, inf\]"),
-        (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'ta', 'ties'"),
+        (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'task_arithmetic', 'ties_merging', 'ta', 'ties'"),
         (lambda: WeightedAverageAlgorithm(weights=[1, -1]), r"'weights' \[1.0, -1.0\] sums to 0"),
         (lambda: WeightedAverageAlgorithm(weights="abc"), r"'weights' must be a list of numbers"),
         (lambda: TiesMergingAlgorithm(scaling_factor=math.nan), r"'scaling_factor' must be a finite number"),

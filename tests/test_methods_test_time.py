@@ -24,7 +24,7 @@ from fusion_bench.method import (
     ConcreteLayerWiseAdaMergingAlgorithm,
     ConcreteTaskArithmeticAlgorithm,
 )
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers, SeededBatchStream
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers, SeededBatchStream
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.concrete_mask import rescale_mask, sample_concrete_mask, threshold_mask
 from fusion_bench.models.functional_merge import (
@@ -187,7 +187,7 @@ def test_seeded_batch_stream_resumes_exactly():
 # ---- AdaMerging end to end ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [CLIPTaskWiseAdaMergingAlgorithm, CLIPLayerWiseAdaMergingAlgorithm])
 def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, weights, tmp_path):
-    from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
+    from fusion_bench.method.task_vector.task_arithmetic import TaskArithmeticAlgorithm
 
     path = tmp_path / "w.pt"
     method = cls(max_steps=20, lr=0.1, save_merging_weights=str(path), **FAST)
@@ -254,6 +254,8 @@ def test_bad_options_and_a_model_without_its_test_dataset(pool, tiny_example):
     with pytest.raises(ConfigError, match=r"clip_concrete_task_arithmetic: option 'eval_mask_type' must be one of "
                                           r"'continuous', 'discrete', 'threshold'; got 'soft'"):  # fmt: skip
         ConcreteTaskArithmeticAlgorithm(eval_mask_type="soft")
+    with pytest.raises(ConfigError, match=r"clip_concrete_layer_wise_adamerging: option 'inner_lambda' must be one of 'carry', 'reset'"):
+        ConcreteLayerWiseAdaMergingAlgorithm(inner_lambda="first")
     with pytest.raises(ConfigError, match=r"option 'max_steps' must be an integer >= 1; got 0"):
         CLIPLayerWiseAdaMergingAlgorithm(max_steps=0)
     partial = CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names},
@@ -307,7 +309,7 @@ def test_checkpoints_and_logs_go_under_the_fabric_logger(pool, tmp_path):
 
 # ---- Concrete subspace ---------------------------------------------------------------------------------------
 def test_concrete_task_arithmetic_learns_a_mask_that_lowers_the_entropy(pool, weights, tmp_path):
-    from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
+    from fusion_bench.method.task_vector.task_arithmetic import TaskArithmeticAlgorithm
 
     method = ConcreteTaskArithmeticAlgorithm(max_steps=20, lr=0.5, eval_mask_type="threshold", save_mask=str(tmp_path / "m.pt"), **FAST)
     model = run(method, pool)
@@ -339,6 +341,80 @@ def test_concrete_layer_wise_adamerging_end_to_end(pool, weights, tmp_path):
     assert set(objective) == {"mask", "adamerging"} and objective["adamerging"]["first"] == pytest.approx(np.mean(method.history["adamerging"]))
     first = entropy_on_test_sets(pool, run(ConcreteTaskArithmeticAlgorithm(max_steps=1, lr=1e-9, eval_mask_type="threshold", **FAST), pool))
     assert entropy_on_test_sets(pool, model) < first - 0.1  # below the unmasked λ = 0.3 merge it started from
+
+
+def test_concrete_layer_wise_adamerging_with_no_adamerging_step_merges_at_the_initial_lambda(pool, weights, tmp_path):
+    options = {"max_steps": 3, "max_adamerging_steps": 0, "lr": 0.5, "eval_mask_type": "threshold"}
+    method = ConcreteLayerWiseAdaMergingAlgorithm(save_mask=str(tmp_path / "m.pt"), **options, **FAST)
+    model = run(method, pool)
+    logits = load_checkpoint(tmp_path / "m.pt")["mask_logits"]
+    mask = {k: v.double().numpy() for k, v in rescale_mask(threshold_mask(logits)).items()}
+    assert_model_equals(model, expected_merge(weights, np.full(3, 0.3), list(logits), mask))  # θ0 + Σ λ0 (m̃ ⊙ τ)
+    assert torch.equal(method.merging_weights, torch.full((3, len(logits)), 0.3))
+
+
+def _adam(lam0: np.ndarray, grads: list[np.ndarray], lr: float, *, from_start: list[bool]) -> np.ndarray:
+    """Adam (PyTorch defaults) by hand: one step per gradient; ``from_start[i]``: step i begins at ``lam0``."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    m, v, lam = np.zeros_like(lam0), np.zeros_like(lam0), lam0.copy()
+    for i, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        start = lam0 if from_start[i - 1] else lam
+        lam = start - lr * (m / (1 - b1**i)) / (np.sqrt(v / (1 - b2**i)) + eps)
+    return lam
+
+
+@pytest.mark.parametrize("order", ["carry", "reset"])
+def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
+    """Two mask steps on one linear layer with fixed masks and L(θ) = Σ_x ||W x + b||²: the inner λ by hand."""
+    import fusion_bench.method.test_time.concrete_subspace as concrete
+
+    _, stack = linear_stack()
+    masks = [
+        {"weight": torch.tensor([[1.0, 0.5], [0.0, 2.0], [1.5, 1.0]]), "bias": torch.tensor([0.5, 1.0, 1.5])},
+        {"weight": torch.tensor([[0.2, 1.0], [1.0, 1.0], [2.0, 0.8]]), "bias": torch.tensor([1.0, 0.0, 2.0])},
+    ]
+    drawn = iter(masks)
+    def sample(logits, temperature, generator):  # the step's fixed mask, tied to the logits with a zero gradient
+        return {k: m + 0.0 * logits[k] for k, m in next(drawn).items()}
+
+    monkeypatch.setattr(concrete, "sample_concrete_mask", sample)
+    xs = np.array([[1.0, -1.0], [0.5, 2.0]])
+
+    def loss(merged):  # the stand-in for the entropy: back-propagates into the merged tensors' inputs
+        value = sum(((merged["weight"] @ torch.tensor(x, dtype=torch.float32) + merged["bias"]) ** 2).sum() for x in xs)
+        value.backward()
+        return value.item()
+
+    method = ConcreteLayerWiseAdaMergingAlgorithm(inner_lambda=order, scaling_factor=0.3, base_lr=1.0)
+    method.fabric = cpu_fabric()
+    method.entropy_backward = loss
+    bilevel = concrete._BiLevel(method, stack, {n: torch.zeros_like(stack.base[n], requires_grad=True) for n in stack.names})
+    for step in range(2):
+        bilevel.mask_step(step, step)
+
+    # by hand: θ_k = θ0_k + m̃_k ⊙ Σ_t λ[t, k] τ_{t,k} (m̃ = m / mean(m)); ∂L/∂λ[t, k] = <∂L/∂θ_k, m̃_k ⊙ τ_{t,k}>
+    theta0 = {"weight": np.array(THETA0_W), "bias": np.array(THETA0_B)}
+    tau = {"weight": np.array(TAU_W), "bias": np.array(TAU_B)}
+    names = ["weight", "bias"]
+
+    def grad(lam, mask):
+        m = {k: mask[k].double().numpy() / mask[k].double().numpy().mean() for k in names}
+        th = {k: theta0[k] + m[k] * sum(lam[t, j] * tau[k][t] for t in range(2)) for j, k in enumerate(names)}
+        gw, gb = np.zeros((3, 2)), np.zeros(3)
+        for x in xs:
+            out = th["weight"] @ x + th["bias"]
+            gw, gb = gw + 2 * np.outer(out, x), gb + 2 * out
+        g = {"weight": gw, "bias": gb}
+        return np.array([[np.sum(g[k] * m[k] * tau[k][t]) for k in names] for t in range(2)])
+
+    lam0 = np.full((2, 2), 0.3)
+    lam1 = _adam(lam0, [grad(lam0, masks[0])], 1.0, from_start=[True])
+    carried = _adam(lam0, [grad(lam0, masks[0]), grad(lam1, masks[1])], 1.0, from_start=[True, True])
+    reset_first = _adam(lam0, [grad(lam0, masks[0]), grad(lam0, masks[1])], 1.0, from_start=[True, True])
+    assert np.abs(carried - reset_first).max() > 1e-3  # the two orders part at the second step
+    expected = carried if order == "carry" else reset_first
+    np.testing.assert_allclose(bilevel.lam.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

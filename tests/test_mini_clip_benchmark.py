@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from fusion_bench.data.mini_tasks import MINI_TASKS, build_task_dataset, mini_clip_dir, mini_path
 from fusion_bench.errors import ConfigError
 from fusion_bench.example import register_resolvers
-from fusion_bench.method.clip_finetune import CLIPFinetuneAlgorithm
+from fusion_bench.method.train.clip_finetune import CLIPFinetuneAlgorithm
 from fusion_bench.modelpool import MODELPOOLS, CLIPVisionModelPool
 from fusion_bench.scripts.cli import CONFIG_DIR
 from fusion_bench.utils.instantiate import instantiate_component

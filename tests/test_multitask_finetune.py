@@ -10,7 +10,7 @@ from transformers import CLIPModel
 
 from fusion_bench.data.task_text import task_classnames_and_templates
 from fusion_bench.errors import ConfigError
-from fusion_bench.method.clip_multitask_finetune import CLIPMultiTaskFinetuneAlgorithm, MultiTaskHeadClassifier
+from fusion_bench.method.train.clip_multitask_finetune import CLIPMultiTaskFinetuneAlgorithm, MultiTaskHeadClassifier
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_state_dict
 

@@ -263,3 +263,19 @@ def test_taskpool_checks_head_against_dataset(tiny_openclip):
     wide = OpenCLIPVisionModelTaskPool({"mnist": str(ex.datasets["mnist"])}, {"mnist": {"_target_": "torch.nn.Linear", "in_features": 8, "out_features": 10}})
     with pytest.raises(ModelLoadError, match=r"classification head 'mnist' takes 8 features but the model's embedding has 16"):
         wide.evaluate(tiny_openclip_encoder())
+
+
+def test_taskpool_shards_its_test_sets_between_processes(tiny_openclip):
+    from types import SimpleNamespace
+
+    ex = tiny_openclip
+    taskpool = OpenCLIPVisionModelTaskPool({"mnist": str(ex.datasets["mnist"])}, {"mnist": str(ex.heads["mnist"])})
+    taskpool.setup()
+    transform = _pool(ex).load_pretrained_model().val_preprocess
+    size = len(taskpool.test_datasets["mnist"])
+    shards = []
+    for rank in range(2):
+        taskpool.fabric = SimpleNamespace(global_rank=rank, world_size=2)
+        shards.append(list(taskpool.get_dataloader("mnist", transform).sampler))
+    assert sorted(shards[0] + shards[1]) == list(range(size)) and not set(shards[0]) & set(shards[1])
+    assert len(list(taskpool.get_dataloader("mnist", transform, limit=5).sampler)) == 2  # 5 samples: rank 1 gets 2

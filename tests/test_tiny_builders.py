@@ -22,7 +22,7 @@ from fusion_bench.testing import (
     make_finetuned_variant,
     train_tiny_clip_tokenizer,
 )
-from fusion_bench.testing import tiny_clip
+from fusion_bench.testing import tiny_clip, tiny_models
 
 SMALL_CORPUS = ["a photo of a cat.", "a photo of a dog.", "a photo of the number: \"7\".", "lake or sea"] * 2
 
@@ -123,7 +123,7 @@ def test_key_layouts_load_identically_and_differ_moderately_from_base(small_clip
     state_b = CLIPVisionModel.from_pretrained(bare).state_dict()
     assert state_p.keys() == state_b.keys()
     assert all(torch.equal(state_p[k], state_b[k]) for k in state_p)
-    base = tiny_clip._load_base_vision(small_clip).state_dict()
+    base = tiny_models._load_base_vision(small_clip).state_dict()
     assert base.keys() == state_p.keys()
     for key, value in base.items():
         if value.is_floating_point() and value.ndim >= 2:  # weight matrices: small but real changes

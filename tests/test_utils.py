@@ -156,7 +156,7 @@ def test_checkpoint_round_trip_restores_rng_and_refuses_other_pools(tmp_path):
 def test_entropy_loss_matches_the_formula():
     import torch
 
-    from fusion_bench.method._clip_classification import entropy_loss
+    from fusion_bench.method.test_time.clip_heads import entropy_loss
 
     logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
     p = torch.softmax(logits, dim=-1)

@@ -20,7 +20,7 @@ from fusion_bench.method import (
     SparseCLIPWeightEnsemblingMoEAlgorithm,
     TaskArithmeticAlgorithm,
 )
-from fusion_bench.method._clip_classification import CLIPTaskClassifiers
+from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import is_clip_vision_model, vision_encoder_layers
 from fusion_bench.models.wemoe import MLPExperts, WEMoERouter, WeightEnsemblingMLP, magnitude_quantile, prune_task_vector
@@ -272,7 +272,7 @@ def test_efficient_variant_prunes_task_vectors_and_shares_one_router(pool):
         ({"tv_prune_ratio": 1.0}, r"option 'tv_prune_ratio' must be in \[0, 1\); got 1\.0"),
         ({"init_lambda": "x"}, r"option 'init_lambda' must be a number; got 'x'"),
         ({"optimizer": "sgd"}, r"option 'optimizer' must be one of 'adam'; got 'sgd'"),
-        ({"save_checkpoint": 3}, r"option 'save_checkpoint' must be a file path or null; got 3"),
+        ({"save_checkpoint": 3}, r"option 'save_checkpoint' must be a path, or null/false for none; got 3"),
         ({"use_grad_accumulate": "no"}, r"option 'use_grad_accumulate' must be true or false; got 'no'"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Tensor math shared by the data-free methods, and the streaming engine that applies it."""
+"""The streaming engine of data-free merges and the generic tensor helpers they share (``tensors``)."""
 
 from fusion_bench.merge.streaming import (
     PerKeyMerge,
@@ -7,6 +7,8 @@ from fusion_bench.merge.streaming import (
     compute_dtype,
     stream_merge,
     stream_task_vectors,
+    validate_pool,
 )
 
-__all__ = ["PerKeyMerge", "check_finite", "check_pool_compatible", "compute_dtype", "stream_merge", "stream_task_vectors"]
+__all__ = ["PerKeyMerge", "check_finite", "check_pool_compatible", "compute_dtype", "stream_merge", "stream_task_vectors",
+           "validate_pool"]

@@ -22,7 +22,7 @@ from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
 from fusion_bench.utils.progress import progress
 
-__all__ = ["PerKeyMerge", "check_pool_compatible", "check_finite", "prefetched", "stream_merge", "stream_task_vectors", "compute_dtype"]
+__all__ = ["PerKeyMerge", "validate_pool", "check_pool_compatible", "check_finite", "prefetched", "stream_merge", "stream_task_vectors", "compute_dtype"]
 
 T = TypeVar("T")
 PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
@@ -95,11 +95,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _names(modelpool: BaseModelPool, model_names: Sequence[str] | None, min_models: int) -> list[str]:
+def validate_pool(
+    modelpool: BaseModelPool, model_names: Sequence[str] | None = None, *, min_models: int = 1, with_base: bool = True
+) -> tuple[list[str], list[str]]:
+    """Check a pool before a merge reads any tensor; return the fine-tuned names and the keys.
+
+    Args:
+        modelpool: the pool.
+        model_names: the fine-tuned models to merge (default: all, in pool order).
+        min_models: fewest fine-tuned models the method accepts.
+        with_base: the merge needs ``_pretrained_``.
+
+    Returns:
+        ``(names, keys)``: the models merged, in pool order, and every tensor name of the pool
+        (in the order of the buffer model: ``_pretrained_``, else the first fine-tuned model).
+
+    Raises:
+        ModelPoolError: too few fine-tuned models, or no ``_pretrained_`` model.
+        IncompatibleModelsError: keys, shapes or dtypes differ between models.
+    """
     names = list(model_names) if model_names is not None else modelpool.model_names
     if len(names) < min_models:
         raise ModelPoolError(f"this method needs at least {min_models} fine-tuned model(s); the pool has {names}")
-    return names
+    if with_base and not modelpool.has_pretrained:
+        raise ModelPoolError(f"this method needs a {PRETRAINED!r} model in the pool; models: {modelpool.all_model_names}")
+    buffer_name = PRETRAINED if with_base else names[0]
+    return names, check_pool_compatible(modelpool, [buffer_name, *[n for n in names if n != buffer_name]])
 
 
 def stream_merge(
@@ -110,6 +131,7 @@ def stream_merge(
     model_names: Sequence[str] | None = None,
     min_models: int = 1,
     desc: str = "merging",
+    validated_keys: Sequence[str] | None = None,
 ) -> nn.Module:
     """Merge the pool key by key into one model (see module docstring).
 
@@ -122,15 +144,17 @@ def stream_merge(
         model_names: the fine-tuned models to merge (default: all, in pool order).
         min_models: fewest fine-tuned models the method accepts.
         desc: progress bar label.
+        validated_keys: the keys :func:`validate_pool` returned for this pool and these models,
+            when the caller has validated it already (it is then not checked a second time).
 
     Returns:
         the merged model (the buffer model, modified in place).
     """
-    names = _names(modelpool, model_names, min_models)
-    if with_base and not modelpool.has_pretrained:
-        raise ModelPoolError(f"this method needs a {PRETRAINED!r} model in the pool; models: {modelpool.all_model_names}")
+    if validated_keys is None:
+        names, keys = validate_pool(modelpool, model_names, min_models=min_models, with_base=with_base)
+    else:
+        names, keys = list(model_names) if model_names is not None else modelpool.model_names, list(validated_keys)
     buffer_name = PRETRAINED if with_base else names[0]
-    keys = check_pool_compatible(modelpool, [buffer_name, *[n for n in names if n != buffer_name]])
     model = modelpool.load_model(buffer_name)
     own = modelpool.canonical_state_dict(model)
 

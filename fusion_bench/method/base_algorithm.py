@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
@@ -13,22 +13,42 @@ if TYPE_CHECKING:
 
     from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["BaseAlgorithm", "ALGORITHMS", "register_algorithm"]
+__all__ = ["BaseAlgorithm", "ALGORITHMS", "CORES", "register_algorithm"]
 
 ALGORITHMS: Registry["BaseAlgorithm"] = Registry("method")
-register_algorithm = ALGORITHMS.register
+CORES: dict[str, Callable[..., dict[str, Any]]] = {}  # method name -> its pure core (fusion_bench.merge.cores)
+
+
+def register_algorithm(name: str, *, core: Callable[..., dict[str, Any]] | None = None) -> Callable[[type], type]:
+    """Class decorator: register the algorithm under ``name`` (and its in-memory pure core, if any).
+
+    Args:
+        name: the method's name (``method.name=`` and messages).
+        core: the state-dict function computing the same merge in memory (decorated with
+            :func:`fusion_bench.merge.cores.pure_core`); listed in :data:`CORES`.
+    """
+
+    def decorator(cls: type) -> type:
+        ALGORITHMS.register(name)(cls)
+        cls.name = name  # the one place a method's name is set
+        if core is not None:
+            CORES[name] = core
+        return cls
+
+    return decorator
 
 
 class BaseAlgorithm:
     """A fusion method.
 
-    Subclasses take their hyperparameters as keyword arguments in ``__init__`` (the
+    Subclasses are registered with :func:`register_algorithm` (which sets :attr:`name`), take their hyperparameters as keyword arguments in ``__init__`` (the
     same names as in their YAML config) and implement :meth:`run`. The program sets
     :attr:`fabric` (a ``lightning.Fabric``) before calling ``run``; methods use it for
     devices instead of calling ``.cuda()``.
     """
 
     fabric: "lightning.Fabric | None" = None
+    name: str = "method"  # set by :func:`register_algorithm` on every registered subclass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass's ``__init__`` refuses NaN/Inf and non-numbers for numeric options (CLI and

@@ -28,6 +28,7 @@ from fusion_bench.utils.io import atomic_write_json, check_finite_json, overwrit
 from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
+from fusion_bench.utils.paths import optional_path
 
 # Lightning warns on every run on a machine with SLURM's `srun` (a login node, a machine with SLURM
 # installed) when the program is not started by srun; our SLURM launcher starts jobs with sbatch and
@@ -47,11 +48,7 @@ class NonFiniteReportError(FusionBenchError, ValueError):
 
 def output_path_or_none(value: Any, option: str = "report_save_path") -> str | None:
     """An output path option: a path, or null/false/"" for none."""
-    if value in (None, False, "", "null", "none", "false", "False"):
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{option} must be a path or false, got {value!r}")
-    return value
+    return optional_path(value, option)
 
 
 def missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fusion_bench.errors import ConfigError
+from fusion_bench.utils.paths import optional_path
 
-__all__ = ["job_dir_name", "register_job_dir_resolver", "hydra_job_meta", "is_multirun", "default_report_path", "existing_report", "job_command_line",
-           "check_process_launch", "NO_PATH_VALUES"]  # fmt: skip
+__all__ = ["job_dir_name", "register_job_dir_resolver", "hydra_job_meta", "is_multirun", "default_report_path",
+           "existing_report", "job_command_line", "check_process_launch"]  # fmt: skip
 
-NO_PATH_VALUES = (False, "", "none", "false", "False")
 _SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher")
 
 
@@ -102,11 +102,7 @@ def default_report_path(value: Any) -> str | None:
     if value is None or value == "null":
         hc = _hydra_config()
         return str(Path(hc.runtime.output_dir) / "report.json") if hc is not None and hc.runtime.output_dir else None
-    if value in NO_PATH_VALUES:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"report_save_path must be a path, null or false, got {value!r}")
-    return value
+    return optional_path(value, "report_save_path")
 
 
 def existing_report(path: str, *, fast_dev_run: Any) -> dict[str, Any] | None:

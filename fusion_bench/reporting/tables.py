@@ -1,4 +1,4 @@
-"""The seeds' result tables from :class:`~fusion_bench.reporting.collect.Run` records.
+"""The published result tables' layouts (docs/algorithms.md) from :class:`~fusion_bench.reporting.collect.Run` records.
 
 * ``methods`` (one per report section: ``methods``, ``methods_seen``, ...): method × task, with
   the average; one row per merge run, labelled by the method and the options that tell its runs apart;

@@ -153,7 +153,7 @@ def _finetune(clip_dir: Path, task: str, out: Path, recipe: MiniClipRecipe) -> d
     """Fine-tune the vision encoder of ``clip_dir`` on ``task`` with ``clip_finetune``; save to ``out``."""
     import lightning
 
-    from fusion_bench.method.clip_finetune import CLIPFinetuneAlgorithm
+    from fusion_bench.method.train.clip_finetune import CLIPFinetuneAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
 
     pool = CLIPVisionModelPool(

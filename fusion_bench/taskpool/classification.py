@@ -6,17 +6,41 @@ implementation averaged batch means; the two differ when the last batch is short
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import DatasetError
-from fusion_bench.utils.distributed import is_global_zero, sum_across_ranks
+from fusion_bench.utils.distributed import ShardSampler, global_rank, is_global_zero, sum_across_ranks, world_size
 
-__all__ = ["evaluate_classifier", "dataset_num_classes", "check_num_classes"]
+__all__ = ["fast_dev_run_limit", "sharded_test_loader", "evaluate_classifier", "dataset_num_classes", "check_num_classes"]
+
+
+def fast_dev_run_limit(fast_dev_run: bool | int, batch_size: int) -> int | None:
+    """The samples a task's evaluation uses: all (None), or ``fast_dev_run`` batches' worth (``True``: one)."""
+    if not fast_dev_run:
+        return None
+    return batch_size * (1 if fast_dev_run is True else int(fast_dev_run))
+
+
+def sharded_test_loader(
+    dataset: Any, collate: Callable[[list[Any]], Any], dataloader_kwargs: Mapping[str, Any], *, fabric: Any = None,
+    limit: int | None = None
+) -> DataLoader:
+    """A test loader over the first ``limit`` samples (None: all), in order, this rank's shard only.
+
+    Every task pool evaluates through it, so data-parallel runs split each test set between the
+    devices (see :class:`~fusion_bench.utils.distributed.ShardSampler`) and
+    :func:`evaluate_classifier` adds the shards' counts.
+    """
+    num = len(dataset) if limit is None else min(limit, len(dataset))
+    sampler = ShardSampler(num, rank=global_rank(fabric), world_size=world_size(fabric))
+    kwargs = {k: v for k, v in dataloader_kwargs.items() if k != "shuffle"}
+    return DataLoader(dataset, sampler=sampler, collate_fn=collate, **kwargs)
 
 
 @torch.inference_mode()

@@ -20,21 +20,20 @@ Per task: top-1 accuracy over all samples and cross-entropy averaged over sample
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
 from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError
 from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool, is_image_classifier
 from fusion_bench.models.batchnorm import has_batchnorm, recompute_batchnorm_statistics
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.classification import evaluate_classifier, fast_dev_run_limit, sharded_test_loader
 from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
+from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.tasks.classification.datamodule import label_info
 from fusion_bench.tasks.classification.processor import ClassificationProcessor, load_image_processor, processor_class_for
 from fusion_bench.utils.instantiate import to_container
@@ -183,26 +182,19 @@ class ImageClassificationTaskPool(BaseTaskPool):
             if recompute and self.batchnorm == "recompute_per_task":
                 task_model = _with_recomputed_statistics(task_model, self._pixel_batches([task], device))
             report[task] = self._evaluate_task(task_model, task, device)
-        report["average"] = {m: sum(report[t][m] for t in self.task_names) / len(self.task_names) for m in ("accuracy", "loss")}
+        report["average"] = mean_over_tasks(report, self.task_names)
         return report
 
-    @torch.inference_mode()
     def _evaluate_task(self, model: nn.Module, task: str, device: torch.device) -> dict[str, float]:
         self._check_labels(task, int(model.config.num_labels))
-        max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
-        dtype = next(model.parameters()).dtype
-        correct, loss_sum, count = 0, 0.0, 0
-        batches = self._loader(self._dataset("test", task), task)
-        for pixels, labels in tqdm(itertools.islice(batches, max_batches), desc=f"eval {task}", leave=False, disable=None):
-            logits = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits
-            labels = labels.to(device)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == labels).sum().item()
-            count += labels.numel()
-        if count == 0:
-            raise DatasetError(f"test dataset {task!r} is empty")
-        self._num_samples[task] = count
-        return {"accuracy": correct / count, "loss": loss_sum / count}
+        limit = fast_dev_run_limit(self.fast_dev_run, int(self.dataloader_kwargs["batch_size"]))
+        collate = ImageClassificationCollate(self.image_processor(task))
+        loader = sharded_test_loader(self._dataset("test", task), collate, self.dataloader_kwargs, fabric=self.fabric, limit=limit)
+        metrics, self._num_samples[task] = evaluate_classifier(
+            lambda pixels: model(pixel_values=pixels).logits, loader, device=device, dtype=next(model.parameters()).dtype,
+            fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}",
+        )
+        return metrics
 
     def evaluation_meta(self) -> dict[str, Any]:
         """Samples per task, the loss reduction, partial runs and how BatchNorm statistics were set."""

@@ -21,8 +21,9 @@ from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.openclip_checkpoints import load_classification_head
 from fusion_bench.models.openclip_vision import ImageEncoder, TransformImageProcessor
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
-from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier
+from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier, fast_dev_run_limit, sharded_test_loader
 from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
+from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["OpenCLIPVisionModelTaskPool", "OpenCLIPImageClassifier"]
@@ -104,10 +105,11 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
             self.test_datasets[task] = dataset
         self._is_setup = True
 
-    def get_dataloader(self, task: str, transform: Any) -> DataLoader:
+    def get_dataloader(self, task: str, transform: Any, *, limit: int | None = None) -> DataLoader:
+        """The test loader of ``task``: the first ``limit`` samples (None: all), in order, this rank's shard only."""
         kwargs = {"batch_size": 128, **self.dataloader_kwargs}
         collate = ImageClassificationCollate(TransformImageProcessor(transform))
-        return DataLoader(self.test_datasets[task], shuffle=False, collate_fn=collate, **kwargs)
+        return sharded_test_loader(self.test_datasets[task], collate, kwargs, fabric=self.fabric, limit=limit)
 
     def _check_model(self, model: nn.Module) -> None:
         if not isinstance(model, ImageEncoder):
@@ -130,16 +132,16 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
         device = self.fabric.device if self.fabric is not None else next(model.parameters()).device
         model = model.to(device).eval()
         dtype = next(model.parameters()).dtype
-        max_batches = None if not self.fast_dev_run else (1 if self.fast_dev_run is True else int(self.fast_dev_run))
+        limit = fast_dev_run_limit(self.fast_dev_run, int({"batch_size": 128, **self.dataloader_kwargs}["batch_size"]))
         transform = model.val_preprocess
         report: dict[str, Any] = {}
         for task in self.task_names:
             classifier = OpenCLIPImageClassifier(model, self.classification_heads[task].to(device=device, dtype=dtype))
             report[task], self._num_samples[task] = evaluate_classifier(
-                classifier, self.get_dataloader(task, transform), device=device, dtype=dtype, max_batches=max_batches,
-                desc=f"eval {task}", what=f"test dataset {task!r}",
+                classifier, self.get_dataloader(task, transform, limit=limit), device=device, dtype=dtype,
+                fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}",
             )  # fmt: skip
-        report["average"] = {m: sum(report[t][m] for t in self.task_names) / len(self.task_names) for m in ("accuracy", "loss")}
+        report["average"] = mean_over_tasks(report, self.task_names)
         return report
 
     def evaluation_meta(self) -> dict[str, Any]:

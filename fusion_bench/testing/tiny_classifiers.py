@@ -28,7 +28,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from fusion_bench.testing.tiny_clip import _quiet_progress, build_once, build_tiny_image_dataset
+from fusion_bench.testing.build_cache import build_once
+from fusion_bench.testing.tiny_datasets import build_tiny_image_dataset
+from fusion_bench.testing.tokenizer import _quiet_progress
 
 __all__ = [
     "CLASSIFICATION_TASKS",

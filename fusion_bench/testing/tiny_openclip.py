@@ -24,7 +24,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from fusion_bench.testing.tiny_clip import _perturb_, build_once
+from fusion_bench.testing.build_cache import build_once
+from fusion_bench.testing.tiny_models import _perturb_
 
 __all__ = ["TINY_OPENCLIP_CONFIG", "ARCH_DIR", "TASK_VECTORS_NAMES", "TinyOpenCLIPExample", "build_tiny_openclip_example", "tiny_openclip_encoder"]
 

@@ -85,7 +85,7 @@ def exit_if_failed(failures: Sequence[JobFailure], num_jobs: int) -> None:
 def report_path_of(sweep_config: DictConfig) -> Path | None:
     """Where a sweep job writes its report (``report_save_path``; null: its job folder's
     ``report.json``), or None when it writes none or the path cannot be resolved here."""
-    from fusion_bench.program.hydra_job import NO_PATH_VALUES
+    from fusion_bench.utils.paths import NO_PATH_VALUES
 
     try:
         value = sweep_config.get("report_save_path")

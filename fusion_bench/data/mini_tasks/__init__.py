@@ -40,6 +40,7 @@ from fusion_bench.data.mini_tasks.tasks import (
     task_text,
 )
 from fusion_bench.errors import ConfigError
+from fusion_bench.utils.paths import cache_root
 
 __all__ = [
     "KINDS",
@@ -75,8 +76,7 @@ def mini_tasks_root() -> Path:
     """Where the tasks' datasets are generated (see module docstring)."""
     if os.environ.get("FUSION_BENCH_MINI_TASKS_DIR"):
         return Path(os.environ["FUSION_BENCH_MINI_TASKS_DIR"]).expanduser()
-    cache = Path(os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")).expanduser()
-    return cache / f"mini_tasks-v{DATASET_FORMAT}"
+    return cache_root() / f"mini_tasks-v{DATASET_FORMAT}"
 
 
 def mini_path(relative: str) -> str:

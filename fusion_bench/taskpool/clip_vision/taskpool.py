@@ -13,7 +13,6 @@ report's ``meta.corruption`` then says which corruption, severity and seed each 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,10 +31,11 @@ from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
-from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier
+from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier, fast_dev_run_limit, sharded_test_loader
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
 from fusion_bench.taskpool.task_groups import add_group_averages, check_task_groups, mean_over_tasks
-from fusion_bench.utils.distributed import ShardSampler, global_rank, world_size
+from fusion_bench.utils.distributed import world_size
+from fusion_bench.utils.paths import cache_root
 from fusion_bench.utils.instantiate import to_container
 from fusion_bench.utils.progress import progress
 
@@ -48,8 +48,7 @@ LOSS_REDUCTION = "cross-entropy averaged over samples"
 
 def default_head_cache_dir() -> str:
     """``$FUSION_BENCH_CACHE_DIR/zeroshot_heads`` (default ``~/.cache/fusion_bench``)."""
-    root = os.environ.get("FUSION_BENCH_CACHE_DIR", "~/.cache/fusion_bench")
-    return str(Path(root).expanduser() / "zeroshot_heads")
+    return str(cache_root() / "zeroshot_heads")
 
 
 @register_taskpool("clip_vit_classification", "CLIPVisionModelTaskPool")
@@ -168,7 +167,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         )
 
     def get_dataloader(self, task: str, *, limit: int | None = None) -> DataLoader:
-        """The test loader of ``task``: in order, this rank's shard only (see :class:`ShardSampler`).
+        """The test loader of ``task``: in order, this rank's shard only (see :func:`~fusion_bench.taskpool.classification.sharded_test_loader`).
 
         Args:
             task: the task name.
@@ -176,11 +175,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """
         self.setup()
         kwargs = {"batch_size": 128, **self.dataloader_kwargs}
-        dataset = self.test_datasets[task]
-        num = len(dataset) if limit is None else min(limit, len(dataset))
-        sampler = ShardSampler(num, rank=global_rank(self.fabric), world_size=world_size(self.fabric))
         collate = ImageClassificationCollate(self._image_processor())
-        return DataLoader(dataset, sampler=sampler, collate_fn=collate, **kwargs)
+        return sharded_test_loader(self.test_datasets[task], collate, kwargs, fabric=self.fabric, limit=limit)
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_task_evaluation_begin(self, classifier: CLIPZeroShotClassifier, task_name: str) -> None:
@@ -233,7 +229,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """Accuracy and mean loss over the task's samples; each rank evaluates its shard and the
         ranks' counts and float64 loss sums are added, so any number of devices gives one device's numbers."""
         batch_size = int(self.dataloader_kwargs.get("batch_size", 128))
-        limit = None if not self.fast_dev_run else batch_size * (1 if self.fast_dev_run is True else int(self.fast_dev_run))
+        limit = fast_dev_run_limit(self.fast_dev_run, batch_size)
         dtype = next(classifier.vision_model.parameters()).dtype
         metrics, count = evaluate_classifier(classifier, self.get_dataloader(task, limit=limit), device=device, dtype=dtype,
                                              fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}")  # fmt: skip

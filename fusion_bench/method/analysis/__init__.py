@@ -1,0 +1,1 @@
+"""Analysis tools run as methods (they return the pre-trained model): task-vector cosine similarity."""

@@ -1,0 +1,1 @@
+"""Merging with training data: Fisher merging, RegMean, RegMean++ (``base``: the shared data-merge framework)."""

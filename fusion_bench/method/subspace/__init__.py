@@ -1,0 +1,1 @@
+"""Subspace merges built on SVDs and least squares: TSV-M, Iso-C / Iso-CTS, WUDI, Model Stock (``svd``: shared SVD tools)."""

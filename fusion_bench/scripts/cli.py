@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.example import register_resolvers
 
-__all__ = ["main", "CONFIG_DIR", "config_choices"]
+__all__ = ["main", "CONFIG_DIR", "config_choices", "compose_config", "validate_overrides"]
 
 CONFIG_DIR = Path(str(resources.files("fusion_bench") / "config"))
 GROUPS = ("method", "modelpool", "taskpool", "fabric")
@@ -44,6 +44,63 @@ def unknown_group_choice(args: list[str]) -> str | None:
         for choice in value.split(","):
             if choice not in known:
                 return f"unknown {key} {choice!r}. Known: {', '.join(known)}"
+    return None
+
+
+def compose_config(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """The root config composed from ``overrides`` with Hydra's compose API, as the CLI would
+    (``config_dir``: an extra config folder searched first, like ``--config-dir``).
+
+    Raises:
+        hydra.errors.HydraException: the overrides do not compose.
+    """
+    from hydra import compose, initialize_config_dir
+
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("fusion_bench_config", overrides=[*extra, *overrides])
+
+
+def _unknown_key_error(err: Exception, overrides: list[str], config_dir: str | None) -> str | None:
+    """``unknown option 'method.k'`` (with the close matches) for Hydra's "Key 'k' is not in struct"."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    cause = getattr(err, "__cause__", None)
+    full_key = getattr(cause, "full_key", None)
+    if not full_key or "not in struct" not in str(cause):
+        return None
+    parent, _, key = str(full_key).rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{full_key}=")]
+    try:
+        node = compose_config(rest, config_dir)
+        node = OmegaConf.select(node, parent) if parent else node
+    except Exception:  # noqa: BLE001 - only the hint is lost
+        node = None
+    known = [str(k) for k in node.keys()] if node is not None and hasattr(node, "keys") else []
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {' or '.join(repr(f'{parent}.{c}' if parent else c) for c in close)}?" if close else ""
+    return f"unknown option {full_key!r}{hint} (prefix with + to add a new key)"
+
+
+def validate_overrides(overrides: list[str], config_dir: str | None = None) -> str | None:
+    """The CLI's one-line error for ``overrides`` (without the ``fusion_bench: error:`` prefix), or None.
+
+    The same checks as the command, before any model is loaded: unknown group members, then
+    Hydra's composition (unknown options, bad syntax).
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = [*(["--config-dir", config_dir] if config_dir else []), *overrides]
+    error = unknown_group_choice(args)
+    if error is not None:
+        return error
+    try:
+        compose_config(overrides, config_dir)
+    except (HydraException, OmegaConfBaseException) as err:
+        return _unknown_key_error(err, overrides, config_dir) or " ".join(str(err).split("\n")[0].split())
     return None
 
 

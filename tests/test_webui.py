@@ -51,7 +51,7 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(results_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The server: (base URL, token, the process); stopped with SIGINT (Ctrl-C) after the module."""
+    """The server: (base URL, token, the process, its runs folder); stopped with SIGINT (Ctrl-C) after the module."""
     workdir = tmp_path_factory.mktemp("webui")
     cmd = [sys.executable, "-m", "fusion_bench.webui", "--port", "0", "--results", str(results_dir), "--runs-dir", str(workdir / "runs")]
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def server(results_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     base, token = match.groups()
     assert _request(base, "GET", "/api/config")[0] == 200
     print(f"server ready in {time.perf_counter() - start:.2f} s")
-    yield base, token, proc
+    yield base, token, proc, workdir / "runs"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -112,7 +112,7 @@ def _screenshot(page, name: str) -> None:
 
 
 def test_compose_by_clicking_run_and_see_the_report(server, page) -> None:
-    base, token, _ = server
+    base, token, *_ = server
     page.goto(f"{base}/?token={token}")
     assert "token" not in page.url  # the token leaves the address bar (shared links do not carry it)
     page.select_option("#group-method", "task_arithmetic")
@@ -144,7 +144,7 @@ def test_compose_by_clicking_run_and_see_the_report(server, page) -> None:
 
 
 def test_url_state_and_the_cli_error(server, page) -> None:
-    base, _, _ = server
+    base, *_ = server
     from playwright.sync_api import expect
 
     from fusion_bench.scripts.cli import validate_overrides
@@ -160,7 +160,7 @@ def test_url_state_and_the_cli_error(server, page) -> None:
 
 
 def test_a_run_request_without_the_token_starts_nothing(server, page) -> None:
-    base, token, _ = server
+    base, token, *_ = server
     before = json.loads(_request(base, "GET", "/api/runs")[1])["runs"]
     body = {"overrides": ["method=dummy"]}
     assert _request(base, "POST", "/api/runs", body)[0] == 403
@@ -173,7 +173,7 @@ def test_a_run_request_without_the_token_starts_nothing(server, page) -> None:
 
 
 def test_files_outside_the_results_folders_are_refused(server, results_dir) -> None:
-    base, _, _ = server
+    base, *_ = server
     assert _request(base, "GET", "/files/0/avg.json")[0] == 200
     for path in ("/files/0/../secret.json", "/files/0/..%2Fsecret.json", "/files/0/%2e%2e/secret.json",
                  "/files//etc/passwd", "/files/0//etc/passwd", "/files/0/%2Fetc%2Fpasswd", "/files/9/avg.json"):  # fmt: skip
@@ -181,7 +181,7 @@ def test_files_outside_the_results_folders_are_refused(server, results_dir) -> N
 
 
 def test_a_task_named_script_shows_as_text(server, page) -> None:
-    base, _, _ = server
+    base, *_ = server
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-results-ready]")
     headers = page.locator('table[data-table="methods"] th').all_inner_texts()
@@ -191,8 +191,8 @@ def test_a_task_named_script_shows_as_text(server, page) -> None:
     assert page.evaluate("[...document.scripts].map(s => s.src.replace(location.origin, ''))") == ["/static/app.js", "/static/plotly.min.js"]
 
 
-def test_sortable_table_sweep_and_side_by_side(server, page) -> None:
-    base, _, _ = server
+def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> None:
+    base, _, _, runs_dir = server
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-results-ready]")
     table = page.locator('table[data-table="methods"]')
@@ -210,11 +210,17 @@ def test_sortable_table_sweep_and_side_by_side(server, page) -> None:
     page.select_option("#cmp-b", label="task_arithmetic (scaling_factor=0.5)")
     svhn = page.locator("#compare tr", has_text="svhn").locator("td").all_inner_texts()
     assert svhn == ["svhn", "61.0", "75.0", "+14.0"]
-    assert "| simple_average |" in page.locator("#exports pre").first.text_content()
+    folders = [str(p) for p in (results_dir, runs_dir) if p.exists()]
+    out = runs_dir.parent / "report_out"
+    cmd = [sys.executable, "-m", "fusion_bench.scripts.report", *folders, "--out", str(out), "--no-figures"]
+    report = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    exports = page.locator("#exports pre").all_text_contents()  # tables.md, then each table's md, csv, tex
+    assert exports[0] + "\n" == report.stdout and exports[0] == (out / "tables.md").read_text()
+    assert exports[2:4] == [(out / "methods.csv").read_text(), (out / "methods.tex").read_text()]
 
 
 def test_queue_and_cancel(server) -> None:
-    base, token, _ = server
+    base, token, *_ = server
     headers = {"X-FusionBench-Token": token}
     status, body = _request(base, "POST", "/api/runs", {"overrides": ["method=nope"]}, headers)
     assert status == 400 and json.loads(body)["error"].startswith("fusion_bench: error: unknown method 'nope'")
@@ -253,3 +259,38 @@ def test_start_up_imports_no_heavy_library(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "[]\n"
+
+
+def test_a_foreign_host_name_is_refused(server) -> None:
+    base, *_ = server
+    assert _request(base, "GET", "/api/results", headers={"Host": "attacker.example:80"})[0] == 400
+    assert _request(base, "GET", "/api/results", headers={"Host": "localhost"})[0] == 200
+
+
+def test_options_with_their_defaults_and_comments() -> None:
+    from fusion_bench.webui.configs import parse_options
+
+    text = "# Header line one.\n# two.\n_target_: x.Y\nalpha: 0.5   # λ, '#' not a comment start\nname: 'a # b'  # quoted\n" \
+           "nested:\n  k: 1\nlong: null  # first part\n  # second part\n"  # fmt: skip
+    header, options = parse_options(text)
+    assert header == "Header line one. two."
+    assert [o.as_dict() for o in options] == [
+        {"key": "alpha", "default": "0.5", "comment": "λ, '#' not a comment start", "nested": False},
+        {"key": "name", "default": "'a # b'", "comment": "quoted", "nested": False},
+        {"key": "nested", "default": "", "comment": "", "nested": True},
+        {"key": "long", "default": "null", "comment": "first part second part", "nested": False},
+    ]
+
+
+def test_an_extra_config_dir_is_offered_and_validated(tmp_path: Path) -> None:
+    from fusion_bench.scripts.cli import compose_config, validate_overrides
+    from fusion_bench.webui.configs import ConfigTree
+
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "my_average.yaml").write_text("# My average.\n_target_: fusion_bench.method.SimpleAverageAlgorithm\nweight: 2  # unused\n")
+    tree = ConfigTree(tmp_path)
+    assert "my_average" in tree.choices("method") and "task_arithmetic" in tree.choices("method")
+    assert tree.options("method", "my_average") == {"description": "My average.", "options": [{"key": "weight", "default": "2", "comment": "unused", "nested": False}]}
+    assert validate_overrides(["method=my_average"], str(tmp_path)) is None
+    assert compose_config(["method=my_average"], str(tmp_path)).method.weight == 2
+    assert "unknown method 'my_average'" in validate_overrides(["method=my_average"])

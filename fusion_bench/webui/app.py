@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -46,6 +48,7 @@ class Settings:
     results: list[Path]
     runs_dir: Path
     config_dir: str | None = None
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # Host headers served ("*": any)
 
 
 def _plotly_js() -> Path:
@@ -169,6 +172,8 @@ def create_app(settings: Settings) -> Starlette:
         yield
         queue.close()  # stop the runs still going when the server stops
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # a page elsewhere cannot read this one through a DNS name pointed at 127.0.0.1 (DNS rebinding)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.queue = queue
     return app

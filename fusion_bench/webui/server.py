@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fusion_bench.webui.app import Settings, create_app
 
     token = secrets.token_urlsafe(24)
-    settings = Settings(token, [Path(r).resolve() for r in args.results], Path(args.runs_dir).resolve(), args.config_dir)
+    hosts = ("127.0.0.1", "localhost", "::1") if _is_loopback(args.host) else ("*",)
+    settings = Settings(token, [Path(r).resolve() for r in args.results], Path(args.runs_dir).resolve(), args.config_dir, hosts)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host

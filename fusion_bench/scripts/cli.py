@@ -12,6 +12,7 @@ exits with status 130 (no report is written).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 import warnings
@@ -26,7 +27,7 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.example import register_resolvers
 from fusion_bench.scripts.override_hints import list_index_override_error
 
-__all__ = ["main", "CONFIG_DIR", "config_choices", "check_command_line", "HELP"]
+__all__ = ["main", "CONFIG_DIR", "config_choices", "check_command_line", "compose_config", "validate_overrides", "HELP"]
 
 CONFIG_DIR = Path(str(resources.files("fusion_bench") / "config"))
 GROUPS = ("method", "modelpool", "taskpool", "fabric")
@@ -182,13 +183,31 @@ def _unknown_key(cfg: DictConfig, key: str) -> str | None:
     return f"unknown option {key!r}: the config has no such key" + (f" ({where})" if where else " (see fusion_bench --help)")
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """``config_name`` composed with ``overrides`` as Hydra will (``config_dir``: searched first, as ``--config-dir``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
+        return compose(config_name, overrides=[*extra, *overrides])
+
+
+def compose_config(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """The root config composed from ``overrides`` with Hydra's compose API, as the CLI would
+    (``config_dir``: an extra config folder searched first, like ``--config-dir``).
+
+    Raises:
+        hydra.errors.HydraException: the overrides do not compose.
+    """
+    return _compose("fusion_bench_config", list(overrides), config_dir)
+
+
+def validate_overrides(overrides: list[str], config_dir: str | None = None) -> str | None:
+    """The CLI's one-line error for ``overrides`` (without the ``fusion_bench: error:`` prefix), or None:
+    :func:`check_command_line`, with ``config_dir`` searched first (the web page's ``--config-dir``)."""
+    return check_command_line(overrides, config_dir=config_dir)
 
 
 def _first_combination(overrides: list[str]) -> list[str]:
@@ -215,18 +234,21 @@ def _unparsable(overrides: list[str]) -> str | None:
     return None
 
 
-def check_command_line(args: Sequence[str]) -> str | None:
+def check_command_line(args: Sequence[str], config_dir: str | None = None) -> str | None:
     """The one-line error of a command line that cannot start a run (None: it can).
 
     Parses the overrides and composes the config as Hydra will; an unknown key is reported
-    with the closest real key, an unknown config name with the known ones.
+    with the closest real key, an unknown config name with the known ones. ``config_dir``: a config
+    folder searched before the shipped one (its group members are then judged by the composer).
     """
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 
     flags, overrides = _split_command_line(args)
     if any(f in flags for f in _PASS_THROUGH) or any(o.startswith("hydra.searchpath") for o in overrides):
         return None  # another config source or a Hydra info command: Hydra answers
-    error = unknown_group_choice(overrides) or list_index_override_error(list(args), _compose)
+    compose = functools.partial(_compose, config_dir=config_dir)
+    error = None if config_dir else unknown_group_choice(overrides)
+    error = error or list_index_override_error(list(args), compose)
     if error is not None:
         return error
     name = _root_config_name(flags)
@@ -240,10 +262,10 @@ def check_command_line(args: Sequence[str]) -> str | None:
     except OverrideParseException as err:
         return f"cannot parse {_unparsable(mine) or 'the command line'}: {str(err).splitlines()[0]}"
     try:
-        _compose(name, combination)
+        compose(name, combination)
         return None
     except (ConfigCompositionException, MissingConfigException, HydraException) as err:
-        return _explain_composition_error(name, combination, err)
+        return _explain_composition_error(name, combination, err, compose)
 
 
 def _is_group_override(override: str) -> bool:
@@ -251,11 +273,11 @@ def _is_group_override(override: str) -> bool:
     return not override.startswith(("+", "~")) and (key in GROUPS or "/" in key)
 
 
-def _explain_composition_error(name: str, overrides: list[str], err: Exception) -> str:
+def _explain_composition_error(name: str, overrides: list[str], err: Exception, compose=_compose) -> str:
     """Our message for a failed composition: the first override naming a key the config lacks."""
     groups = [o for o in overrides if _is_group_override(o)]
     try:
-        base = _compose(name, groups)
+        base = compose(name, groups)
     except Exception:  # noqa: BLE001 - the group choices themselves fail: Hydra's first line
         base = None
     if base is not None:

@@ -1,0 +1,74 @@
+"""The offline benchmark's second design: eight generated image domains, captions, datasets, build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion_bench.data.mini_tasks import v2
+from fusion_bench.data.mini_tasks.domains import DOMAINS, render
+
+TASKS = ["scenes", "vehicles", "aerial", "landcover", "house_numbers", "signs", "handwritten", "textures"]
+NUM_CLASSES = {"scenes": 8, "vehicles": 8, "aerial": 8, "landcover": 8, "house_numbers": 10, "signs": 8, "handwritten": 10,
+               "textures": 8}  # fmt: skip
+
+
+def test_domains_are_the_eight_tasks_with_their_class_counts_and_prompts():
+    assert list(DOMAINS) == TASKS == list(v2.TASKS_V2)
+    for name, domain in DOMAINS.items():
+        assert len(domain.classnames) == NUM_CLASSES[name] == len(set(domain.classnames)), name
+        assert domain.templates and all(t.count("{}") == 1 for t in domain.templates), name
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_render_is_a_pure_function_of_the_generator_and_classes_differ(task):
+    images = [render(np.random.default_rng([5, label]), task, label) for label in range(NUM_CLASSES[task])]
+    again = [render(np.random.default_rng([5, label]), task, label) for label in range(NUM_CLASSES[task])]
+    for image, same in zip(images, again):
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert np.array_equal(image, same)
+        assert image.std() > 3  # not a blank canvas
+    other = render(np.random.default_rng([6, 0]), task, 0)
+    assert not np.array_equal(images[0], other)  # the nuisance parameters come from the generator
+
+
+def test_task_images_are_balanced_seeded_and_test_digits_are_held_out():
+    images, labels = v2.sample_task_images("signs", "train", 16, seed=3)
+    assert images.shape == (16, 32, 32, 3) and sorted(labels.tolist()) == sorted(list(range(8)) * 2)
+    again, _ = v2.sample_task_images("signs", "train", 16, seed=3)
+    test, _ = v2.sample_task_images("signs", "test", 16, seed=3)
+    assert np.array_equal(images, again) and not np.array_equal(images, test)
+    from fusion_bench.data.mini_tasks.scenes import digit_pool
+
+    for digit in range(10):
+        train, held_out = digit_pool("train", digit), digit_pool("test", digit)
+        assert not (train[:, None] == held_out[None]).all(axis=(2, 3)).any()
+
+
+def test_captions_name_the_class_or_the_domain_and_the_tokenizer_corpus_covers_them():
+    rng = np.random.default_rng(0)
+    for task, domain in DOMAINS.items():
+        named = [v2.caption_v2(rng, task, 1, class_mention=1.0) for _ in range(20)]
+        assert all(domain.classnames[1] in c for c in named), task
+        generic = [v2.caption_v2(rng, task, 1, class_mention=0.0) for _ in range(20)]
+        assert all(domain.noun in c for c in generic), task
+    words = {w for text in v2.tokenizer_corpus_v2() for w in text.replace('"', " ").replace(".", " ").replace(",", " ").split()}
+    for domain in DOMAINS.values():
+        for name in domain.classnames:
+            assert set(name.split()) <= words
+
+
+def test_pretraining_pool_has_every_domain_equally_and_differs_from_the_tasks_splits():
+    images, tasks, labels = v2.pretraining_pool(seed=0, per_task=3)
+    assert images.shape == (24, 32, 32, 3) and np.bincount(tasks).tolist() == [3] * 8
+    assert all(0 <= label < NUM_CLASSES[TASKS[t]] for t, label in zip(tasks, labels))
+    train, _ = v2.sample_task_images("textures", "train", 3, seed=0)
+    assert not any(np.array_equal(a, b) for a in images[tasks == 7] for b in train)
+
+
+def test_dataset_has_image_and_label_columns():
+    ds = v2.build_task_dataset_v2("handwritten", n_train=10, n_test=10, seed=1)
+    assert ds["train"].features["label"].names == list(DOMAINS["handwritten"].classnames)
+    assert sorted(ds["test"]["label"]) == list(range(10))
+    image = ds["test"][0]["image"]
+    assert image.size == (32, 32) and image.mode == "RGB"

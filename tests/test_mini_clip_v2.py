@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from fusion_bench.data.mini_tasks.domains import DOMAINS, render
 
 TASKS = ["scenes", "vehicles", "aerial", "landcover", "house_numbers", "signs", "handwritten", "textures"]
 NUM_CLASSES = {"scenes": 8, "vehicles": 8, "aerial": 8, "landcover": 8, "house_numbers": 10, "signs": 8, "handwritten": 10,
-               "textures": 8}  # fmt: skip
+               "textures": 8}
 
 
 def test_domains_are_the_eight_tasks_with_their_class_counts_and_prompts():
@@ -72,3 +74,46 @@ def test_dataset_has_image_and_label_columns():
     assert sorted(ds["test"]["label"]) == list(range(10))
     image = ds["test"][0]["image"]
     assert image.size == (32, 32) and image.mode == "RGB"
+
+
+SMOKE = dict(hidden_size=32, intermediate_size=64, num_layers=2, text_num_layers=1, num_heads=2, pretrain_images_per_task=48,
+             pretrain_steps=80, pretrain_batch_size=32, pretrain_learning_rate=5e-3, finetune_steps=20, finetune_batch_size=16,
+             finetune_learning_rate=3e-3, n_train=64, n_test=40)
+
+
+def test_build_v2_is_deterministic_and_writes_its_recipe(tmp_path):
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+
+    recipe = MiniClipRecipeV2(**{**SMOKE, "pretrain_steps": 2, "finetune_steps": 2})
+    digests = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        build_mini_clip_v2(out, recipe, tasks=["signs"])
+        build = json.loads((out / "BUILD.json").read_text())
+        digests.append(build["files"])
+        assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", "clip-mini", "clip-mini_signs"]
+        assert build["design"] == 2 and build["recipe"]["pretrain_steps"] == 2 and build["tasks"] == ["signs"]
+    assert digests[0] == digests[1]
+    with pytest.raises(ValueError, match=r"unknown design-2 tasks \['shape'\]"):
+        build_mini_clip_v2(tmp_path / "c", recipe, tasks=["shape"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
+    """A shrunk build (about a minute on a busy 2-core machine): the experts beat the pre-trained
+    model on their own tasks, merging them (simple averaging or TIES) beats the pre-trained model
+    on all eight, and a linear probe on pre-trained features tells the tasks' images apart far
+    above chance (12.5%). Measured on this recipe: pre-trained 25.6, experts 34.4, simple
+    averaging 30.9, TIES 31.9, probe 69%."""
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+    from fusion_bench.scripts.mini_clip_signals import MiniClipSignals, measure_signals
+
+    build_mini_clip_v2(tmp_path / "build", MiniClipRecipeV2(**SMOKE))
+    signals = measure_signals(MiniClipSignals(tmp_path / "build", n_test=40, n_probe=40), pairs=[("aerial", "signs")])
+    assert signals["tasks"] == TASKS
+    pretrained = signals["pretrained"]["avg"]
+    assert signals["experts"]["avg"] > pretrained + 4
+    assert max(signals["simple_average"]["avg"], signals["ties_0.3"]["avg"]) > pretrained
+    assert signals["task_probe"] >= 50
+    for row in ("simple_average", "task_arithmetic_0.3", "ties_0.3"):
+        assert set(signals[row]) == {*TASKS, "avg"}
+    assert set(signals["pairs"]["aerial+signs"]["0.5"]) == {"aerial", "signs", "avg"}

@@ -117,7 +117,8 @@ def _init_clip(out: Path, recipe: Any, corpus: Sequence[str] | None = None) -> N
     tokenizer = train_tiny_clip_tokenizer(out, corpus or tokenizer_corpus(), vocab_size=recipe.vocab_size)
     layers = dict(hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
                   num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads)  # fmt: skip
-    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+    text_layers = getattr(recipe, "text_num_layers", recipe.num_layers)
+    text = dict(layers, num_hidden_layers=text_layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     config = CLIPConfig(text_config=text, vision_config=dict(layers, image_size=IMAGE_SIZE, patch_size=recipe.patch_size),
                         projection_dim=recipe.projection_dim)  # fmt: skip
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen, _ = design.parse_known_args(argv)
     recipe_type = MiniClipRecipeV2 if chosen.design == "v2" else MiniClipRecipe
     parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.build_mini_clip", description=__doc__.split("\n")[0],
-                                     parents=[design])  # fmt: skip
+                                     parents=[design])
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (bytes are reproducible per thread count)")
     parser.add_argument("--tasks", nargs="*", default=None, help="fine-tune only these tasks (default: all eight)")

@@ -38,7 +38,8 @@ class MiniClipRecipeV2:
     Attributes:
         seed: seeds the initialisation, the pre-training pool and batches, and the experts' data order.
         vocab_size / hidden_size / intermediate_size / num_layers / num_heads / patch_size / projection_dim:
-            the tokenizer's and both towers' sizes.
+            the tokenizer's and both towers' sizes (``num_layers``: the vision tower's depth).
+        text_num_layers: the text tower's depth (it only has to tell ~70 short class names apart).
         pretrain_images_per_task: size of the pre-training pool, per domain.
         class_mention: chance that a pre-training caption names the class.
         pretrain_steps / pretrain_batch_size / pretrain_learning_rate: contrastive pre-training
@@ -53,17 +54,18 @@ class MiniClipRecipeV2:
     hidden_size: int = 64
     intermediate_size: int = 256
     num_layers: int = 4
+    text_num_layers: int = 2
     num_heads: int = 4
-    patch_size: int = 4
+    patch_size: int = 8
     projection_dim: int = 64
-    pretrain_images_per_task: int = 3000
-    class_mention: float = 0.5
-    pretrain_steps: int = 1000
-    pretrain_batch_size: int = 128
+    pretrain_images_per_task: int = 1500
+    class_mention: float = 0.8
+    pretrain_steps: int = 1200
+    pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3
     finetune_steps: int = 200
-    finetune_batch_size: int = 64
-    finetune_learning_rate: float = 1e-4
+    finetune_batch_size: int = 32
+    finetune_learning_rate: float = 3e-5
     n_train: int = 2000
     n_test: int = 500
 
@@ -75,7 +77,7 @@ def datasets_root_v2(n_train: int, n_test: int) -> Path:
     base = mini_tasks_root()
     suffix = "" if (n_train, n_test) == (2000, 500) else f"-{n_train}-{n_test}"
     return v2.build_mini_task_datasets_v2(base.parent / f"mini_tasks-design2-v{v2.DATASET_FORMAT_V2}{suffix}",
-                                          n_train=n_train, n_test=n_test)  # fmt: skip
+                                          n_train=n_train, n_test=n_test)
 
 
 def _pretrain_v2(clip_dir: Path, recipe: MiniClipRecipeV2) -> list[float]:
@@ -112,7 +114,7 @@ def _finetune_v2(clip_dir: Path, task: str, data_root: Path, out: Path, recipe: 
         task=task, classnames=list(DOMAINS[task].classnames), templates=list(DOMAINS[task].templates),
         learning_rate=recipe.finetune_learning_rate, lr_scheduler="fixed", num_steps=recipe.finetune_steps,
         batch_size=recipe.finetune_batch_size, seed=recipe.seed, save_path=str(out),
-    )  # fmt: skip
+    )
     algorithm.fabric = lightning.Fabric(accelerator="cpu", devices=1)
     algorithm.run(pool)
     return algorithm.extra_report()["clip_finetune"]
@@ -149,7 +151,7 @@ def build_mini_clip_v2(out: str | Path, recipe: MiniClipRecipeV2 = MiniClipRecip
             "torch_threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
             "files": _digests(tmp),
-        }  # fmt: skip
+        }
         (tmp / "BUILD.json").write_text(json.dumps(build, indent=1) + "\n")
     _log(f"done: {out}", start)
     return Path(out)

@@ -147,7 +147,7 @@ def _draw_scene(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     img = sky_top * (1 - t) + sky_low * t
     ground = {"beach": (0.9, 0.8, 0.55), "forest": (0.1, 0.35, 0.1), "desert": (0.85, 0.65, 0.35),
               "mountain": (0.35, 0.45, 0.3), "city": (0.4, 0.4, 0.42), "lake": (0.2, 0.45, 0.2),
-              "field": (0.4, 0.7, 0.2), "snowfield": (0.95, 0.95, 0.97)}[name]  # fmt: skip
+              "field": (0.4, 0.7, 0.2), "snowfield": (0.95, 0.95, 0.97)}[name]
     below = _soft(horizon - y)
     img = _paint(img, below, _jitter(rng, ground))
     if name == "beach":
@@ -195,7 +195,7 @@ _VEHICLE_SHAPES = {
     "pickup truck": (24, 5.0, 0.15, 0.45, 5.0, 0.5, 2), "van": (21, 9.5, 0.0, 1.0, 0.0, 0.0, 2),
     "bus": (28, 11.0, 0.0, 1.0, 0.0, 0.0, 3), "sports car": (22, 3.5, 0.35, 0.75, 3.0, 4.0, 2),
     "jeep": (18, 6.0, 0.2, 0.8, 5.0, 0.0, 2), "limousine": (29, 4.0, 0.2, 0.85, 3.5, 2.0, 3),
-}  # fmt: skip
+}
 
 
 def _draw_vehicle(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
@@ -282,7 +282,7 @@ def _draw_aerial(rng: np.random.Generator, label: int, split: str) -> np.ndarray
 # --------------------------------------------------------------------------- landcover (EuroSAT)
 
 LANDCOVER = ("annual crop land", "forest", "herbaceous vegetation", "highway or road", "industrial buildings",
-             "pasture land", "permanent crop land", "residential buildings")  # fmt: skip
+             "pasture land", "permanent crop land", "residential buildings")
 
 
 def _draw_landcover(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
@@ -293,7 +293,7 @@ def _draw_landcover(rng: np.random.Generator, label: int, split: str) -> np.ndar
     noise = rng.normal(0, 1, (k, k, 1))
     base = {"annual crop land": (0.75, 0.35, 0.45), "forest": (0.25, 0.1, 0.35), "herbaceous vegetation": (0.6, 0.3, 0.3),
             "highway or road": (0.55, 0.5, 0.5), "industrial buildings": (0.7, 0.7, 0.75), "pasture land": (0.8, 0.45, 0.3),
-            "permanent crop land": (0.65, 0.35, 0.35), "residential buildings": (0.6, 0.55, 0.55)}[name]  # fmt: skip
+            "permanent crop land": (0.65, 0.35, 0.35), "residential buildings": (0.6, 0.55, 0.55)}[name]
     small = np.broadcast_to(_jitter(rng, base, 0.05), (k, k, 3)).copy() + 0.04 * noise
     if name == "annual crop land":
         small += 0.15 * ((np.floor((i + j * rng.uniform(-1, 1)) / 2) % 2) - 0.5)[..., None]
@@ -323,7 +323,7 @@ _FONT = {
     "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
     "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
     "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
-}  # fmt: skip
+}
 DIGITS = tuple(str(d) for d in range(10))
 
 
@@ -480,7 +480,7 @@ DOMAINS: dict[str, Domain] = {
                ('a photo of the number: "{}".', 'a photo of the handwritten digit "{}".'), _draw_handwritten),
         Domain("textures", "DTD", "texture", TEXTURES, ("a photo of a {} texture.", "a photo of a {} pattern."), _draw_texture),
     )
-}  # fmt: skip
+}
 """The eight domains, in benchmark order."""
 
 

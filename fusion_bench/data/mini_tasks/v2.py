@@ -45,7 +45,7 @@ _CLASS_FRAMES = {
     "signs": ('a zoomed in photo of a "{c}" traffic sign.', "a {c} sign.", 'a photo of a "{c}" traffic sign.', "the {c} road sign."),
     "handwritten": ('a photo of the number: "{c}".', "a handwritten {c}.", 'the handwritten digit "{c}".', "the digit {c}, written by hand."),
     "textures": ("a photo of a {c} texture.", "a {c} pattern.", "a {c} surface.", "a photo of a {c} pattern."),
-}  # fmt: skip
+}
 
 
 def caption_v2(rng: np.random.Generator, task: str, label: int, class_mention: float = CLASS_MENTION) -> str:
@@ -137,7 +137,7 @@ def build_mini_task_datasets_v2(root: str | Path, *, n_train: int = 2000, n_test
     """
     root = Path(root).expanduser().absolute()
     marker = {"format": DATASET_FORMAT_V2, "design": 2, "seed": seed, "n_train": n_train, "n_test": n_test,
-              "tasks": list(TASKS_V2)}  # fmt: skip
+              "tasks": list(TASKS_V2)}
     if _read_marker(root) == marker:
         return root
     if root.is_dir() and any(root.iterdir()) and _read_marker(root) is None:

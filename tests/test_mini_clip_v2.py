@@ -76,13 +76,16 @@ def test_dataset_has_image_and_label_columns():
     assert image.size == (32, 32) and image.mode == "RGB"
 
 
-SMOKE = dict(hidden_size=32, intermediate_size=64, num_layers=2, text_num_layers=1, num_heads=2, pretrain_images_per_task=48,
-             pretrain_steps=80, pretrain_batch_size=32, pretrain_learning_rate=5e-3, finetune_steps=20, finetune_batch_size=16,
-             finetune_learning_rate=3e-3, n_train=64, n_test=40)
+SMOKE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "text_num_layers": 1, "num_heads": 2, "pretrain_images_per_task": 48,
+             "pretrain_steps": 80, "pretrain_batch_size": 32, "pretrain_learning_rate": 5e-3, "finetune_steps": 20, "finetune_batch_size": 16,
+             "finetune_learning_rate": 3e-3, "n_train": 64, "n_test": 40}
 
 
 def test_build_v2_is_deterministic_and_writes_its_recipe(tmp_path):
-    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+    from fusion_bench.scripts.build_mini_clip_v2 import (
+        MiniClipRecipeV2,
+        build_mini_clip_v2,
+    )
 
     recipe = MiniClipRecipeV2(**{**SMOKE, "pretrain_steps": 2, "finetune_steps": 2})
     digests = []
@@ -104,7 +107,10 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     on all eight, and a linear probe on pre-trained features tells the tasks' images apart far
     above chance (12.5%). Measured on this recipe: pre-trained 25.6, experts 34.4, simple
     averaging 30.9, TIES 31.9, probe 69%."""
-    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+    from fusion_bench.scripts.build_mini_clip_v2 import (
+        MiniClipRecipeV2,
+        build_mini_clip_v2,
+    )
     from fusion_bench.scripts.mini_clip_signals import MiniClipSignals, measure_signals
 
     build_mini_clip_v2(tmp_path / "build", MiniClipRecipeV2(**SMOKE))

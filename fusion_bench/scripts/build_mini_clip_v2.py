@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,13 @@ def build_mini_clip_v2(out: str | Path, recipe: MiniClipRecipeV2 = MiniClipRecip
     """
     import transformers
 
-    from fusion_bench.scripts.build_mini_clip import BASE_NAME, BUILD_FORMAT, _digests, _init_clip, _log
+    from fusion_bench.scripts.build_mini_clip import (
+        BASE_NAME,
+        BUILD_FORMAT,
+        _digests,
+        _init_clip,
+        _log,
+    )
 
     tasks = list(tasks or v2.TASKS_V2)
     unknown = [t for t in tasks if t not in DOMAINS]

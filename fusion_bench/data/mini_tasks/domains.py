@@ -23,15 +23,15 @@ digits of the ``"test"`` split come from held-out scikit-learn images (:func:`.s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 
 from fusion_bench.data.mini_tasks.scenes import digit_pool
 
-__all__ = ["DOMAINS", "Domain", "IMAGE_SIZE", "render"]
+__all__ = ["DOMAINS", "IMAGE_SIZE", "Domain", "render"]
 
 IMAGE_SIZE = 32
 _N = IMAGE_SIZE
@@ -360,13 +360,12 @@ SIGNS = ("stop", "yield", "no entry", "speed limit", "general caution", "turn ri
 
 
 def _draw_sign(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    x, y = _grid()
     small = rng.uniform(0.15, 0.7, (4, 4, 3))
     img = _upscale(small)
     name = SIGNS[label]
     cx, cy, r = 16 + rng.uniform(-2, 2), 16 + rng.uniform(-2, 2), rng.uniform(9, 12)
     red, white, blue, black, yellow = (0.85, 0.1, 0.1), (0.95, 0.95, 0.95), (0.1, 0.3, 0.8), (0.05, 0.05, 0.05), (0.95, 0.8, 0.1)
-    tri = lambda s, k: [(cx, cy - s * k), (cx + 0.87 * k, cy + s * 0.5 * k), (cx - 0.87 * k, cy + s * 0.5 * k)]  # noqa: E731
+    tri = lambda s, k: [(cx, cy - s * k), (cx + 0.87 * k, cy + s * 0.5 * k), (cx - 0.87 * k, cy + s * 0.5 * k)]
     if name == "stop":
         octagon = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.pi / 8 + np.arange(8) * np.pi / 4]
         img = _paint(img, _poly(octagon), red)

@@ -123,3 +123,22 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     for row in ("simple_average", "task_arithmetic_0.3", "ties_0.3"):
         assert set(signals[row]) == {*TASKS, "avg"}
     assert set(signals["pairs"]["aerial+signs"]["0.5"]) == {"aerial", "signs", "avg"}
+
+
+def test_v2_configs_match_the_domains_and_the_resolver_knows_the_v2_tasks():
+    from hydra import compose, initialize_config_dir
+
+    from fusion_bench.data.mini_tasks import mini_path
+    from fusion_bench.errors import ConfigError
+    from fusion_bench.scripts.cli import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("fusion_bench_config", overrides=["taskpool=CLIPVisionModelTaskPool/mini-clip-v2_TA8",
+                                                         "modelpool=CLIPVisionModelPool/mini-clip-v2_TA8"])
+    assert list(cfg.taskpool.test_datasets) == TASKS == [m for m in cfg.modelpool.models if m != "_pretrained_"]
+    for task, entry in cfg.taskpool.test_datasets.items():
+        assert list(entry.classnames) == list(DOMAINS[task].classnames), task
+        assert list(entry.templates) == list(DOMAINS[task].templates), task
+    assert set(cfg.modelpool.train_datasets) == set(TASKS)
+    with pytest.raises(ConfigError, match=r"second design: scenes, vehicles"):
+        mini_path("datasets/nope")

@@ -43,6 +43,9 @@ def task_classnames_and_templates(
     if task in mini_tasks.MINI_TASKS:
         text = mini_tasks.task_text(task)
         return text["classnames"], text["templates"]
+    if task in mini_tasks.DOMAINS:  # the mini benchmark's second design
+        domain = mini_tasks.DOMAINS[task]
+        return list(domain.classnames), list(domain.templates)
     try:
         return load_classnames_and_templates(canonical_task_name(task))
     except UnknownNameError:

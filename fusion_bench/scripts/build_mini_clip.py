@@ -1,6 +1,9 @@
 """Build the built-in offline benchmark's models from scratch, deterministically.
 
-    python -m fusion_bench.scripts.build_mini_clip --out DIR [--threads N]
+    python -m fusion_bench.scripts.build_mini_clip --out DIR [--threads N] [--design v2]
+
+``--design v2`` builds the second design instead (eight tasks that are each their own image
+domain; :mod:`fusion_bench.scripts.build_mini_clip_v2`), with its own recipe flags.
 
 Steps (every one seeded by the recipe's ``seed``):
 
@@ -99,21 +102,23 @@ def _pixel_values(images: np.ndarray, image_processor: Any) -> torch.Tensor:
     return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
-def _init_clip(out: Path, recipe: MiniClipRecipe) -> None:
+def _init_clip(out: Path, recipe: Any, corpus: Sequence[str] | None = None) -> None:
     """Train the tokenizer and save a randomly initialised CLIP with its processor to ``out``.
 
     Like :func:`fusion_bench.testing.build_tiny_clip`, with a vocabulary large enough for
     every caption word to be one token (short sequences keep the text tower cheap).
+    ``corpus``: the tokenizer's texts (default: :func:`tokenizer_corpus`, the first design's).
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     from fusion_bench.testing import train_tiny_clip_tokenizer
 
-    tokenizer = train_tiny_clip_tokenizer(out, tokenizer_corpus(), vocab_size=recipe.vocab_size)
+    tokenizer = train_tiny_clip_tokenizer(out, corpus or tokenizer_corpus(), vocab_size=recipe.vocab_size)
     layers = dict(hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
                   num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads)  # fmt: skip
-    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+    text_layers = getattr(recipe, "text_num_layers", recipe.num_layers)
+    text = dict(layers, num_hidden_layers=text_layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     config = CLIPConfig(text_config=text, vision_config=dict(layers, image_size=IMAGE_SIZE, patch_size=recipe.patch_size),
                         projection_dim=recipe.projection_dim)  # fmt: skip
@@ -227,19 +232,29 @@ def build_mini_clip(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (see module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.build_mini_clip", description=__doc__.split("\n")[0])
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+
+    design = argparse.ArgumentParser(add_help=False)
+    design.add_argument("--design", choices=("v1", "v2"), default="v1")
+    chosen, _ = design.parse_known_args(argv)
+    recipe_type = MiniClipRecipeV2 if chosen.design == "v2" else MiniClipRecipe
+    parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.build_mini_clip", description=__doc__.split("\n")[0],
+                                     parents=[design])
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (bytes are reproducible per thread count)")
     parser.add_argument("--tasks", nargs="*", default=None, help="fine-tune only these tasks (default: all eight)")
-    defaults = MiniClipRecipe()
-    for field in dataclasses.fields(MiniClipRecipe):
+    defaults = recipe_type()
+    for field in dataclasses.fields(recipe_type):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    recipe = MiniClipRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiniClipRecipe)})
-    build_mini_clip(args.out, recipe, tasks=args.tasks)
+    recipe = recipe_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(recipe_type)})
+    if chosen.design == "v2":
+        build_mini_clip_v2(args.out, recipe, tasks=args.tasks)
+    else:
+        build_mini_clip(args.out, recipe, tasks=args.tasks)
 
 
 if __name__ == "__main__":

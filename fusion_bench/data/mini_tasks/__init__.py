@@ -29,6 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fusion_bench.data.mini_tasks.captions import caption, caption_vocabulary_corpus
+from fusion_bench.data.mini_tasks.domains import DOMAINS
 from fusion_bench.data.mini_tasks.scenes import KINDS, Scene, render_scene, sample_scene
 from fusion_bench.data.mini_tasks.tasks import (
     DATASET_FORMAT,
@@ -100,8 +101,13 @@ def mini_path(relative: str) -> str:
         return str(path)
     if kind == "datasets" and name in MINI_TASKS:
         return str(build_mini_task_datasets(mini_tasks_root()) / name)
+    if kind == "datasets" and name in DOMAINS:  # the second design's tasks (docs/mini_clip_benchmark_v2.md)
+        from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
+
+        return str(datasets_root_v2(2000, 500) / name)
     raise ConfigError(
         f"${{{RESOLVER}:{relative}}}: expected 'models/<name>' or 'datasets/<task>' with a task among {', '.join(MINI_TASKS)}"
+        f" (second design: {', '.join(DOMAINS)})"
     )
 
 

@@ -1,0 +1,173 @@
+"""Cheap health signals of a second-design mini CLIP build (``build_mini_clip --design v2``).
+
+    python -m fusion_bench.scripts.mini_clip_signals --build DIR [--pairs scenes+signs ...] [--json OUT]
+
+Measures, in one process and without the fusion program (seconds, not minutes):
+
+* zero-shot accuracy of the pre-trained model on each task, and each expert on its own task;
+* task arithmetic (λ 0.3) and TIES merging (top 20%, λ 0.3) of all experts, and simple averaging;
+* pairwise task arithmetic ("do two experts add up?"): two experts merged at λ 0.5 and 1.0,
+  each measured on both tasks;
+* a linear probe (logistic regression) on the pre-trained image features that predicts which
+  task an image comes from;
+* the mean pairwise cosine of each task's zero-shot head rows (near 1: the text tower does not
+  tell the class names apart).
+
+The merges here are plain re-implementations for a quick look; the benchmark's table is made
+by the library's methods (``benchmarks/mini_clip_table.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fusion_bench.data.mini_tasks import v2
+from fusion_bench.data.mini_tasks.domains import DOMAINS
+
+__all__ = ["MiniClipSignals", "measure_signals", "task_arithmetic", "ties"]
+
+State = dict[str, torch.Tensor]
+
+
+class MiniClipSignals:
+    """A loaded build: the pre-trained CLIP, the experts' vision weights and the tasks' test images."""
+
+    def __init__(self, build_dir: str | Path, *, n_test: int = 500, n_probe: int = 200, data_seed: int = 0) -> None:
+        from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel
+
+        build_dir = Path(build_dir)
+        self.model = CLIPModel.from_pretrained(str(build_dir / "clip-mini")).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(build_dir / "clip-mini"))
+        self.tasks = [t for t in v2.TASKS_V2 if (build_dir / f"clip-mini_{t}").is_dir()]
+        self.pretrained: State = {k: v.clone() for k, v in self.model.vision_model.state_dict().items()}
+        self.experts: dict[str, State] = {}
+        for task in self.tasks:
+            expert = CLIPVisionModel.from_pretrained(str(build_dir / f"clip-mini_{task}"))
+            weights = {k.removeprefix("vision_model."): v.clone() for k, v in expert.state_dict().items()}
+            self.experts[task] = {k: weights[k] for k in self.pretrained}
+        self.test = {t: v2.sample_task_images(t, "test", n_test, data_seed) for t in v2.TASKS_V2}
+        self.probe_train = {t: v2.sample_task_images(t, "train", n_probe, data_seed)[0] for t in v2.TASKS_V2}
+        self.heads = {t: self._head(t) for t in v2.TASKS_V2}
+
+    def _pixels(self, images: np.ndarray) -> torch.Tensor:
+        from fusion_bench.scripts.build_mini_clip import _pixel_values
+
+        return _pixel_values(images, self.processor.image_processor)
+
+    @torch.no_grad()
+    def _head(self, task: str) -> torch.Tensor:
+        """The zero-shot head: per class, the normalised mean of its normalised prompt embeddings."""
+        domain = DOMAINS[task]
+        rows = []
+        for name in domain.classnames:
+            text = self.processor.tokenizer([t.format(name) for t in domain.templates], padding=True, return_tensors="pt")
+            embeds = F.normalize(self.model.text_projection(self.model.text_model(**text).pooler_output), dim=-1)
+            rows.append(F.normalize(embeds.mean(0), dim=-1))
+        return torch.stack(rows)
+
+    def head_cosine(self, task: str) -> float:
+        """Mean pairwise cosine of ``task``'s head rows."""
+        head = self.heads[task]
+        k = len(head)
+        return float(((head @ head.T).sum() - k) / (k * (k - 1)))
+
+    @torch.no_grad()
+    def features(self, state: State, images: np.ndarray) -> torch.Tensor:
+        """Pooled (pre-projection) image features under the vision weights ``state``."""
+        self.model.vision_model.load_state_dict(state)
+        return self.model.vision_model(pixel_values=self._pixels(images)).pooler_output
+
+    def accuracy(self, state: State, task: str) -> float:
+        """Zero-shot-head accuracy (%) of the vision weights ``state`` on ``task``'s test images."""
+        images, labels = self.test[task]
+        embeds = F.normalize(self.model.visual_projection(self.features(state, images)), dim=-1)
+        return float((((embeds @ self.heads[task].T).argmax(1)).numpy() == labels).mean() * 100)
+
+    def evaluate(self, state: State, tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Accuracy on each of ``tasks`` (default: the experts' tasks) and their average (``"avg"``)."""
+        tasks = list(tasks or self.tasks)
+        result = {t: self.accuracy(state, t) for t in tasks}
+        result["avg"] = float(np.mean([result[t] for t in tasks]))
+        return result
+
+    def task_probe(self) -> float:
+        """Accuracy (%) of a linear probe on pre-trained features predicting an image's task."""
+        from sklearn.linear_model import LogisticRegression
+
+        train = [self.features(self.pretrained, self.probe_train[t]).numpy() for t in v2.TASKS_V2]
+        test = [self.features(self.pretrained, self.test[t][0]).numpy() for t in v2.TASKS_V2]
+        y_train = np.concatenate([np.full(len(x), i) for i, x in enumerate(train)])
+        y_test = np.concatenate([np.full(len(x), i) for i, x in enumerate(test)])
+        probe = LogisticRegression(max_iter=3000).fit(np.concatenate(train), y_train)
+        return float(probe.score(np.concatenate(test), y_test) * 100)
+
+
+def task_arithmetic(pretrained: State, experts: Mapping[str, State], scaling: float) -> State:
+    """``θ0 + λ Σ_t (θ_t − θ0)``."""
+    return {k: v + scaling * sum(e[k] - v for e in experts.values()) if v.is_floating_point() else v for k, v in pretrained.items()}
+
+
+def ties(pretrained: State, experts: Mapping[str, State], scaling: float = 0.3, keep: float = 0.2) -> State:
+    """TIES merging: keep each task vector's top ``keep`` entries by magnitude, elect signs by the
+    sum, average the agreeing entries, add ``scaling`` times that to ``θ0``."""
+    merged: State = {}
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            merged[key] = base
+            continue
+        vectors = torch.stack([(e[key] - base).flatten() for e in experts.values()])
+        k = max(1, int(vectors.shape[1] * keep))
+        threshold = vectors.abs().kthvalue(vectors.shape[1] - k + 1, dim=1, keepdim=True).values
+        trimmed = vectors * (vectors.abs() >= threshold)
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        mean = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        merged[key] = base + scaling * mean.view_as(base)
+    return merged
+
+
+def measure_signals(signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Every signal of the module docstring, as a JSON-able dict (accuracies in %)."""
+    s = signals
+    result: dict[str, Any] = {"tasks": s.tasks, "head_cosine": {t: round(s.head_cosine(t), 4) for t in v2.TASKS_V2}}
+    result["pretrained"] = s.evaluate(s.pretrained, v2.TASKS_V2)
+    own = {t: s.accuracy(s.experts[t], t) for t in s.tasks}
+    result["experts"] = {**own, "avg": float(np.mean(list(own.values())))} if own else {}
+    if len(s.tasks) > 1:
+        result["simple_average"] = s.evaluate(task_arithmetic(s.pretrained, s.experts, 1.0 / len(s.tasks)))
+        result["task_arithmetic_0.3"] = s.evaluate(task_arithmetic(s.pretrained, s.experts, 0.3))
+        result["ties_0.3"] = s.evaluate(ties(s.pretrained, s.experts, 0.3))
+    result["pairs"] = {}
+    for a, b in pairs:
+        two = {a: s.experts[a], b: s.experts[b]}
+        result["pairs"][f"{a}+{b}"] = {str(lam): s.evaluate(task_arithmetic(s.pretrained, two, lam), [a, b]) for lam in (0.5, 1.0)}
+    result["task_probe"] = s.task_probe()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (see module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.mini_clip_signals", description=__doc__.split("\n")[0])
+    parser.add_argument("--build", required=True, help="a build_mini_clip --design v2 output folder")
+    parser.add_argument("--pairs", nargs="*", default=[], help="task pairs as a+b")
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--json", default=None, help="also write the signals here")
+    args = parser.parse_args(argv)
+    pairs = [tuple(p.split("+")) for p in args.pairs]
+    result = measure_signals(MiniClipSignals(args.build, n_test=args.n_test), pairs)  # type: ignore[arg-type]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

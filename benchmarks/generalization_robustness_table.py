@@ -32,8 +32,12 @@ from mini_clip_table import replace_block  # noqa: E402  (the table-block writer
 from fusion_bench.data.corruptions import CORRUPTIONS  # noqa: E402
 from fusion_bench.utils.io import atomic_write_json  # noqa: E402
 
-METHODS = {"dummy": "Pre-trained", "simple_average": "Simple average", "task_arithmetic": "Task arithmetic",
-           "ties_merging": "TIES-merging"}  # fmt: skip
+METHODS = {
+    "dummy": "Pre-trained",
+    "simple_average": "Simple average",
+    "task_arithmetic": "Task arithmetic",
+    "ties_merging": "TIES-merging",
+}
 EXPERIMENTS = ("exp1", "exp2")
 MARKS = ("<!-- generalization-robustness-table:start -->", "<!-- generalization-robustness-table:end -->")
 
@@ -45,22 +49,38 @@ def run(config_name: str, overrides: Sequence[str], report_path: Path) -> dict[s
     from fusion_bench.program import FabricModelFusionProgram
     from fusion_bench.scripts.cli import CONFIG_DIR
 
-    overrides = [*overrides, f"report_save_path={report_path}", f"fabric.loggers.root_dir={report_path.parent / 'logs'}"]
+    overrides = [
+        *overrides,
+        f"report_save_path={report_path}",
+        f"fabric.loggers.root_dir={report_path.parent / 'logs'}",
+    ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the program prints each report
         report = FabricModelFusionProgram(cfg).run()
-    print(f"  {report_path.stem}: {100 * report['average']['accuracy']:.1f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    print(
+        f"  {report_path.stem}: {100 * report['average']['accuracy']:.1f} ({time.perf_counter() - start:.0f} s)",
+        file=sys.stderr,
+    )
     return report
 
 
 def generalization_runs(methods: Sequence[str], reports: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """``{exp: {method: report}}``."""
     return {
-        exp: {m: run("fusion_bench_config", [f"method={m}", f"modelpool=CLIPVisionModelPool/mini-clip_generalization_{exp}",
-                                             f"taskpool=CLIPVisionModelTaskPool/mini-clip_generalization_{exp}"],
-                     reports / f"generalization_{exp}_{m}.json") for m in methods}  # fmt: skip
+        exp: {
+            m: run(
+                "fusion_bench_config",
+                [
+                    f"method={m}",
+                    f"modelpool=CLIPVisionModelPool/mini-clip_generalization_{exp}",
+                    f"taskpool=CLIPVisionModelTaskPool/mini-clip_generalization_{exp}",
+                ],
+                reports / f"generalization_{exp}_{m}.json",
+            )
+            for m in methods
+        }
         for exp in EXPERIMENTS
     }
 
@@ -71,8 +91,11 @@ def robustness_runs(methods: Sequence[str], severity: int, reports: Path) -> dic
     for m in methods:
         out[m] = {"clean": run("mini-clip_robustness_clean", [f"method={m}"], reports / f"robustness_clean_{m}.json")}
         for c in CORRUPTIONS:
-            out[m][c] = run("mini-clip_robustness_corrupted", [f"method={m}", f"corruption={c}", f"severity={severity}"],
-                            reports / f"robustness_{c}_s{severity}_{m}.json")  # fmt: skip
+            out[m][c] = run(
+                "mini-clip_robustness_corrupted",
+                [f"method={m}", f"corruption={c}", f"severity={severity}"],
+                reports / f"robustness_{c}_s{severity}_{m}.json",
+            )
     return out
 
 
@@ -87,8 +110,13 @@ def generalization_table(exp: str, rows: dict[str, dict[str, Any]]) -> str:
     head = ["method", *seen, "**seen avg**", *unseen, "**unseen avg**", "avg (8)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m, r in rows.items():
-        cells = [*(_pct(r[t]["accuracy"]) for t in seen), f"**{_pct(r['seen']['accuracy'])}**",
-                 *(_pct(r[t]["accuracy"]) for t in unseen), f"**{_pct(r['unseen']['accuracy'])}**", _pct(r["average"]["accuracy"])]  # fmt: skip
+        cells = [
+            *(_pct(r[t]["accuracy"]) for t in seen),
+            f"**{_pct(r['seen']['accuracy'])}**",
+            *(_pct(r[t]["accuracy"]) for t in unseen),
+            f"**{_pct(r['unseen']['accuracy'])}**",
+            _pct(r["average"]["accuracy"]),
+        ]
         lines.append(f"| {METHODS.get(m, m)} | " + " | ".join(cells) + " |")
     return f"**Generalization {exp}** (experts of the seen tasks merged; accuracy %):\n\n" + "\n".join(lines) + "\n"
 
@@ -97,10 +125,15 @@ def robustness_tables(rows: dict[str, dict[str, dict[str, Any]]], severity: int)
     """The average over the four tasks per corruption, then per task and corruption for each method."""
     columns = ["clean", *CORRUPTIONS]
     head = "| method | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns)
-    lines = [head] + [f"| {METHODS.get(m, m)} | " + " | ".join(_pct(r[c]["average"]["accuracy"]) for c in columns) + " |"
-                      for m, r in rows.items()]  # fmt: skip
-    parts = [f"**Robustness** (severity {severity}, CIFAR-10-C parameters; mean accuracy % over the four tasks):\n",
-             "\n".join(lines), ""]  # fmt: skip
+    lines = [head] + [
+        f"| {METHODS.get(m, m)} | " + " | ".join(_pct(r[c]["average"]["accuracy"]) for c in columns) + " |"
+        for m, r in rows.items()
+    ]
+    parts = [
+        f"**Robustness** (severity {severity}, CIFAR-10-C parameters; mean accuracy % over the four tasks):\n",
+        "\n".join(lines),
+        "",
+    ]
     tasks = [t for t in next(iter(rows.values()))["clean"] if t not in ("model_info", "average", "meta")]
     for m, r in rows.items():
         per_task = [f"| {t} | " + " | ".join(_pct(r[c][t]["accuracy"]) for c in columns) + " |" for t in tasks]
@@ -125,10 +158,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("robustness:", file=sys.stderr)
     robust = robustness_runs(args.methods, args.severity, reports)
     minutes = (time.perf_counter() - start) / 60
-    sizes = sorted({n for r in (*general["exp1"].values(), *robust[args.methods[0]].values()) for n in r["meta"]["num_samples"].values()})
-    block = "\n".join([*(generalization_table(e, general[e]) for e in EXPERIMENTS), robustness_tables(robust, args.severity),
-                       f"Regenerated with `python benchmarks/generalization_robustness_table.py --severity {args.severity}` "
-                       f"in {minutes:.1f} min (test images per task: {', '.join(map(str, sizes))}).\n"])  # fmt: skip
+    sizes = sorted(
+        {
+            n
+            for r in (*general["exp1"].values(), *robust[args.methods[0]].values())
+            for n in r["meta"]["num_samples"].values()
+        }
+    )
+    block = "\n".join(
+        [
+            *(generalization_table(e, general[e]) for e in EXPERIMENTS),
+            robustness_tables(robust, args.severity),
+            f"Regenerated with `python benchmarks/generalization_robustness_table.py --severity {args.severity}` "
+            f"in {minutes:.1f} min (test images per task: {', '.join(map(str, sizes))}).\n",
+        ]
+    )
     atomic_write_json(reports / "summary.json", {"minutes": round(minutes, 2), "markdown": block})
     replace_block(Path(args.doc), block, *MARKS)
     print(block)

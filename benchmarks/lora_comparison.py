@@ -37,7 +37,10 @@ from omegaconf import open_dict
 from fusion_bench.utils.io import atomic_write_json
 
 VARIANTS = {"full": "clip_finetune", "lora": "clip_finetune_lora", "l_lora": "clip_finetune_l_lora"}
-MERGES = {"task_arithmetic": ["method=task_arithmetic", "method.scaling_factor=0.3"], "simple_average": ["method=simple_average"]}
+MERGES = {
+    "task_arithmetic": ["method=task_arithmetic", "method.scaling_factor=0.3"],
+    "simple_average": ["method=simple_average"],
+}
 MARK_START, MARK_END = "<!-- lora-comparison:start -->", "<!-- lora-comparison:end -->"
 
 
@@ -65,10 +68,20 @@ def finetune(args: argparse.Namespace, variant: str, task: str) -> tuple[Path, f
             return out, float(json.loads(report_path.read_text())["meta"]["fusion_seconds"]), True
         except (OSError, ValueError, KeyError, TypeError):
             return out, None, True
-    cfg = compose([f"method={VARIANTS[variant]}", f"method.task={task}", f"method.num_steps={args.steps}",
-                   f"method.batch_size={args.batch_size}", f"method.learning_rate={args.learning_rate}",
-                   f"method.seed={args.seed}", f"method.save_path={out}", f"modelpool={args.modelpool}", "taskpool=dummy",
-                   f"report_save_path={report_path}"])  # fmt: skip
+    cfg = compose(
+        [
+            f"method={VARIANTS[variant]}",
+            f"method.task={task}",
+            f"method.num_steps={args.steps}",
+            f"method.batch_size={args.batch_size}",
+            f"method.learning_rate={args.learning_rate}",
+            f"method.seed={args.seed}",
+            f"method.save_path={out}",
+            f"modelpool={args.modelpool}",
+            "taskpool=dummy",
+            f"report_save_path={report_path}",
+        ]
+    )
     _, seconds = run_program(cfg)
     return out, seconds, False
 
@@ -85,23 +98,43 @@ def _pool_overrides(cfg: Any, variant: str, experts: dict[str, Path], tasks: Seq
             cfg.modelpool.models[task] = entry if variant == "full" else {"adapter": str(experts[task]), "base": base}
 
 
-def evaluate(args: argparse.Namespace, variant: str, experts: dict[str, Path], method: Sequence[str],
-             tasks: Sequence[str], label: str) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    args: argparse.Namespace,
+    variant: str,
+    experts: dict[str, Path],
+    method: Sequence[str],
+    tasks: Sequence[str],
+    label: str,
+) -> dict[str, Any]:
     """The report of ``method`` on the variant's experts for ``tasks``, evaluated on those tasks."""
-    cfg = compose([*method, f"modelpool={args.modelpool}", f"taskpool={args.taskpool}",
-                   f"report_save_path={Path(args.out) / 'reports' / f'{label}.json'}"])  # fmt: skip
+    cfg = compose(
+        [
+            *method,
+            f"modelpool={args.modelpool}",
+            f"taskpool={args.taskpool}",
+            f"report_save_path={Path(args.out) / 'reports' / f'{label}.json'}",
+        ]
+    )
     _pool_overrides(cfg, variant, experts, tasks)
     with open_dict(cfg):
         cfg.taskpool.test_datasets = {t: cfg.taskpool.test_datasets[t] for t in tasks}
     return run_program(cfg)[0]
 
 
-def own_task_accuracies(args: argparse.Namespace, variant: str, experts: dict[str, Path], tasks: Sequence[str]) -> dict[str, float]:
+def own_task_accuracies(
+    args: argparse.Namespace, variant: str, experts: dict[str, Path], tasks: Sequence[str]
+) -> dict[str, float]:
     """Each expert alone on its own task (``method=dummy`` with the expert as ``_pretrained_``)."""
     out = {}
     for task in tasks:
-        cfg = compose(["method=dummy", f"modelpool={args.modelpool}", f"taskpool={args.taskpool}",
-                       f"report_save_path={Path(args.out) / 'reports' / f'single_{variant}_{task}.json'}"])  # fmt: skip
+        cfg = compose(
+            [
+                "method=dummy",
+                f"modelpool={args.modelpool}",
+                f"taskpool={args.taskpool}",
+                f"report_save_path={Path(args.out) / 'reports' / f'single_{variant}_{task}.json'}",
+            ]
+        )
         with open_dict(cfg):
             base = cfg.modelpool.models["_pretrained_"]
             if variant == "full":
@@ -123,32 +156,68 @@ def trainable_parameters(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def markdown(tasks: Sequence[str], results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds: float,
-             reused_seconds: float, reused: int) -> str:  # fmt: skip
+def markdown(
+    tasks: Sequence[str],
+    results: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    seconds: float,
+    reused_seconds: float,
+    reused: int,
+) -> str:
     """The comparison as Markdown."""
     header = "| variant | model | " + " | ".join(tasks) + " | avg |\n|---|---|" + "---:|" * (len(tasks) + 1)
     rows = [header]
     for variant, res in results.items():
         own = res["own"]
-        rows.append(f"| {variant} | each expert on its own task | " + " | ".join(f"{100 * own[t]:.1f}" for t in tasks)
-                    + f" | **{100 * sum(own.values()) / len(own):.1f}** |")  # fmt: skip
+        rows.append(
+            f"| {variant} | each expert on its own task | "
+            + " | ".join(f"{100 * own[t]:.1f}" for t in tasks)
+            + f" | **{100 * sum(own.values()) / len(own):.1f}** |"
+        )
         for merge in MERGES:
             rep = res[merge]
-            rows.append(f"| {variant} | {merge} | " + " | ".join(f"{100 * rep[t]['accuracy']:.1f}" for t in tasks)
-                        + f" | **{100 * rep['average']['accuracy']:.1f}** |")  # fmt: skip
+            rows.append(
+                f"| {variant} | {merge} | "
+                + " | ".join(f"{100 * rep[t]['accuracy']:.1f}" for t in tasks)
+                + f" | **{100 * rep['average']['accuracy']:.1f}** |"
+            )
     params = ["| variant | trainable parameters per expert | training seconds per expert (mean) |", "|---|---:|---:|"]
     for variant, res in results.items():
         secs = [s for s in res["train_seconds"] if s is not None]
-        params.append(f"| {variant} | {res['trainable']:,} | {sum(secs) / len(secs):.1f} |" if secs else f"| {variant} | {res['trainable']:,} | (not recorded) |")
-    setup = (f"Pool `{args.modelpool}`, task pool `{args.taskpool}`; every expert: Adam, lr {args.learning_rate:g} (fixed), "
-             f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; LoRA / L-LoRA: q_proj and v_proj, r 16, "
-             "alpha 32, dropout 0.1. Merges: task arithmetic λ = 0.3, simple average; adapters folded into weights "
-             "(LoRA: W0 + s·B·A; L-LoRA: the linearised layer's exact weights, see `fusion_bench/models/linearized/lora.py`). "
-             "The full experts are fine-tuned here with the same settings as the LoRA ones, so they differ slightly from "
-             "the shipped experts of the README's table.")  # fmt: skip
-    return "\n".join(["Accuracy (%) on the test splits.", "", *rows, "", *params, "", setup, "",
-                      f"Regenerated with `python benchmarks/lora_comparison.py` in {(seconds + reused_seconds) / 60:.1f} min"
-                      + (f" ({reused} experts reused from an earlier run, their fine-tuning times from its reports)." if reused else ".")]) + "\n"  # fmt: skip
+        params.append(
+            f"| {variant} | {res['trainable']:,} | {sum(secs) / len(secs):.1f} |"
+            if secs
+            else f"| {variant} | {res['trainable']:,} | (not recorded) |"
+        )
+    setup = (
+        f"Pool `{args.modelpool}`, task pool `{args.taskpool}`; every expert: Adam, lr {args.learning_rate:g} (fixed), "
+        f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; LoRA / L-LoRA: q_proj and v_proj, r 16, "
+        "alpha 32, dropout 0.1. Merges: task arithmetic λ = 0.3, simple average; adapters folded into weights "
+        "(LoRA: W0 + s·B·A; L-LoRA: the linearised layer's exact weights, see `fusion_bench/models/linearized/lora.py`). "
+        "The full experts are fine-tuned here with the same settings as the LoRA ones, so they differ slightly from "
+        "the shipped experts of the README's table."
+    )
+    return (
+        "\n".join(
+            [
+                "Accuracy (%) on the test splits.",
+                "",
+                *rows,
+                "",
+                *params,
+                "",
+                setup,
+                "",
+                f"Regenerated with `python benchmarks/lora_comparison.py` in {(seconds + reused_seconds) / 60:.1f} min"
+                + (
+                    f" ({reused} experts reused from an earlier run, their fine-tuning times from its reports)."
+                    if reused
+                    else "."
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -179,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             seconds.append(secs)
             if was_reused:
                 reused, reused_seconds = reused + 1, reused_seconds + (secs or 0.0)
-            print(f"  {variant} {task}: {'reused' if was_reused else 'trained'}"
-                  + ("" if secs is None else f", {secs:.0f}s"), file=sys.stderr)  # fmt: skip
+            print(
+                f"  {variant} {task}: {'reused' if was_reused else 'trained'}"
+                + ("" if secs is None else f", {secs:.0f}s"),
+                file=sys.stderr,
+            )
         res: dict[str, Any] = {"train_seconds": seconds, "trainable": trainable_parameters(experts[tasks[0]])}
         res["own"] = own_task_accuracies(args, variant, experts, tasks)
         for merge, method in MERGES.items():

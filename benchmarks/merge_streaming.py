@@ -48,7 +48,9 @@ def build_checkpoints(root: Path, n_models: int, small: bool) -> list[Path]:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4) if small else CLIPVisionConfig()
+    config = (
+        CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4) if small else CLIPVisionConfig()
+    )
     torch.manual_seed(0)
     base = CLIPVisionModel(config)
     state = {k: v.contiguous() for k, v in base.state_dict().items()}
@@ -132,8 +134,11 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--methods", default="task_arithmetic,ties_merging")
     parser.add_argument("--small", action="store_true", help="a 4-layer, 192-wide encoder (quick check)")
-    parser.add_argument("--cold", action="store_true",
-                        help="evict the checkpoints from the page cache before every variant (reads from disk)")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the checkpoints from the page cache before every variant (reads from disk)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,8 +150,10 @@ def main() -> None:
         floor = min((run_variant("floor", dirs, cold=args.cold) for _ in range(2)), key=lambda r: r["wall_s"])
         results = [floor]
         for method in args.methods.split(","):
-            results += [run_variant(f"stream:{method}", dirs, cold=args.cold),
-                        run_variant(f"naive:{method}", dirs, cold=args.cold)]  # fmt: skip
+            results += [
+                run_variant(f"stream:{method}", dirs, cold=args.cold),
+                run_variant(f"naive:{method}", dirs, cold=args.cold),
+            ]
     print("page cache:", "evicted before every variant (cold reads)" if args.cold else "warm (files just written)")
     report(results, model_bytes, args.models, floor)
 
@@ -154,19 +161,27 @@ def main() -> None:
 def report(results: list[dict], model_bytes: int, n_models: int, floor: dict) -> None:
     mb = 1024**2
     budget = 2 * model_bytes  # one model + the output
-    print(f"\n{n_models} models + base, {model_bytes / mb:.0f} MB each; read floor {floor['wall_s']:.2f} s "
-          f"({(n_models + 1) * model_bytes / mb / floor['wall_s']:.0f} MB/s)")  # fmt: skip
-    print(f"{'variant':28s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'above idle MB':>14s} {'x (model+out)':>14s}")
+    print(
+        f"\n{n_models} models + base, {model_bytes / mb:.0f} MB each; read floor {floor['wall_s']:.2f} s "
+        f"({(n_models + 1) * model_bytes / mb / floor['wall_s']:.0f} MB/s)"
+    )
+    print(
+        f"{'variant':28s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'above idle MB':>14s} {'x (model+out)':>14s}"
+    )
     for r in results:
         above = r["peak_rss"] - r["idle_rss"]
-        print(f"{r['variant']:28s} {r['wall_s']:8.2f} {r['wall_s'] / floor['wall_s']:8.2f} "
-              f"{r['peak_rss'] / mb:12.0f} {above / mb:14.0f} {above / budget:14.2f}")  # fmt: skip
+        print(
+            f"{r['variant']:28s} {r['wall_s']:8.2f} {r['wall_s'] / floor['wall_s']:8.2f} "
+            f"{r['peak_rss'] / mb:12.0f} {above / mb:14.0f} {above / budget:14.2f}"
+        )
     by = {r["variant"]: r for r in results}
     for v in [r["variant"] for r in results if r["variant"].startswith("stream:")]:
         naive = by.get("naive:" + v.split(":")[1])
         if naive:
-            print(f"{v}: {naive['wall_s'] / by[v]['wall_s']:.2f}x faster and "
-                  f"{naive['peak_rss'] / by[v]['peak_rss']:.2f}x less peak RSS than {naive['variant']}")  # fmt: skip
+            print(
+                f"{v}: {naive['wall_s'] / by[v]['wall_s']:.2f}x faster and "
+                f"{naive['peak_rss'] / by[v]['peak_rss']:.2f}x less peak RSS than {naive['variant']}"
+            )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,15 @@ def run(overrides: Sequence[str], report_path: Path) -> tuple[dict[str, Any], fl
     """Run the fusion program with ``overrides``; return its report and wall time."""
     from fusion_bench.program import FabricModelFusionProgram
 
-    cfg = compose([*overrides, f"taskpool={TASKPOOL}", f"report_save_path={report_path}",
-                   f"fabric.loggers.root_dir={report_path.parent / 'logs'}", *FAST_DEV_RUN])  # fmt: skip
+    cfg = compose(
+        [
+            *overrides,
+            f"taskpool={TASKPOOL}",
+            f"report_save_path={report_path}",
+            f"fabric.loggers.root_dir={report_path.parent / 'logs'}",
+            *FAST_DEV_RUN,
+        ]
+    )
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the program prints each report
         report = FabricModelFusionProgram(cfg).run()
@@ -127,8 +134,10 @@ def multitask_overrides() -> str:
     from fusion_bench.scripts.build_mini_clip import MiniClipRecipe
 
     r = MiniClipRecipe()
-    return (f"method.num_steps={r.finetune_steps} method.batch_size={r.finetune_batch_size} "
-            f"method.learning_rate={r.finetune_learning_rate} method.lr_scheduler=fixed")
+    return (
+        f"method.num_steps={r.finetune_steps} method.batch_size={r.finetune_batch_size} "
+        f"method.learning_rate={r.finetune_learning_rate} method.lr_scheduler=fixed"
+    )
 
 
 def multitask_steps() -> str:
@@ -144,20 +153,34 @@ def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]
     rows = {}
     for name in ["clip-mini", *(f"clip-mini_{t}" for t in MINI_TASKS)]:
         path = mini_path(f"models/{name}")
-        overrides = ["method=dummy", f"modelpool={POOLS['single']}", f"modelpool.models._pretrained_.pretrained_model_name_or_path={path}"]
+        overrides = [
+            "method=dummy",
+            f"modelpool={POOLS['single']}",
+            f"modelpool.models._pretrained_.pretrained_model_name_or_path={path}",
+        ]
         rows[name] = run(overrides, reports_dir / f"{name}.json")
-        print(f"  {name}: average {100 * rows[name][0]['average']['accuracy']:.1f} ({rows[name][1]:.0f}s)", file=sys.stderr)
+        print(
+            f"  {name}: average {100 * rows[name][0]['average']['accuracy']:.1f} ({rows[name][1]:.0f}s)",
+            file=sys.stderr,
+        )
     return rows
 
 
-def merge_rows(reports_dir: Path, only: Sequence[str] | None,
-               test_time_steps: int = 0) -> dict[str, tuple[dict[str, Any], float] | str]:  # fmt: skip
+def merge_rows(
+    reports_dir: Path, only: Sequence[str] | None, test_time_steps: int = 0
+) -> dict[str, tuple[dict[str, Any], float] | str]:
     """Each method's report (or the error it raised), by row label."""
     rows: dict[str, tuple[dict[str, Any], float] | str] = {}
     for label, override in method_configs(only, test_time_steps):
         try:
-            rows[label] = run([*override.split(" "), f"modelpool={POOLS['merge']}"], reports_dir / f"method_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.json")
-            print(f"  {label}: average {100 * rows[label][0]['average']['accuracy']:.1f} ({rows[label][1]:.0f}s)", file=sys.stderr)
+            rows[label] = run(
+                [*override.split(" "), f"modelpool={POOLS['merge']}"],
+                reports_dir / f"method_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.json",
+            )
+            print(
+                f"  {label}: average {100 * rows[label][0]['average']['accuracy']:.1f} ({rows[label][1]:.0f}s)",
+                file=sys.stderr,
+            )
         except Exception as err:  # a method under construction must not stop the table
             rows[label] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             print(f"  {label}: failed: {rows[label]}", file=sys.stderr)
@@ -171,6 +194,7 @@ def _cells(report: dict[str, Any]) -> str:
 
 def _grouped(labels: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Row labels by kind of method (data-free, with training data, test-time), each sorted."""
+
     def kind(label: str) -> int:
         return 2 if any(w in label for w in TRAINING_WORDS) else 1 if any(w in label for w in DATA_WORDS) else 0
 
@@ -184,17 +208,32 @@ def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) 
     header = "| | " + " | ".join(MINI_TASKS) + " | avg |\n|---|" + "---:|" * (len(MINI_TASKS) + 1) + "\n"
     own = {t: individual[f"clip-mini_{t}"][0][t]["accuracy"] for t in MINI_TASKS}
     own_avg = sum(own.values()) / len(own)
-    lines = [header.rstrip("\n"), f"| Pre-trained | {_cells(individual['clip-mini'][0])} |",
-             "| Fine-tuned (each expert on its own task) | " + " | ".join(f"{100 * own[t]:.1f}" for t in MINI_TASKS) + f" | **{100 * own_avg:.1f}** |"]  # fmt: skip
+    lines = [
+        header.rstrip("\n"),
+        f"| Pre-trained | {_cells(individual['clip-mini'][0])} |",
+        "| Fine-tuned (each expert on its own task) | "
+        + " | ".join(f"{100 * own[t]:.1f}" for t in MINI_TASKS)
+        + f" | **{100 * own_avg:.1f}** |",
+    ]
     failed = [f"- `{label}`: {row}" for label, row in merged.items() if isinstance(row, str)]
     for group, labels in _grouped([label for label, row in merged.items() if not isinstance(row, str)]):
         lines.append(f"| *{group}* |" + " |" * (len(MINI_TASKS) + 1))
         lines += [f"| `{label}` ({merged[label][1]:.0f} s) | {_cells(merged[label][0])} |" for label in labels]
     matrix = [header.rstrip("\n")] + [f"| `{name}` | {_cells(rep)} |" for name, (rep, _) in individual.items()]
-    scope = ("**fast_dev_run: one batch of 25 test images per task, not the benchmark's numbers.**" if FAST_DEV_RUN
-             else "Accuracy (%) on the test splits (500 images per task).")  # fmt: skip
-    parts = [scope, "", *lines, "",
-             "Every model on every task (rows: the pre-trained model and the eight experts):", "", *matrix]  # fmt: skip
+    scope = (
+        "**fast_dev_run: one batch of 25 test images per task, not the benchmark's numbers.**"
+        if FAST_DEV_RUN
+        else "Accuracy (%) on the test splits (500 images per task)."
+    )
+    parts = [
+        scope,
+        "",
+        *lines,
+        "",
+        "Every model on every task (rows: the pre-trained model and the eight experts):",
+        "",
+        *matrix,
+    ]
     if failed:
         parts += ["", "Methods that failed on this run:", "", *failed]
     return "\n".join(parts) + "\n"
@@ -218,12 +257,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--doc", default="docs/mini_clip_benchmark.md", help="Markdown file to update")
     parser.add_argument("--readme", default=None, help="also update this README's table block")
     parser.add_argument("--reports", default="outputs/mini_clip_table", help="folder for the runs' JSON reports")
-    parser.add_argument("--methods", nargs="*", default=None, help="registered method names to run (default: all but SKIP)")
-    parser.add_argument("--test-time-steps", type=int, default=0,
-                        help="also run the test-time methods (AdaMerging, Concrete, WEMoE) for this many steps")
-    parser.add_argument("--fast-dev-run", action="store_true", help="one batch of 25 test images per task (a smoke run)")
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help="registered method names to run (default: all but SKIP)"
+    )
+    parser.add_argument(
+        "--test-time-steps",
+        type=int,
+        default=0,
+        help="also run the test-time methods (AdaMerging, Concrete, WEMoE) for this many steps",
+    )
+    parser.add_argument(
+        "--fast-dev-run", action="store_true", help="one batch of 25 test images per task (a smoke run)"
+    )
     args = parser.parse_args(argv)
-    FAST_DEV_RUN[:] = ["taskpool.fast_dev_run=true", "taskpool.dataloader_kwargs.batch_size=25"] if args.fast_dev_run else []
+    FAST_DEV_RUN[:] = (
+        ["taskpool.fast_dev_run=true", "taskpool.dataloader_kwargs.batch_size=25"] if args.fast_dev_run else []
+    )
     from fusion_bench.example import register_resolvers
 
     register_resolvers()

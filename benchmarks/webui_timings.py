@@ -25,8 +25,16 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TASKS = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]
 
 
@@ -36,16 +44,33 @@ def write_reports(folder: Path, n: int) -> None:
     for i in range(n):
         method, lam = f"method_{i // len(lambdas):02d}", lambdas[i % len(lambdas)]
         accs = {t: round(0.3 + 0.05 * ((i * 7 + j * 3) % 11) + 0.1 * lam, 4) for j, t in enumerate(TASKS)}
-        report = {**{t: {"accuracy": a} for t, a in accs.items()}, "average": {"accuracy": sum(accs.values()) / len(accs)},
-                  "meta": {"seed": 42, "fusion_bench_version": "bench", "hydra": {"choices": {"method": method}},
-                           "config": {"seed": 42, "method": {"_target_": method, "scaling_factor": lam}}}}  # fmt: skip
+        report = {
+            **{t: {"accuracy": a} for t, a in accs.items()},
+            "average": {"accuracy": sum(accs.values()) / len(accs)},
+            "meta": {
+                "seed": 42,
+                "fusion_bench_version": "bench",
+                "hydra": {"choices": {"method": method}},
+                "config": {"seed": 42, "method": {"_target_": method, "scaling_factor": lam}},
+            },
+        }
         (folder / f"report_{i:03d}.json").write_text(json.dumps(report), encoding="utf-8")
 
 
 def start(results: Path, runs: Path) -> tuple[subprocess.Popen, str, float]:
     """Start the server; (process, base URL, seconds to the first answered request)."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "fusion_bench.webui", "--port", "0", "--results", str(results), "--runs-dir", str(runs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_bench.webui",
+        "--port",
+        "0",
+        "--results",
+        str(results),
+        "--runs-dir",
+        str(runs),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     base = re.match(r".*(http://[\d.:]+)/", line).group(1)
@@ -60,10 +85,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def heavy_modules_at_start() -> list[str]:
-    code = ("import sys; from pathlib import Path; import uvicorn; from fusion_bench.webui.server import parse_args; "
-            "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
-            "print(','.join(m for m in ('torch', 'transformers', 'lightning', 'hydra') if m in sys.modules))")  # fmt: skip
-    return [m for m in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(",") if m]
+    code = (
+        "import sys; from pathlib import Path; import uvicorn; from fusion_bench.webui.server import parse_args; "
+        "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
+        "print(','.join(m for m in ('torch', 'transformers', 'lightning', 'hydra') if m in sys.modules))"
+    )
+    return [
+        m
+        for m in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .split(",")
+        if m
+    ]
 
 
 def main() -> None:
@@ -83,7 +116,9 @@ def main() -> None:
             proc, base, seconds = start(results, runs)
             starts.append(seconds)
             stop(proc)
-        print(f"start-up to first answer: median {statistics.median(starts):.2f} s (all: {', '.join(f'{s:.2f}' for s in starts)})")
+        print(
+            f"start-up to first answer: median {statistics.median(starts):.2f} s (all: {', '.join(f'{s:.2f}' for s in starts)})"
+        )
         print(f"heavy modules imported at start-up: {heavy_modules_at_start() or 'none'}")
         proc, base, _ = start(results, runs)
         try:
@@ -98,15 +133,23 @@ def main() -> None:
                         page.wait_for_selector("body[data-charts-ready]", timeout=60_000)
                         rows = page.locator('table[data-table="methods"] tbody tr').count()
                         assert rows == args.reports, rows
-                        marks = page.evaluate("Object.fromEntries(performance.getEntriesByType('mark').map(m => [m.name, m.startTime]))")
-                        timings.setdefault(f"{visit}, tables drawn", []).append(marks["fusionbench-tables-ready"] / 1000)
-                        timings.setdefault(f"{visit}, charts drawn too", []).append(marks["fusionbench-charts-ready"] / 1000)
+                        marks = page.evaluate(
+                            "Object.fromEntries(performance.getEntriesByType('mark').map(m => [m.name, m.startTime]))"
+                        )
+                        timings.setdefault(f"{visit}, tables drawn", []).append(
+                            marks["fusionbench-tables-ready"] / 1000
+                        )
+                        timings.setdefault(f"{visit}, charts drawn too", []).append(
+                            marks["fusionbench-charts-ready"] / 1000
+                        )
                     context.close()
                 browser.close()
         finally:
             stop(proc)
         for name, values in timings.items():
-            print(f"/results with {args.reports} reports, {name}: median {statistics.median(values):.2f} s (all: {', '.join(f'{s:.2f}' for s in values)})")
+            print(
+                f"/results with {args.reports} reports, {name}: median {statistics.median(values):.2f} s (all: {', '.join(f'{s:.2f}' for s in values)})"
+            )
 
 
 if __name__ == "__main__":

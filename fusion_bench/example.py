@@ -18,8 +18,14 @@ from omegaconf import OmegaConf
 
 from fusion_bench.utils.paths import cache_root
 
-__all__ = ["example_root", "example_path", "classification_example_root", "classification_example_path",
-           "openclip_example_path", "register_resolvers"]
+__all__ = [
+    "example_root",
+    "example_path",
+    "classification_example_root",
+    "classification_example_path",
+    "openclip_example_path",
+    "register_resolvers",
+]
 
 
 def _root(env_var: str, default_name: str) -> Path:

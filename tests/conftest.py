@@ -35,8 +35,12 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     """Run ``fusion_bench`` in a subprocess with cwd ``cwd`` (so Hydra writes there)."""
     return subprocess.run(
         [sys.executable, "-m", "fusion_bench", *args],
-        cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=cwd,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,9 @@ class SlurmCluster:
         """The job completion log's records (``JobId=1 UserId=... JobState=COMPLETED ...``) as dicts."""
         if not self.jobcomp.exists():
             return []
-        return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in self.jobcomp.read_text().splitlines()]
+        return [
+            dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in self.jobcomp.read_text().splitlines()
+        ]
 
 
 SLURM_CONF = """\
@@ -155,10 +157,19 @@ def slurm_cluster(root: Path, *, cpus: int = 2, mem_mb: int = 4096, partition: s
     os.chmod(key, 0o400)
     ctld_port, slurmd_port = free_ports(2)
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(
-        node=node, hostname=socket.gethostname().split(".")[0], root=root, ctld_port=ctld_port, slurmd_port=slurmd_port,
-        user=os.environ.get("USER") or "root", cpus=cpus, mem_mb=mem_mb, partition=partition,
-    ))  # fmt: skip
+    conf.write_text(
+        SLURM_CONF.format(
+            node=node,
+            hostname=socket.gethostname().split(".")[0],
+            root=root,
+            ctld_port=ctld_port,
+            slurmd_port=slurmd_port,
+            user=os.environ.get("USER") or "root",
+            cpus=cpus,
+            mem_mb=mem_mb,
+            partition=partition,
+        )
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and v != "SLURM_CONF"]:
         del env[var]  # a test run inside a SLURM job must not leak that job into this cluster
@@ -167,12 +178,21 @@ def slurm_cluster(root: Path, *, cpus: int = 2, mem_mb: int = 4096, partition: s
 
     def start(*cmd: str) -> None:
         out = open(root / "log" / f"{Path(cmd[0]).name}.console", "ab")
-        cluster.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        cluster.procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     try:
-        start("munged", "-F", "-f", f"--socket={root}/munge/munge.socket", f"--key-file={key}",
-              f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/log/munged.log",
-              f"--seed-file={root}/munge/munged.seed")  # fmt: skip
+        start(
+            "munged",
+            "-F",
+            "-f",
+            f"--socket={root}/munge/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={root}/munge/munged.pid",
+            f"--log-file={root}/log/munged.log",
+            f"--seed-file={root}/munge/munged.seed",
+        )
         wait_for(lambda: (root / "munge" / "munge.socket").exists(), 30, "munged's socket", logs)
         start("slurmctld", "-D", "-i", "-f", str(conf))
         start("slurmd", "-D", "-N", node, "-f", str(conf))
@@ -204,11 +224,21 @@ class RayCluster:
 def ray_cluster(root: Path, *, num_cpus: int = 2) -> Iterator[RayCluster]:
     """``ray start --head`` on 127.0.0.1 with its files under ``root`` (no dashboard); ``ray stop`` at the end."""
     ray_exe = str(Path(sys.executable).with_name("ray"))
-    port, = free_ports(1)
+    (port,) = free_ports(1)
     temp_dir = root / "ray"  # Ray's socket paths must stay short (AF_UNIX limit): keep ``root`` short
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [ray_exe, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
-           "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        ray_exe,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     root.mkdir(parents=True, exist_ok=True)
     log = root / "ray_start.log"
     proc = None

@@ -137,22 +137,41 @@ def small_dataset(tmp: Path, *, truncated: bool = False) -> Path:
 
 def one_task(data: Path) -> list[str]:
     """Overrides: the mini benchmark's task pool with ``data`` as its only task, ``shape``."""
-    return ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "~taskpool.test_datasets",
-            f"+taskpool.test_datasets={{shape: {{path: '{data}', split: test}}}}"]  # fmt: skip
+    return [
+        "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8",
+        "~taskpool.test_datasets",
+        f"+taskpool.test_datasets={{shape: {{path: '{data}', split: test}}}}",
+    ]
 
 
 # (case id, extra arguments; {tmp} is the user's folder, regex the error line must match after
 # "fusion_bench: error: ").  Every case exits 2 with that one line and changes no file.
 CASES = [
     # Hydra's own errors, in our form, with a did-you-mean from the real keys
-    ("typo-in-method-option", ["method=task_arithmetic", "method.scaling_factr=0.3"], r"unknown option 'method\.scaling_factr'; did you mean 'method\.scaling_factor'\?$"),
+    (
+        "typo-in-method-option",
+        ["method=task_arithmetic", "method.scaling_factr=0.3"],
+        r"unknown option 'method\.scaling_factr'; did you mean 'method\.scaling_factor'\?$",
+    ),
     ("unknown-root-key", ["foo=1"], r"unknown option 'foo': the config has no such key"),
     ("typo-in-root-key", ["sed=1"], r"unknown option 'sed'; did you mean 'seed'\?$"),
-    ("typo-in-nested-key", ["modelpool.modls.x=1"], r"unknown option 'modelpool\.modls\.x'; did you mean 'modelpool\.models'\?$"),
+    (
+        "typo-in-nested-key",
+        ["modelpool.modls.x=1"],
+        r"unknown option 'modelpool\.modls\.x'; did you mean 'modelpool\.models'\?$",
+    ),
     ("typo-in-fabric-key", ["fabric.device=2"], r"unknown option 'fabric\.device'; did you mean 'fabric\.devices'\?$"),
     ("delete-unknown-key", ["~sed"], r"unknown option 'sed'; did you mean 'seed'\?$"),
-    ("unknown-config-name", ["--config-name", "nosuch"], r"unknown --config-name 'nosuch'\. Known: .*fusion_bench_config"),
-    ("typo-config-name", ["--config-name=fusion_bench_confg"], r"unknown --config-name 'fusion_bench_confg'; did you mean 'fusion_bench_config'\?"),
+    (
+        "unknown-config-name",
+        ["--config-name", "nosuch"],
+        r"unknown --config-name 'nosuch'\. Known: .*fusion_bench_config",
+    ),
+    (
+        "typo-config-name",
+        ["--config-name=fusion_bench_confg"],
+        r"unknown --config-name 'fusion_bench_confg'; did you mean 'fusion_bench_config'\?",
+    ),
     ("unknown-method", ["method=nope"], r"unknown method 'nope'\. Known: .*task_arithmetic"),
     ("typo-method", ["method=task_aritmetic"], r"unknown method 'task_aritmetic'\. Did you mean 'task_arithmetic'\?"),
     ("unknown-modelpool", ["modelpool=CLIPVisionModelPool/nope"], r"unknown modelpool 'CLIPVisionModelPool/nope'"),
@@ -160,72 +179,260 @@ CASES = [
     ("unknown-fabric", ["fabric=gpu8"], r"unknown fabric 'gpu8'"),
     ("unknown-method-in-sweep", ["-m", "method=task_arithmetic,nope"], r"unknown method 'nope'"),
     ("unparsable-override", ["seed='unterminated"], r"cannot parse \"seed='unterminated\": "),
-    ("unparsable-list", ["method.scaling_factor=[1,"], r"cannot parse 'method\.scaling_factor=\[1,': no viable alternative at input"),
+    (
+        "unparsable-list",
+        ["method.scaling_factor=[1,"],
+        r"cannot parse 'method\.scaling_factor=\[1,': no viable alternative at input",
+    ),
     # devices
     ("zero-devices", ["fabric.devices=0"], r"option 'fabric\.devices' must be .*; got 0$"),
     ("negative-devices", ["fabric.devices=-3"], r"option 'fabric\.devices' must be .*; got -3$"),
     ("text-devices", ["fabric.devices=many"], r"option 'fabric\.devices' must be .*; got 'many'$"),
-    ("unknown-accelerator", ["fabric.accelerator=quantum"], r"option 'fabric\.accelerator' must be one of auto, cpu, gpu.*; got 'quantum'$"),
-    ("unknown-strategy", ["fabric.strategy=nope"], r"fabric \(strategy='nope', accelerator='auto'\): You selected an invalid strategy name"),
-    ("fsdp-on-cpu", ["fabric.accelerator=cpu", "fabric.strategy=fsdp"], r"fabric \(strategy='fsdp', accelerator='cpu'\): .*FSDP"),
-    ("bad-precision", ["fabric.precision=77"], r"fabric \(strategy='auto', accelerator='auto'\): Precision 77 is invalid"),
-    ("flag-after-overrides", ["method=task_arithmetic", "method.scaling_factor=nan,0.3", "-m"], r"option 'method\.scaling_factor' must be a finite number; got nan$"),
+    (
+        "unknown-accelerator",
+        ["fabric.accelerator=quantum"],
+        r"option 'fabric\.accelerator' must be one of auto, cpu, gpu.*; got 'quantum'$",
+    ),
+    (
+        "unknown-strategy",
+        ["fabric.strategy=nope"],
+        r"fabric \(strategy='nope', accelerator='auto'\): You selected an invalid strategy name",
+    ),
+    (
+        "fsdp-on-cpu",
+        ["fabric.accelerator=cpu", "fabric.strategy=fsdp"],
+        r"fabric \(strategy='fsdp', accelerator='cpu'\): .*FSDP",
+    ),
+    (
+        "bad-precision",
+        ["fabric.precision=77"],
+        r"fabric \(strategy='auto', accelerator='auto'\): Precision 77 is invalid",
+    ),
+    (
+        "flag-after-overrides",
+        ["method=task_arithmetic", "method.scaling_factor=nan,0.3", "-m"],
+        r"option 'method\.scaling_factor' must be a finite number; got nan$",
+    ),
     # run options, parsed and range-checked up front
     ("seed-text", ["seed=abc"], r"option 'seed' must be an integer .*; got 'abc'$"),
     ("seed-negative", ["seed=-1"], r"option 'seed' must be an integer .*; got -1$"),
     ("seed-float", ["seed=1.5"], r"option 'seed' must be an integer .*; got 1\.5$"),
     ("seed-nan", ["seed=nan"], r"option 'seed' must be an integer .*; got nan$"),
-    ("fast-dev-run-text", ["fast_dev_run=abc"], r"option 'fast_dev_run' must be true, false or a number of batches >= 1; got 'abc'$"),
+    (
+        "fast-dev-run-text",
+        ["fast_dev_run=abc"],
+        r"option 'fast_dev_run' must be true, false or a number of batches >= 1; got 'abc'$",
+    ),
     ("fast-dev-run-zero", ["fast_dev_run=0"], r"option 'fast_dev_run' must be .*; got 0$"),
     ("fast-dev-run-negative", ["fast_dev_run=-2"], r"option 'fast_dev_run' must be .*; got -2$"),
     ("print-config-text", ["print_config=maybe"], r"option 'print_config' must be true or false; got 'maybe'$"),
     ("overwrite-text", ["overwrite=please"], r"option 'overwrite' must be true or false; got 'please'$"),
     ("skip-existing-text", ["skip_existing_report=abc"], r"skip_existing_report must be true or false, got 'abc'$"),
     ("checkpoint-hash-unknown", ["checkpoint_hash=md5"], r"checkpoint_hash must be one of .*, got 'md5'$"),
-    ("batch-size-inf", ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.batch_size=inf"], r"option 'taskpool\.dataloader_kwargs\.batch_size' must be a finite number; got inf$"),
-    ("batch-size-text", ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.batch_size=abc"], r"option 'taskpool\.dataloader_kwargs\.batch_size' must be an integer >= 1; got 'abc'$"),
-    ("num-workers-negative", ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.num_workers=-1"], r"option 'taskpool\.dataloader_kwargs\.num_workers' must be an integer >= 0; got -1$"),
-    ("report-path-a-list", ["report_save_path=[1,2]"], r"report_save_path must be a path, null or false, got \[1, 2\]$"),
-    ("model-path-a-number", ["merged_model_save_path=123"], r"merged_model_save_path must be a path or false, got 123$"),
+    (
+        "batch-size-inf",
+        ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.batch_size=inf"],
+        r"option 'taskpool\.dataloader_kwargs\.batch_size' must be a finite number; got inf$",
+    ),
+    (
+        "batch-size-text",
+        ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.batch_size=abc"],
+        r"option 'taskpool\.dataloader_kwargs\.batch_size' must be an integer >= 1; got 'abc'$",
+    ),
+    (
+        "num-workers-negative",
+        ["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", "taskpool.dataloader_kwargs.num_workers=-1"],
+        r"option 'taskpool\.dataloader_kwargs\.num_workers' must be an integer >= 0; got -1$",
+    ),
+    (
+        "report-path-a-list",
+        ["report_save_path=[1,2]"],
+        r"report_save_path must be a path, null or false, got \[1, 2\]$",
+    ),
+    (
+        "model-path-a-number",
+        ["merged_model_save_path=123"],
+        r"merged_model_save_path must be a path or false, got 123$",
+    ),
     # method options: numbers, finite, in range
-    ("scaling-factor-nan", ["method=task_arithmetic", "method.scaling_factor=nan"], r"option 'method\.scaling_factor' must be a finite number; got nan$"),
-    ("scaling-factor-inf", ["method=task_arithmetic", "method.scaling_factor=inf"], r"option 'method\.scaling_factor' must be a finite number; got inf$"),
-    ("scaling-factor-minus-inf", ["method=task_arithmetic", "method.scaling_factor=-inf"], r"option 'method\.scaling_factor' must be a finite number; got -inf$"),
-    ("scaling-factor-text", ["method=task_arithmetic", "method.scaling_factor=abc"], r"task_arithmetic: option 'scaling_factor' must be a number; got 'abc'$"),
-    ("ties-scaling-text", ["method=ties_merging", "method.scaling_factor=abc"], r"ties_merging: option 'scaling_factor' must be a number; got 'abc'$"),
-    ("ties-threshold-nan", ["method=ties_merging", "method.threshold=nan"], r"option 'method\.threshold' must be a finite number; got nan$"),
-    ("dare-sparsity-out-of-range", ["method=dare/task_arithmetic", "method.sparsity_ratio=1.5"], r"dare_task_arithmetic: option 'sparsity_ratio' must be in \[0, 1\) \(the probability of dropping each entry\); got 1\.5$"),
-    ("scaling-factor-overflow", ["method=task_arithmetic", "method.scaling_factor=1e400"], r"option 'method\.scaling_factor' must be a finite number; got inf$"),
-    ("ties-threshold-out-of-range", ["method=ties_merging", "method.threshold=150"], r"ties_merging: option 'threshold' must be in \(0, 100\]"),
-    ("breadcrumbs-beta-text", ["method=model_breadcrumbs", "method.beta=abc"], r"model_breadcrumbs: option 'beta' must be a number; got 'abc'$"),
+    (
+        "scaling-factor-nan",
+        ["method=task_arithmetic", "method.scaling_factor=nan"],
+        r"option 'method\.scaling_factor' must be a finite number; got nan$",
+    ),
+    (
+        "scaling-factor-inf",
+        ["method=task_arithmetic", "method.scaling_factor=inf"],
+        r"option 'method\.scaling_factor' must be a finite number; got inf$",
+    ),
+    (
+        "scaling-factor-minus-inf",
+        ["method=task_arithmetic", "method.scaling_factor=-inf"],
+        r"option 'method\.scaling_factor' must be a finite number; got -inf$",
+    ),
+    (
+        "scaling-factor-text",
+        ["method=task_arithmetic", "method.scaling_factor=abc"],
+        r"task_arithmetic: option 'scaling_factor' must be a number; got 'abc'$",
+    ),
+    (
+        "ties-scaling-text",
+        ["method=ties_merging", "method.scaling_factor=abc"],
+        r"ties_merging: option 'scaling_factor' must be a number; got 'abc'$",
+    ),
+    (
+        "ties-threshold-nan",
+        ["method=ties_merging", "method.threshold=nan"],
+        r"option 'method\.threshold' must be a finite number; got nan$",
+    ),
+    (
+        "dare-sparsity-out-of-range",
+        ["method=dare/task_arithmetic", "method.sparsity_ratio=1.5"],
+        r"dare_task_arithmetic: option 'sparsity_ratio' must be in \[0, 1\) \(the probability of dropping each entry\); got 1\.5$",
+    ),
+    (
+        "scaling-factor-overflow",
+        ["method=task_arithmetic", "method.scaling_factor=1e400"],
+        r"option 'method\.scaling_factor' must be a finite number; got inf$",
+    ),
+    (
+        "ties-threshold-out-of-range",
+        ["method=ties_merging", "method.threshold=150"],
+        r"ties_merging: option 'threshold' must be in \(0, 100\]",
+    ),
+    (
+        "breadcrumbs-beta-text",
+        ["method=model_breadcrumbs", "method.beta=abc"],
+        r"model_breadcrumbs: option 'beta' must be a number; got 'abc'$",
+    ),
     ("lines-beta-nan", ["method=lines", "method.beta=nan"], r"option 'method\.beta' must be a finite number; got nan$"),
-    ("dare-seed-negative", ["method=dare/task_arithmetic", "method.seed=-5"], r"dare_task_arithmetic: option 'seed' must be an integer >= 0; got -5$"),
-    ("adamerging-optimizer-unknown", ["method=adamerging", "method.optimizer=rmsprop"], r"clip_layer_wise_adamerging: option 'optimizer' must be one of 'adam', 'sgd'; got 'rmsprop'$"),
-    ("pcb-ratio-out-of-range", ["method=pcb_merging", "method.pcb_ratio=2"], r"pcb_merging: option 'pcb_ratio' must be in \(0, 1\]"),
+    (
+        "dare-seed-negative",
+        ["method=dare/task_arithmetic", "method.seed=-5"],
+        r"dare_task_arithmetic: option 'seed' must be an integer >= 0; got -5$",
+    ),
+    (
+        "adamerging-optimizer-unknown",
+        ["method=adamerging", "method.optimizer=rmsprop"],
+        r"clip_layer_wise_adamerging: option 'optimizer' must be one of 'adam', 'sgd'; got 'rmsprop'$",
+    ),
+    (
+        "pcb-ratio-out-of-range",
+        ["method=pcb_merging", "method.pcb_ratio=2"],
+        r"pcb_merging: option 'pcb_ratio' must be in \(0, 1\]",
+    ),
     ("model-entry-a-number", ["modelpool.models.shape=3"], r"model 'shape': expected a path or a mapping, got 3$"),
-    ("adamerging-lr-zero", ["method=adamerging", "method.lr=0"], r"clip_layer_wise_adamerging: option 'lr' must be in \(0, inf\]; got 0$"),
-    ("adamerging-steps-zero", ["method=adamerging", "method.max_steps=0"], r"clip_layer_wise_adamerging: option 'max_steps' must be an integer >= 1; got 0$"),
-    ("adamerging-lr-text", ["method=adamerging", "method.lr=fast"], r"clip_layer_wise_adamerging: option 'lr' must be a number; got 'fast'$"),
-    ("weighted-average-weights-inf", ["method=weighted_average", "method.weights=[1,inf,1,1,1,1,1,1]"], r"option 'method\.weights\[1\]' must be a finite number; got inf$"),
+    (
+        "adamerging-lr-zero",
+        ["method=adamerging", "method.lr=0"],
+        r"clip_layer_wise_adamerging: option 'lr' must be in \(0, inf\]; got 0$",
+    ),
+    (
+        "adamerging-steps-zero",
+        ["method=adamerging", "method.max_steps=0"],
+        r"clip_layer_wise_adamerging: option 'max_steps' must be an integer >= 1; got 0$",
+    ),
+    (
+        "adamerging-lr-text",
+        ["method=adamerging", "method.lr=fast"],
+        r"clip_layer_wise_adamerging: option 'lr' must be a number; got 'fast'$",
+    ),
+    (
+        "weighted-average-weights-inf",
+        ["method=weighted_average", "method.weights=[1,inf,1,1,1,1,1,1]"],
+        r"option 'method\.weights\[1\]' must be a finite number; got inf$",
+    ),
     # output paths, checked before any work
-    ("report-under-a-file", ["report_save_path={tmp}/afile/r.json"], r"report_save_path='.*/afile/r\.json': '.*/afile' is a file, so nothing can be written under it$"),
-    ("report-in-proc", ["report_save_path=/proc/fusion_bench_report.json"], r"report_save_path='/proc/fusion_bench_report\.json': folder '/proc' is not writable$"),
-    ("report-is-a-folder", ["report_save_path={tmp}/results"], r"report_save_path='.*/results' is an existing folder; give a file path$"),
-    ("report-over-a-user-file", ["report_save_path={tmp}/thesis.txt"], r"report_save_path='.*/thesis\.txt' is an existing file that is not a FusionBench report; .*overwrite=true"),
-    ("model-into-a-users-folder", ["merged_model_save_path={tmp}/results"], r"merged_model_save_path='.*/results' holds files FusionBench did not write \('notes\.md'\); .*overwrite=true"),
-    ("model-over-a-file", ["merged_model_save_path={tmp}/afile"], r"merged_model_save_path='.*/afile' is an existing file; a folder would replace it"),
-    ("model-into-cwd", ["merged_model_save_path=."], r"merged_model_save_path='\.' holds files FusionBench did not write"),
-    ("model-under-a-file", ["merged_model_save_path={tmp}/afile/model"], r"merged_model_save_path=.*'.*/afile' is a file, so nothing can be written under it$"),
-    ("model-in-proc", ["merged_model_save_path=/proc/fusion_bench_model"], r"merged_model_save_path='/proc/fusion_bench_model': folder '/proc' is not writable$"),
-    ("csv-is-a-folder", ["method=task_vector_cos_similarity", "method.save_to_csv={tmp}/results"], r"method\.save_to_csv='.*/results' is an existing folder; give a file path$"),
-    ("csv-under-a-file", ["method=task_vector_cos_similarity", "method.save_to_csv={tmp}/afile/m.csv"], r"method\.save_to_csv=.*'.*/afile' is a file"),
-    ("weights-file-is-a-folder", ["method=adamerging", "method.save_merging_weights={tmp}/results"], r"method\.save_merging_weights='.*/results' is an existing folder"),
-    ("checkpoint-dir-is-a-file", ["method=adamerging", "method.checkpoint_dir={tmp}/afile"], r"method\.checkpoint_dir='.*/afile' is an existing file; give a folder$"),
-    ("mask-file-is-a-folder", ["method=concrete_subspace/clip_concrete_task_arithmetic", "method.save_mask={tmp}/empty"], r"method\.save_mask='.*/empty' is an existing folder"),
-    ("regmean-checkpoint-is-a-folder", ["method=regmean/clip_regmean", "method.checkpoint_path={tmp}/results"], r"method\.checkpoint_path='.*/results' is an existing folder"),
-    ("finetune-model-into-users-folder", ["method=clip_finetune", "method.save_path={tmp}/results"], r"method\.save_path='.*/results' holds files FusionBench did not write"),
-    ("csv-in-proc", ["method=task_vector_cos_similarity", "method.save_to_csv=/proc/x.csv"], r"method\.save_to_csv='/proc/x\.csv': folder '/proc' is not writable$"),
-    ("log-dir-in-proc", ["method=image_classification_finetune", "method.log_dir=/proc/fb_logs"], r"method\.log_dir='/proc/fb_logs': folder '/proc' is not writable$"),
+    (
+        "report-under-a-file",
+        ["report_save_path={tmp}/afile/r.json"],
+        r"report_save_path='.*/afile/r\.json': '.*/afile' is a file, so nothing can be written under it$",
+    ),
+    (
+        "report-in-proc",
+        ["report_save_path=/proc/fusion_bench_report.json"],
+        r"report_save_path='/proc/fusion_bench_report\.json': folder '/proc' is not writable$",
+    ),
+    (
+        "report-is-a-folder",
+        ["report_save_path={tmp}/results"],
+        r"report_save_path='.*/results' is an existing folder; give a file path$",
+    ),
+    (
+        "report-over-a-user-file",
+        ["report_save_path={tmp}/thesis.txt"],
+        r"report_save_path='.*/thesis\.txt' is an existing file that is not a FusionBench report; .*overwrite=true",
+    ),
+    (
+        "model-into-a-users-folder",
+        ["merged_model_save_path={tmp}/results"],
+        r"merged_model_save_path='.*/results' holds files FusionBench did not write \('notes\.md'\); .*overwrite=true",
+    ),
+    (
+        "model-over-a-file",
+        ["merged_model_save_path={tmp}/afile"],
+        r"merged_model_save_path='.*/afile' is an existing file; a folder would replace it",
+    ),
+    (
+        "model-into-cwd",
+        ["merged_model_save_path=."],
+        r"merged_model_save_path='\.' holds files FusionBench did not write",
+    ),
+    (
+        "model-under-a-file",
+        ["merged_model_save_path={tmp}/afile/model"],
+        r"merged_model_save_path=.*'.*/afile' is a file, so nothing can be written under it$",
+    ),
+    (
+        "model-in-proc",
+        ["merged_model_save_path=/proc/fusion_bench_model"],
+        r"merged_model_save_path='/proc/fusion_bench_model': folder '/proc' is not writable$",
+    ),
+    (
+        "csv-is-a-folder",
+        ["method=task_vector_cos_similarity", "method.save_to_csv={tmp}/results"],
+        r"method\.save_to_csv='.*/results' is an existing folder; give a file path$",
+    ),
+    (
+        "csv-under-a-file",
+        ["method=task_vector_cos_similarity", "method.save_to_csv={tmp}/afile/m.csv"],
+        r"method\.save_to_csv=.*'.*/afile' is a file",
+    ),
+    (
+        "weights-file-is-a-folder",
+        ["method=adamerging", "method.save_merging_weights={tmp}/results"],
+        r"method\.save_merging_weights='.*/results' is an existing folder",
+    ),
+    (
+        "checkpoint-dir-is-a-file",
+        ["method=adamerging", "method.checkpoint_dir={tmp}/afile"],
+        r"method\.checkpoint_dir='.*/afile' is an existing file; give a folder$",
+    ),
+    (
+        "mask-file-is-a-folder",
+        ["method=concrete_subspace/clip_concrete_task_arithmetic", "method.save_mask={tmp}/empty"],
+        r"method\.save_mask='.*/empty' is an existing folder",
+    ),
+    (
+        "regmean-checkpoint-is-a-folder",
+        ["method=regmean/clip_regmean", "method.checkpoint_path={tmp}/results"],
+        r"method\.checkpoint_path='.*/results' is an existing folder",
+    ),
+    (
+        "finetune-model-into-users-folder",
+        ["method=clip_finetune", "method.save_path={tmp}/results"],
+        r"method\.save_path='.*/results' holds files FusionBench did not write",
+    ),
+    (
+        "csv-in-proc",
+        ["method=task_vector_cos_similarity", "method.save_to_csv=/proc/x.csv"],
+        r"method\.save_to_csv='/proc/x\.csv': folder '/proc' is not writable$",
+    ),
+    (
+        "log-dir-in-proc",
+        ["method=image_classification_finetune", "method.log_dir=/proc/fb_logs"],
+        r"method\.log_dir='/proc/fb_logs': folder '/proc' is not writable$",
+    ),
 ]
 
 
@@ -247,13 +454,19 @@ def test_gpu_accelerator_without_a_gpu(user):
         pytest.skip("this machine has a GPU")
     result = cli([*FAST, "fabric.accelerator=gpu"], cwd=user)
     assert result.code == 2 and len(result.lines) == 1, result.err
-    assert result.lines[0] == ("fusion_bench: error: option 'fabric.accelerator=gpu': no CUDA GPU is available on this "
-                               "machine; use fabric.accelerator=cpu or auto")  # fmt: skip
+    assert result.lines[0] == (
+        "fusion_bench: error: option 'fabric.accelerator=gpu': no CUDA GPU is available on this "
+        "machine; use fabric.accelerator=cpu or auto"
+    )
 
 
 MODEL_CASES = [
     ("config", "mnist", r"model 'shape' \(.*/bad\): '.*/bad/config\.json' is not valid JSON \(Expecting"),
-    ("extra", "_pretrained_", r"model '_pretrained_' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$"),
+    (
+        "extra",
+        "_pretrained_",
+        r"model '_pretrained_' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$",
+    ),
     ("extra", "shape", r"model 'shape' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$"),
     ("truncated", "shape", r"model 'shape'.*/bad.*model\.safetensors"),
     ("nan", "shape", r"model 'shape', tensor 'post_layernorm\.weight' contains NaN"),
@@ -266,16 +479,29 @@ def test_damaged_model_names_model_and_path(user, damage, model, message):
     model = "shape" if model == "mnist" else model
     before = digests(user)
     out = user / "merged"
-    result = cli(["method=task_arithmetic", *FAST, f"modelpool.models.{model}.pretrained_model_name_or_path={bad}",
-                  f"merged_model_save_path={out}", f"report_save_path={user}/r.json"], cwd=user)  # fmt: skip
+    result = cli(
+        [
+            "method=task_arithmetic",
+            *FAST,
+            f"modelpool.models.{model}.pretrained_model_name_or_path={bad}",
+            f"merged_model_save_path={out}",
+            f"report_save_path={user}/r.json",
+        ],
+        cwd=user,
+    )
     assert result.code == 2 and len(result.lines) == 1, result.err
     assert re.match(r"fusion_bench: error: " + message, result.lines[0]), result.lines[0]
     assert digests(user) == before and not out.exists() and not (user / "r.json").exists()
 
 
 def test_missing_model_path(user):
-    result = cli(["method=task_arithmetic", *FAST, f"modelpool.models.shape.pretrained_model_name_or_path={user}/nowhere"], cwd=user)
-    assert result.code == 2 and result.lines == [f"fusion_bench: error: model 'shape': path '{user}/nowhere' does not exist"]
+    result = cli(
+        ["method=task_arithmetic", *FAST, f"modelpool.models.shape.pretrained_model_name_or_path={user}/nowhere"],
+        cwd=user,
+    )
+    assert result.code == 2 and result.lines == [
+        f"fusion_bench: error: model 'shape': path '{user}/nowhere' does not exist"
+    ]
 
 
 def test_truncated_dataset_names_task_and_path(user):
@@ -283,7 +509,10 @@ def test_truncated_dataset_names_task_and_path(user):
     before = digests(user)
     result = cli(["method=dummy", *one_task(data), f"report_save_path={user}/r.json"], cwd=user)
     assert result.code == 2 and len(result.lines) == 1, result.err
-    assert re.match(rf"fusion_bench: error: test dataset 'shape': cannot read the saved dataset '{re.escape(str(data))}' \(", result.lines[0])
+    assert re.match(
+        rf"fusion_bench: error: test dataset 'shape': cannot read the saved dataset '{re.escape(str(data))}' \(",
+        result.lines[0],
+    )
     assert digests(user) == before and not (user / "r.json").exists()
 
 
@@ -379,10 +608,24 @@ def _umask() -> int:
 def test_summary_table():
     from fusion_bench.program.summary import summary_lines
 
-    lines = summary_lines({"model_info": {"all_params": 10}, "a": {"accuracy": 0.5, "loss": 1.0}, "b": {"accuracy": 0.25},
-                           "average": {"accuracy": 0.375}, "meta": {"wall_seconds": 2.0}}, "out/report.json")  # fmt: skip
-    assert lines == ["task     accuracy      loss", "a          50.00%    1.0000", "b          25.00%          ",
-                     "-" * 27, "average    37.50%          ", "model: 10 parameters; 2.0 s; report: out/report.json"]  # fmt: skip
+    lines = summary_lines(
+        {
+            "model_info": {"all_params": 10},
+            "a": {"accuracy": 0.5, "loss": 1.0},
+            "b": {"accuracy": 0.25},
+            "average": {"accuracy": 0.375},
+            "meta": {"wall_seconds": 2.0},
+        },
+        "out/report.json",
+    )
+    assert lines == [
+        "task     accuracy      loss",
+        "a          50.00%    1.0000",
+        "b          25.00%          ",
+        "-" * 27,
+        "average    37.50%          ",
+        "model: 10 parameters; 2.0 s; report: out/report.json",
+    ]
 
 
 def test_default_report_goes_to_the_run_folder(user):
@@ -422,9 +665,17 @@ def test_help_starts_with_usage_and_the_options_that_matter(user):
 def test_sweep_job_folders_are_one_short_level(user):
     models = [MINI / "clip-mini_shape", MINI / "clip-mini_color"]
     sweep = user / "sweep"
-    result = cli(["-m", "method=dummy", "modelpool=CLIPVisionModelPool/mini-clip_individual", *FAST,
-                  "modelpool.models._pretrained_.pretrained_model_name_or_path=" + ",".join(map(str, models)),
-                  f"hydra.sweep.dir={sweep}"], cwd=user)  # fmt: skip
+    result = cli(
+        [
+            "-m",
+            "method=dummy",
+            "modelpool=CLIPVisionModelPool/mini-clip_individual",
+            *FAST,
+            "modelpool.models._pretrained_.pretrained_model_name_or_path=" + ",".join(map(str, models)),
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=user,
+    )
     assert result.code == 0, result.err
     reports = sorted(p.relative_to(sweep) for p in sweep.rglob("report.json"))
     assert len(reports) == 2 and all(len(r.parts) == 2 for r in reports)  # <job folder>/report.json
@@ -435,7 +686,10 @@ def test_sweep_job_folders_are_one_short_level(user):
 def test_job_dir_name_rules():
     from fusion_bench.program.hydra_job import job_dir_name
 
-    assert job_dir_name("method.scaling_factor=0.2,method=task_arithmetic") == "method.scaling_factor=0.2,method=task_arithmetic"
+    assert (
+        job_dir_name("method.scaling_factor=0.2,method=task_arithmetic")
+        == "method.scaling_factor=0.2,method=task_arithmetic"
+    )
     assert job_dir_name("modelpool=CLIPVisionModelPool/mini-clip_TA8") == "modelpool=CLIPVisionModelPool.mini-clip_TA8"
     a, b = job_dir_name("m.path=/data/a/model,seed=1"), job_dir_name("m.path=/other/a/model,seed=1")
     assert a.startswith("m.path=model-") and a.endswith(",seed=1") and "/" not in a and a != b
@@ -461,14 +715,20 @@ def _report_cli(args: list[str]) -> Result:
 
 
 def _a_report(accuracy: float) -> dict:
-    return {"t": {"accuracy": accuracy}, "meta": {"config": {"method": {"_target_": "x.TaskArithmetic", "scaling_factor": 0.3}}}}
+    return {
+        "t": {"accuracy": accuracy},
+        "meta": {"config": {"method": {"_target_": "x.TaskArithmetic", "scaling_factor": 0.3}}},
+    }
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
         ('{"t": {"accuracy": 0.5}', r"'.*/broken\.json' is not valid JSON \(Expecting .*\); fix or remove it$"),
-        ('{"t": {"accuracy": NaN}}', r"'.*/broken\.json' is not valid JSON \(NaN is not a JSON number\); fix or remove it$"),
+        (
+            '{"t": {"accuracy": NaN}}',
+            r"'.*/broken\.json' is not valid JSON \(NaN is not a JSON number\); fix or remove it$",
+        ),
         ("", r"'.*/broken\.json' is not valid JSON"),
     ],
     ids=["truncated", "nan", "empty"],
@@ -485,20 +745,31 @@ def test_report_command_does_not_skip_invalid_json(tmp_path, content, message):
 
 def test_report_command_missing_path(tmp_path):
     result = _report_cli([str(tmp_path / "nowhere")])
-    assert result.code == 2 and result.lines == [f"fusion_bench_report: error: no such file or folder: '{tmp_path / 'nowhere'}'"]
+    assert result.code == 2 and result.lines == [
+        f"fusion_bench_report: error: no such file or folder: '{tmp_path / 'nowhere'}'"
+    ]
 
 
 # ---- the process itself: exit status, Ctrl-C, the hub ----------------------------------------------
 
 
 def _command(args: list[str], cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fusion_bench", *args], cwd=cwd, env=env or dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "fusion_bench", *args],
+        cwd=cwd,
+        env=env or dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_ctrl_c_is_one_line_exit_130_and_no_report(user):
     report = user / "r.json"
-    proc = _command(["method=task_arithmetic", "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", f"report_save_path={report}"], user)
+    proc = _command(
+        ["method=task_arithmetic", "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8", f"report_save_path={report}"], user
+    )
     deadline = time.monotonic() + 120
     while not list((user / "outputs").glob("runs/*")) and time.monotonic() < deadline:  # the run has started
         time.sleep(0.05)
@@ -514,7 +785,11 @@ def test_unreachable_hub_fails_at_once_without_retries(user):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens: unreachable
     started = time.monotonic()
-    proc = _command(["method=task_arithmetic", *FAST, "modelpool.models.shape.pretrained_model_name_or_path=someone/no-such-model"], user, env=env)
+    proc = _command(
+        ["method=task_arithmetic", *FAST, "modelpool.models.shape.pretrained_model_name_or_path=someone/no-such-model"],
+        user,
+        env=env,
+    )
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fusion_bench: error: model 'shape' (someone/no-such-model)"), err

@@ -16,7 +16,9 @@ TINY = ["modelpool=CLIPVisionModelPool/tiny-clip_example", "taskpool=CLIPVisionM
 
 def test_end_to_end_report_matches_in_process_evaluation(tiny_example, tmp_path):
     report_path = tmp_path / "reports" / "dummy.json"
-    proc = run_cli(["method=dummy", *TINY, f"report_save_path={report_path}", "print_config=true", "--json"], cwd=tmp_path)
+    proc = run_cli(
+        ["method=dummy", *TINY, f"report_save_path={report_path}", "print_config=true", "--json"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     assert list(report)[:1] == ["model_info"] and report["model_info"]["all_params"] > 0
@@ -29,9 +31,10 @@ def test_end_to_end_report_matches_in_process_evaluation(tiny_example, tmp_path)
     from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
     pool = CLIPVisionModelTaskPool(
-        test_datasets={t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
+        test_datasets={t: str(p) for t, p in tiny_example.datasets.items()},
+        clip_model=str(tiny_example.base_model),
         head_cache_dir=None,
-    )  # fmt: skip
+    )
     expected = pool.evaluate(CLIPVisionModel.from_pretrained(tiny_example.base_model))
     for task in tiny_example.datasets:
         assert report[task] == pytest.approx(expected[task])
@@ -39,11 +42,16 @@ def test_end_to_end_report_matches_in_process_evaluation(tiny_example, tmp_path)
 
 def test_individual_model_override_and_dummy_taskpool(tiny_example, tmp_path):
     proc = run_cli(
-        ["method=dummy", "modelpool=CLIPVisionModelPool/tiny-clip_example_individual", "taskpool=dummy",
-         f"modelpool.models._pretrained_.pretrained_model_name_or_path={tiny_example.finetuned['mnist']}",
-         "report_save_path=false", "--json"],
+        [
+            "method=dummy",
+            "modelpool=CLIPVisionModelPool/tiny-clip_example_individual",
+            "taskpool=dummy",
+            f"modelpool.models._pretrained_.pretrained_model_name_or_path={tiny_example.finetuned['mnist']}",
+            "report_save_path=false",
+            "--json",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(report["model_info"]) == {"trainable_params", "all_params", "trainable_percentage"}
@@ -52,10 +60,16 @@ def test_individual_model_override_and_dummy_taskpool(tiny_example, tmp_path):
 
 def test_multirun_sweep_writes_one_report_per_job(tiny_example, tmp_path):
     proc = run_cli(
-        ["-m", "method=dummy", "modelpool=CLIPVisionModelPool/tiny-clip_example_model_only", "taskpool=dummy",
-         "seed=1,2", "report_save_path=" + str(tmp_path / "sweep") + "/seed_${seed}.json"],
+        [
+            "-m",
+            "method=dummy",
+            "modelpool=CLIPVisionModelPool/tiny-clip_example_model_only",
+            "taskpool=dummy",
+            "seed=1,2",
+            "report_save_path=" + str(tmp_path / "sweep") + "/seed_${seed}.json",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     for seed in (1, 2):
         assert json.loads((tmp_path / "sweep" / f"seed_{seed}.json").read_text())["meta"]["seed"] == seed
@@ -66,9 +80,17 @@ def test_multirun_sweep_writes_one_report_per_job(tiny_example, tmp_path):
     "args, message",
     [
         (["method=nope"], r"fusion_bench: error: unknown method 'nope'\. Known: .*\bdummy, .*\btask_arithmetic\b"),
-        (["taskpool=CLIPVisionModelTaskPool/nope"], r"fusion_bench: error: unknown taskpool 'CLIPVisionModelTaskPool/nope'\. Known: .*\bCLIPVisionModelTaskPool/clip-vit-classification_TA8\b"),
-        (["modelpool=CLIPVisionModelPool/tiny-clip_example", "modelpool.models.mnist.pretrained_model_name_or_path=/nowhere/x"],
-         r"fusion_bench: error: model 'mnist': path '/nowhere/x' does not exist"),
+        (
+            ["taskpool=CLIPVisionModelTaskPool/nope"],
+            r"fusion_bench: error: unknown taskpool 'CLIPVisionModelTaskPool/nope'\. Known: .*\bCLIPVisionModelTaskPool/clip-vit-classification_TA8\b",
+        ),
+        (
+            [
+                "modelpool=CLIPVisionModelPool/tiny-clip_example",
+                "modelpool.models.mnist.pretrained_model_name_or_path=/nowhere/x",
+            ],
+            r"fusion_bench: error: model 'mnist': path '/nowhere/x' does not exist",
+        ),
     ],
 )
 def test_bad_input_is_one_line_error_without_report(tiny_example, tmp_path, args, message):
@@ -84,13 +106,21 @@ def test_non_clip_model_through_cli(tiny_example, tmp_path):
     from transformers import ViTConfig, ViTModel
 
     vit = tmp_path / "vit"
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4)).save_pretrained(vit)
+    ViTModel(
+        ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4
+        )
+    ).save_pretrained(vit)
     report = tmp_path / "r.json"
     proc = run_cli(
-        ["modelpool=CLIPVisionModelPool/tiny-clip_example_individual", f"modelpool.models._pretrained_.pretrained_model_name_or_path={vit}",
-         "taskpool=dummy", f"report_save_path={report}"],
+        [
+            "modelpool=CLIPVisionModelPool/tiny-clip_example_individual",
+            f"modelpool.models._pretrained_.pretrained_model_name_or_path={vit}",
+            "taskpool=dummy",
+            f"report_save_path={report}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fusion_bench: error: model '_pretrained_' ({vit}) is a 'vit' model, not a CLIP vision model "

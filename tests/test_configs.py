@@ -17,8 +17,11 @@ from fusion_bench.utils.instantiate import instantiate_component
 register_resolvers()
 CLIP_TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 MINI_TASKS = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]
-KINDS = {"method": (ALGORITHMS, "name", BaseAlgorithm), "modelpool": (MODELPOOLS, "type", BaseModelPool),
-         "taskpool": (TASKPOOLS, "type", BaseTaskPool)}  # fmt: skip
+KINDS = {
+    "method": (ALGORITHMS, "name", BaseAlgorithm),
+    "modelpool": (MODELPOOLS, "type", BaseModelPool),
+    "taskpool": (TASKPOOLS, "type", BaseTaskPool),
+}
 
 
 def compose_with(overrides: list[str]):
@@ -27,7 +30,10 @@ def compose_with(overrides: list[str]):
 
 
 # configs whose resolver builds an example: the session fixture builds it once, before the config is resolved
-EXAMPLE_FIXTURES = {"tiny-vit_example": "tiny_classification_example", "tiny-resnet_example": "tiny_classification_example"}
+EXAMPLE_FIXTURES = {
+    "tiny-vit_example": "tiny_classification_example",
+    "tiny-resnet_example": "tiny_classification_example",
+}
 
 
 @pytest.mark.parametrize("group, name", [(g, n) for g in KINDS for n in config_choices(g)])
@@ -67,9 +73,16 @@ def test_legacy_names_and_unknown_options():
     from fusion_bench.method import DummyAlgorithm
 
     assert isinstance(instantiate_component({"name": "dummy"}, ALGORITHMS, key="name", what="method"), DummyAlgorithm)
-    with pytest.raises(UnknownNameError, match=r"unknown method 'dumy'. Did you mean 'dummy'\? Known: .*\bdummy, .*\btask_arithmetic\b"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown method 'dumy'. Did you mean 'dummy'\? Known: .*\bdummy, .*\btask_arithmetic\b"
+    ):
         instantiate_component({"name": "dumy"}, ALGORITHMS, key="name", what="method")
     with pytest.raises(ConfigError, match=r"method 'DummyAlgorithm': unknown option\(s\) 'scaling_factor'"):
-        instantiate_component({"_target_": "fusion_bench.method.DummyAlgorithm", "scaling_factor": 0.3}, ALGORITHMS, key="name", what="method")
+        instantiate_component(
+            {"_target_": "fusion_bench.method.DummyAlgorithm", "scaling_factor": 0.3},
+            ALGORITHMS,
+            key="name",
+            what="method",
+        )
     with pytest.raises(ConfigError, match=r"modelpool: cannot import _target_ 'fusion_bench.nope.Pool'"):
         instantiate_component({"_target_": "fusion_bench.nope.Pool"}, MODELPOOLS, key="type", what="modelpool")

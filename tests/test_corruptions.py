@@ -34,12 +34,23 @@ def images(size: int, n: int = 6, mode: str = "RGB") -> list[Image.Image]:
 
 
 def mean_abs_change(corruption: str, severity: int, table: str, imgs: list[Image.Image]) -> float:
-    out = [corrupt(im, corruption, severity, rng=corruption_rng(0, i, corruption), table=table) for i, im in enumerate(imgs)]
+    out = [
+        corrupt(im, corruption, severity, rng=corruption_rng(0, i, corruption), table=table)
+        for i, im in enumerate(imgs)
+    ]
     return float(np.mean([np.abs(np.asarray(o, float) - np.asarray(im, float)).mean() for o, im in zip(out, imgs)]))
 
 
 def test_tables_are_the_papers():
-    assert CORRUPTIONS == ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
+    assert CORRUPTIONS == (
+        "contrast",
+        "gaussian_noise",
+        "impulse_noise",
+        "jpeg_compression",
+        "motion_blur",
+        "pixelate",
+        "spatter",
+    )
     assert TABLES["imagenet"]["gaussian_noise"] == (0.08, 0.12, 0.18, 0.26, 0.38)
     assert TABLES["imagenet"]["motion_blur"][4] == (20, 15) and TABLES["cifar"]["motion_blur"][0] == (6, 1)
     assert TABLES["imagenet"]["jpeg_compression"] == (25, 18, 15, 10, 7) and TABLES["cifar"]["pixelate"][-1] == 0.65
@@ -60,7 +71,9 @@ def test_deterministic_per_image_and_keeps_size_mode_dtype(corruption, table, si
     for arr in (np.asarray(img), np.asarray(img.convert("L")), np.asarray(img.convert("L"))[..., None]):
         out = corrupt(arr, corruption, 5, rng=corruption_rng(0, 0, corruption), table=table)
         assert out.shape == arr.shape and out.dtype == np.uint8
-    gray = corrupt(img.convert("L").resize((size, size // 2 + 3)), corruption, 2, rng=corruption_rng(0, 0, corruption), table=table)
+    gray = corrupt(
+        img.convert("L").resize((size, size // 2 + 3)), corruption, 2, rng=corruption_rng(0, 0, corruption), table=table
+    )
     assert (gray.mode, gray.size) == ("L", (size, size // 2 + 3))
 
 
@@ -88,8 +101,10 @@ def test_exact_formulas_against_hand_computation():
     img = images(40, 1)[0]
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=40)  # cifar severity 5
-    assert np.array_equal(np.asarray(corrupt(img, "jpeg_compression", 5, rng=corruption_rng(0, 0, "x"), table="cifar")),
-                          np.asarray(Image.open(buffer)))  # fmt: skip
+    assert np.array_equal(
+        np.asarray(corrupt(img, "jpeg_compression", 5, rng=corruption_rng(0, 0, "x"), table="cifar")),
+        np.asarray(Image.open(buffer)),
+    )
     expected = img.resize((int(40 * 0.4), int(40 * 0.4)), Image.BOX).resize((40, 40), Image.BOX)
     assert np.array_equal(np.asarray(corrupt(img, "pixelate", 3, rng=corruption_rng(0, 0, "x"))), np.asarray(expected))
 
@@ -119,17 +134,49 @@ def test_canny_and_equalize_hist_match_opencv_outputs():
     img = np.zeros((12, 12), np.uint8)
     img[3:9, 4:10], img[5, 6], img[2, 2] = 200, 230, 120
     # cv2.Canny(img, 50, 150) (OpenCV 5.0), recorded
-    opencv = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 5), (2, 6), (2, 7), (2, 8), (3, 1), (3, 2), (3, 4), (3, 9), (4, 3),
-              (4, 9), (5, 3), (5, 9), (6, 3), (6, 9), (7, 3), (7, 9), (8, 4), (8, 5), (8, 6), (8, 7), (8, 8), (8, 9)]  # fmt: skip
+    opencv = [
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 1),
+        (2, 5),
+        (2, 6),
+        (2, 7),
+        (2, 8),
+        (3, 1),
+        (3, 2),
+        (3, 4),
+        (3, 9),
+        (4, 3),
+        (4, 9),
+        (5, 3),
+        (5, 9),
+        (6, 3),
+        (6, 9),
+        (7, 3),
+        (7, 9),
+        (8, 4),
+        (8, 5),
+        (8, 6),
+        (8, 7),
+        (8, 8),
+        (8, 9),
+    ]
     assert sorted(map(tuple, np.argwhere(_canny(img, 50, 150)).tolist())) == opencv
     hist = np.array([[0, 0, 5, 5], [5, 7, 7, 9], [9, 9, 9, 200]], np.uint8)
-    assert _equalize_hist(hist).tolist() == [[0, 0, 76, 76], [76, 128, 128, 230], [230, 230, 230, 255]]  # cv2.equalizeHist
+    assert _equalize_hist(hist).tolist() == [
+        [0, 0, 76, 76],
+        [76, 128, 128, 230],
+        [230, 230, 230, 255],
+    ]  # cv2.equalizeHist
 
 
 @pytest.fixture()
 def saved_dataset(tmp_path):
     imgs = images(32, 10)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
     ds = datasets.Dataset.from_dict({"image": imgs, "label": list(range(10))}, features=features)
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "ds"))
     return tmp_path / "ds", imgs
@@ -140,8 +187,14 @@ def test_dataset_entry_corrupts_each_image_with_its_own_noise_in_any_order(saved
     entry = {"path": str(path), "corruption": "gaussian_noise", "severity": 4, "seed": 3, "table": "cifar"}
     ds = load_dataset_from_config(entry, split="test", what="test dataset 'x'")
     assert isinstance(ds, CorruptedImageDataset) and len(ds) == 10 and ds.column_names == ["image", "label"]
-    expected = [np.asarray(corrupt(im, "gaussian_noise", 4, rng=np.random.default_rng([3, i, zlib.crc32(b"gaussian_noise")]),
-                                   table="cifar")) for i, im in enumerate(imgs)]  # fmt: skip
+    expected = [
+        np.asarray(
+            corrupt(
+                im, "gaussian_noise", 4, rng=np.random.default_rng([3, i, zlib.crc32(b"gaussian_noise")]), table="cifar"
+            )
+        )
+        for i, im in enumerate(imgs)
+    ]
     seen = {}
     for rows in DataLoader(ds, batch_size=3, shuffle=True, num_workers=2, collate_fn=list):
         for row in rows:
@@ -159,19 +212,33 @@ def test_crop_size_resizes_and_centre_crops_before_corrupting():
     out = CorruptionSpec("contrast", 1, crop_size=24).apply(img, 0)
     crop = img.resize((36, 24), Image.BICUBIC).crop((6, 0, 30, 24))
     assert out.size == (24, 24)
-    assert np.array_equal(np.asarray(out), np.asarray(corrupt(crop, "contrast", 1, rng=corruption_rng(0, 0, "contrast"))))
+    assert np.array_equal(
+        np.asarray(out), np.asarray(corrupt(crop, "contrast", 1, rng=corruption_rng(0, 0, "contrast")))
+    )
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"corruption": "fog", "severity": 1}, r"test dataset 'x': unknown corruption 'fog'; choose one of contrast, gaussian_noise"),
+        (
+            {"corruption": "fog", "severity": 1},
+            r"test dataset 'x': unknown corruption 'fog'; choose one of contrast, gaussian_noise",
+        ),
         ({"corruption": "contrast", "severity": 6}, r"corruption severity must be an integer 1-5, got 6"),
         ({"corruption": "contrast"}, r"corruption severity must be an integer 1-5, got None"),
         ({"corruption": "contrast", "severity": "3"}, r"severity must be an integer 1-5, got '3'"),
-        ({"corruption": "contrast", "severity": 3, "table": "tiny"}, r"unknown corruption table 'tiny'; choose one of imagenet, cifar"),
-        ({"corruption": "contrast", "severity": 3, "seed": -1}, r"corruption seed must be a non-negative integer, got -1"),
-        ({"corruption": "contrast", "severity": 3, "crop_size": 0}, r"crop_size must be a positive integer or null, got 0"),
+        (
+            {"corruption": "contrast", "severity": 3, "table": "tiny"},
+            r"unknown corruption table 'tiny'; choose one of imagenet, cifar",
+        ),
+        (
+            {"corruption": "contrast", "severity": 3, "seed": -1},
+            r"corruption seed must be a non-negative integer, got -1",
+        ),
+        (
+            {"corruption": "contrast", "severity": 3, "crop_size": 0},
+            r"crop_size must be a positive integer or null, got 0",
+        ),
     ],
 )
 def test_bad_corruption_options_are_config_errors(options, message):

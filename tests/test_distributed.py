@@ -27,8 +27,17 @@ def test_cli_two_processes_report_what_one_device_reports(tiny_example, tmp_path
     # batch 7: each rank's 20 samples per task come in batches 7, 7, 6 (one device: 7 x 5, then 5);
     # fast_dev_run: the first batch of 7 samples, 4 on rank 0 and 3 on rank 1
     sweep = tmp_path / "sweep"
-    args = ["-m", "method=dummy", *TINY, "taskpool.dataloader_kwargs.batch_size=7", "fast_dev_run=false,true",
-            "fabric.accelerator=cpu", "fabric.devices=2", "fabric.strategy=ddp", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [
+        "-m",
+        "method=dummy",
+        *TINY,
+        "taskpool.dataloader_kwargs.batch_size=7",
+        "fast_dev_run=false,true",
+        "fabric.accelerator=cpu",
+        "fabric.devices=2",
+        "fabric.strategy=ddp",
+        f"hydra.sweep.dir={sweep}",
+    ]
     two = run_cli(args, cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     reports = {r["meta"]["fast_dev_run"]: r for r in (json.loads(p.read_text()) for p in sweep.rglob("report.json"))}
@@ -36,14 +45,23 @@ def test_cli_two_processes_report_what_one_device_reports(tiny_example, tmp_path
     model = CLIPVisionModel.from_pretrained(tiny_example.base_model)
     for fast, report in reports.items():
         one_device = CLIPVisionModelTaskPool(
-            test_datasets={t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
-            head_cache_dir=None, dataloader_kwargs={"batch_size": 7}, fast_dev_run=fast,
-        )  # fmt: skip
+            test_datasets={t: str(p) for t, p in tiny_example.datasets.items()},
+            clip_model=str(tiny_example.base_model),
+            head_cache_dir=None,
+            dataloader_kwargs={"batch_size": 7},
+            fast_dev_run=fast,
+        )
         expected = one_device.evaluate(model)
         for task in [*tiny_example.datasets, "average"]:
             assert report[task]["accuracy"] == expected[task]["accuracy"]
-            assert report[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-6)  # float32 logits, other batches
-        assert report["meta"]["num_samples"] == one_device.evaluation_meta()["num_samples"] == {t: 7 if fast else 40 for t in tiny_example.datasets}
+            assert report[task]["loss"] == pytest.approx(
+                expected[task]["loss"], rel=1e-6
+            )  # float32 logits, other batches
+        assert (
+            report["meta"]["num_samples"]
+            == one_device.evaluation_meta()["num_samples"]
+            == {t: 7 if fast else 40 for t in tiny_example.datasets}
+        )
         assert report["meta"]["world_size"] == 2 and report["meta"]["device"]["world_size"] == 2
         assert len(report["meta"]["peak_memory"]["peak_rss_mib"]) == 2  # one value per rank
     assert len(re.findall(r"^average +\d", two.stdout, re.M)) == 2  # rank 0 alone prints each job's summary
@@ -91,8 +109,13 @@ def test_shard_batch_gradient_equals_full_batch_on_two_processes(tmp_path):
 def test_unsupported_process_launch_is_a_config_error():
     import lightning
 
-    with pytest.raises(ConfigError, match=r"fabric.strategy: DDPStrategy \(_MultiProcessingLauncher\) is not supported; use strategy=ddp"):
+    with pytest.raises(
+        ConfigError,
+        match=r"fabric.strategy: DDPStrategy \(_MultiProcessingLauncher\) is not supported; use strategy=ddp",
+    ):
         check_process_launch(lightning.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn"))
     with pytest.raises(ConfigError, match=r"re-runs the fusion_bench command per device, which cannot be done from"):
-        check_process_launch(lightning.Fabric(accelerator="cpu", devices=2, strategy="ddp"))  # pytest is not fusion_bench
+        check_process_launch(
+            lightning.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+        )  # pytest is not fusion_bench
     check_process_launch(lightning.Fabric(accelerator="cpu", devices=1))  # nothing to start

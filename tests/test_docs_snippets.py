@@ -24,8 +24,13 @@ def substitutions(tiny_example, tmp_path_factory):
         '"tanganke/clip-vit-base-patch32_sun397"': repr(str(experts[0])),
         '"tanganke/clip-vit-base-patch32_stanford-cars"': repr(str(experts[1])),
         '"google/vit-base-patch16-224"': repr(str(build_tiny_vit(root / "vit", num_labels=2, seed=0))),
-        '"tanganke/eurosat"': repr(str(build_tiny_image_dataset(root / "rgb", classnames=["a", "b", "c"], n_train_per_class=4,
-                                                                 n_test_per_class=2, seed=1))),
+        '"tanganke/eurosat"': repr(
+            str(
+                build_tiny_image_dataset(
+                    root / "rgb", classnames=["a", "b", "c"], n_train_per_class=4, n_test_per_class=2, seed=1
+                )
+            )
+        ),
         "num_classes=10": "num_classes=3",
         "# ViT-B/32: 87,456,000": "",
     }

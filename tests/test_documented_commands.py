@@ -30,32 +30,62 @@ HUB_IDS = yaml.safe_load((ROOT / "fusion_bench" / "data" / "hub_ids.yaml").read_
 
 # (name, command line after `fusion_bench`); report_save_path / fast_dev_run are added by the test
 DOCUMENTED = [
-    ("evaluate one expert", "method=dummy modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual "
-     "modelpool.models._pretrained_.pretrained_model_name_or_path=tanganke/clip-vit-base-patch32_sun397 "
-     "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
-    ("simple average", "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only "
-     "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
-    ("task arithmetic", "method=task_arithmetic method.scaling_factor=0.3 modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 "
-     "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
+    (
+        "evaluate one expert",
+        "method=dummy modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual "
+        "modelpool.models._pretrained_.pretrained_model_name_or_path=tanganke/clip-vit-base-patch32_sun397 "
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+    ),
+    (
+        "simple average",
+        "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only "
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+    ),
+    (
+        "task arithmetic",
+        "method=task_arithmetic method.scaling_factor=0.3 modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 "
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+    ),
     ("model info", "method=dummy modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual taskpool=dummy"),
-    ("cosine similarity", "method=task_vector_cos_similarity method.save_to_csv={tmp}/cos.csv "
-     "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only taskpool=dummy"),
-    ("robustness corrupted", "--config-name clip-vit-base-patch32_robustness_corrupted corruption=contrast method=simple_average"),
+    (
+        "cosine similarity",
+        "method=task_vector_cos_similarity method.save_to_csv={tmp}/cos.csv "
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only taskpool=dummy",
+    ),
+    (
+        "robustness corrupted",
+        "--config-name clip-vit-base-patch32_robustness_corrupted corruption=contrast method=simple_average",
+    ),
     ("robustness clean", "--config-name clip-vit-base-patch32_robustness_clean method=task_arithmetic"),
     ("generalization exp1", "--config-name clip-vit-base-patch32_generalization_exp1 method=simple_average"),
-    ("alias individual B/32", "method=dummy modelpool=clip-vit-base-patch32_individual "
-     "modelpool.models._pretrained_.pretrained_model_name_or_path=tanganke/clip-vit-base-patch32_svhn taskpool=clip-vit-classification_TA8"),
-    ("alias robustness clean", "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_clean "
-     "taskpool=clip-vit-base-patch32_robustness_clean"),
+    (
+        "alias individual B/32",
+        "method=dummy modelpool=clip-vit-base-patch32_individual "
+        "modelpool.models._pretrained_.pretrained_model_name_or_path=tanganke/clip-vit-base-patch32_svhn taskpool=clip-vit-classification_TA8",
+    ),
+    (
+        "alias robustness clean",
+        "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_clean "
+        "taskpool=clip-vit-base-patch32_robustness_clean",
+    ),
     # the list form and its index override ("evaluate each expert" loops)
-    ("list form, models.0.path", "method=dummy modelpool=clip-vit-base-patch32_TA8 "
-     "modelpool.models.0.path=tanganke/clip-vit-base-patch32_gtsrb taskpool=clip-vit-classification_TA8"),
+    (
+        "list form, models.0.path",
+        "method=dummy modelpool=clip-vit-base-patch32_TA8 "
+        "modelpool.models.0.path=tanganke/clip-vit-base-patch32_gtsrb taskpool=clip-vit-classification_TA8",
+    ),
     # a shipped pool's models replaced wholesale
-    ("models= override", "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only "
-     "'modelpool.models={_pretrained_: {pretrained_model_name_or_path: openai/clip-vit-base-patch32}, "
-     "mnist: {pretrained_model_name_or_path: tanganke/clip-vit-base-patch32_mnist}}' taskpool=clip-vit-classification_TA8"),
-    ("traditional MTL", "method=clip_multitask_finetune method.num_steps=1 method.batch_size=2 "
-     "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
+    (
+        "models= override",
+        "method=simple_average modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only "
+        "'modelpool.models={_pretrained_: {pretrained_model_name_or_path: openai/clip-vit-base-patch32}, "
+        "mnist: {pretrained_model_name_or_path: tanganke/clip-vit-base-patch32_mnist}}' taskpool=clip-vit-classification_TA8",
+    ),
+    (
+        "traditional MTL",
+        "method=clip_multitask_finetune method.num_steps=1 method.batch_size=2 "
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+    ),
 ]
 
 
@@ -103,7 +133,9 @@ class TinySubstitute:
 
 def run_documented(command: str, example, tmp_path: Path) -> dict[str, Any]:
     report_path = tmp_path / "report.json"
-    cfg = compose_command(command.replace("{tmp}", str(tmp_path)) + f" fast_dev_run=true report_save_path={report_path}")
+    cfg = compose_command(
+        command.replace("{tmp}", str(tmp_path)) + f" fast_dev_run=true report_save_path={report_path}"
+    )
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain = TinySubstitute(example)(plain)
     for entry in (plain.get("taskpool") or {}).get("test_datasets", {}).values():  # the tiny tasks' class names
@@ -144,7 +176,15 @@ def test_documented_command_runs(tiny_example, tmp_path, name, command):
         assert (tmp_path / "cos.csv").is_file()
     if "MTL" in name:
         assert report["clip_multitask_finetune"]["tasks"] == [
-            "sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+            "sun397",
+            "stanford_cars",
+            "resisc45",
+            "eurosat",
+            "svhn",
+            "gtsrb",
+            "mnist",
+            "dtd",
+        ]
 
 
 def test_list_form_override_sets_the_indexed_model():
@@ -158,21 +198,43 @@ def test_list_index_override_on_a_dict_form_pool_names_the_key_to_use():
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=overrides)
 
-    args = ["method=dummy", "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual", "modelpool.models.0.path=/m"]
+    args = [
+        "method=dummy",
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual",
+        "modelpool.models.0.path=/m",
+    ]
     assert list_index_override_error(args, compose_fn) == (
         "'modelpool.models.0.path': this modelpool names its models (_pretrained_), it is not a list; use "
         "modelpool.models._pretrained_.pretrained_model_name_or_path=... (modelpool.models.<i>.path= works on the "
-        "list form, type: huggingface_clip_vision)")
-    assert list_index_override_error(["modelpool=clip-vit-base-patch32_TA8", "modelpool.models.0.path=/m"], compose_fn) is None
+        "list form, type: huggingface_clip_vision)"
+    )
+    assert (
+        list_index_override_error(["modelpool=clip-vit-base-patch32_TA8", "modelpool.models.0.path=/m"], compose_fn)
+        is None
+    )
     assert list_index_override_error(["method=dummy"], compose_fn) is None
 
 
 def test_aliases_compose_to_their_target():
-    pairs = [("modelpool=clip-vit-base-patch32_individual", "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual"),
-             ("modelpool=clip-vit-large-patch14_individual", "modelpool=CLIPVisionModelPool/clip-vit-large-patch14_individual"),
-             ("taskpool=clip-vit-classification_TA8", "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
-             ("taskpool=clip-vit-classification_TA8_L14", "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14"),
-             ("taskpool=clip-vit-base-patch32_robustness_clean", "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_clean")]
+    pairs = [
+        (
+            "modelpool=clip-vit-base-patch32_individual",
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual",
+        ),
+        (
+            "modelpool=clip-vit-large-patch14_individual",
+            "modelpool=CLIPVisionModelPool/clip-vit-large-patch14_individual",
+        ),
+        ("taskpool=clip-vit-classification_TA8", "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8"),
+        (
+            "taskpool=clip-vit-classification_TA8_L14",
+            "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14",
+        ),
+        (
+            "taskpool=clip-vit-base-patch32_robustness_clean",
+            "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_clean",
+        ),
+    ]
     for alias, target in pairs:
         group = alias.split("=")[0]
         assert compose_command(alias)[group] == compose_command(target)[group], alias
@@ -182,7 +244,9 @@ def test_python_pool_accepts_the_yaml_type_key():
     from fusion_bench.errors import ModelPoolError
     from fusion_bench.modelpool import HuggingFaceClipVisionPool
 
-    pool = HuggingFaceClipVisionPool(type="huggingface_clip_vision", models=[{"name": "_pretrained_", "path": "a/b"}, {"name": "x", "path": "c/d"}])
+    pool = HuggingFaceClipVisionPool(
+        type="huggingface_clip_vision", models=[{"name": "_pretrained_", "path": "a/b"}, {"name": "x", "path": "c/d"}]
+    )
     assert pool.model_names == ["x"]
     with pytest.raises(ModelPoolError, match=r"type 'CLIPVisionModelPool' is not this pool's"):
         HuggingFaceClipVisionPool(type="CLIPVisionModelPool", models=[])
@@ -194,12 +258,27 @@ def test_clip_finetune_example_script(tiny_example, tmp_path):
     import sys
 
     env = dict(os.environ, OUT=str(tmp_path / "out"), TASKS="shape", STEPS="2", BATCH="4", PYTHON=sys.executable)
-    done = subprocess.run(["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh"), "fast_dev_run=true"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh"), "fast_dev_run=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "mini-clip_full" / "shape" / "config.json").is_file()
     report = json.loads((tmp_path / "out" / "mini-clip_full" / "shape.json").read_text())
     assert report["clip_finetune"]["task"] == "shape" and report["clip_finetune"]["num_steps"] == 2
-    bad = subprocess.run(["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh")], cwd=tmp_path,
-                         env=dict(env, VARIANT="qlora"), capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip() == "clip_finetune.sh: error: VARIANT must be full, lora or l_lora; got 'qlora'"
+    bad = subprocess.run(
+        ["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh")],
+        cwd=tmp_path,
+        env=dict(env, VARIANT="qlora"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "clip_finetune.sh: error: VARIANT must be full, lora or l_lora; got 'qlora'"
+    )

@@ -33,8 +33,9 @@ RAY_HOW = "pip install 'fusion_bench[ray]'"
 
 def fusion_bench(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
     """Run the ``fusion_bench`` command (this interpreter) in ``cwd``."""
-    return subprocess.run([sys.executable, "-m", "fusion_bench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fusion_bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_folder(sweep: Path, scaling_factor: str, prefix: str = "") -> Path:
@@ -71,8 +72,13 @@ def check_reports(sweep: Path, values: tuple[str, ...]) -> dict[str, dict]:
 def check_table(sweep: Path, reports: dict[str, dict], env: dict[str, str], out: Path) -> str:
     """``fusion_bench_report`` over the sweep: one row per job whose cells are that report's
     accuracies in percent; the printed Markdown table."""
-    proc = subprocess.run([sys.executable, "-m", "fusion_bench.scripts.report", str(sweep), "--out", str(out), "--no-figures"],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusion_bench.scripts.report", str(sweep), "--out", str(out), "--no-figures"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = (out / "methods.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -130,8 +136,15 @@ def slurm(tmp_path_factory: pytest.TempPathFactory, mini_data: None):
 def slurm_args(cluster, sweep: Path) -> list[str]:
     """The shipped SLURM launcher with what a one-node CPU cluster needs: its partition, no GPUs,
     one CPU and 1 GB per job (two jobs at once on 2 cores)."""
-    return ["-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", f"hydra.launcher.partition={cluster.partition}",
-            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]  # fmt: skip
+    return [
+        "-m",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        f"hydra.launcher.partition={cluster.partition}",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+    ]
 
 
 def test_slurm_sweep_reports_table_and_relaunch(slurm, tmp_path):
@@ -159,8 +172,11 @@ def test_slurm_sweep_reports_table_and_relaunch(slurm, tmp_path):
     # a re-launch with skip_existing_report=true submits nothing; the reports stay as they are
     before = {v: (job_folder(sweep, v) / "report.json").stat().st_mtime_ns for v in ids}
     known = set(slurm.run("squeue", "--noheader", "--array", "--states=all", "--format=%i").split())
-    proc = fusion_bench([*slurm_args(slurm, sweep), *TA, "method.scaling_factor=0.1,0.3", "skip_existing_report=true"],
-                        tmp_path, slurm.env)  # fmt: skip
+    proc = fusion_bench(
+        [*slurm_args(slurm, sweep), *TA, "method.scaling_factor=0.1,0.3", "skip_existing_report=true"],
+        tmp_path,
+        slurm.env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr  # Hydra logs the launcher's messages to stdout
     assert "nothing submitted" in output and "submitted SLURM jobs" not in output
@@ -186,8 +202,10 @@ def test_slurm_job_killed_without_result_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm_launcher, "slurm_states", lambda ids: {"7_0": "COMPLETED", "7_1": "FAILED"})
     ret, failure = slurm_launcher.SlurmLauncher._outcome(job, 1, ["method=nope", "hydra.sweep.dir=x"])
     assert ret is None
-    assert failure.line() == (f"fusion_bench: error: sweep job #1 (method=nope) failed (SLURM job 7_1, FAILED): "
-                              f"fusion_bench: error: unknown method 'nope'; log: {err}")  # fmt: skip
+    assert failure.line() == (
+        f"fusion_bench: error: sweep job #1 (method=nope) failed (SLURM job 7_1, FAILED): "
+        f"fusion_bench: error: unknown method 'nope'; log: {err}"
+    )
 
 
 def test_slurm_states_parse_squeue_and_fall_back_to_sacct(monkeypatch):
@@ -202,8 +220,12 @@ def test_slurm_states_parse_squeue_and_fall_back_to_sacct(monkeypatch):
         return query(["printf", "6_0|CANCELLED by 0\n6_0.batch|CANCELLED\n"])
 
     monkeypatch.setattr(slurm_launcher, "_query", fake)
-    assert slurm_launcher.slurm_states({"5", "6", "7"}) == {"5_0": "RUNNING", "5_1": "COMPLETED", "6_0": "CANCELLED",
-                                                             "7": slurm_launcher.LEFT}  # fmt: skip
+    assert slurm_launcher.slurm_states({"5", "6", "7"}) == {
+        "5_0": "RUNNING",
+        "5_1": "COMPLETED",
+        "6_0": "CANCELLED",
+        "7": slurm_launcher.LEFT,
+    }
     assert calls == ["squeue", "sacct"]
     # squeue failing: no guess about arrays nobody listed
     monkeypatch.setattr(slurm_launcher, "_query", lambda command: None)
@@ -228,8 +250,14 @@ def ray_local(mini_data: None):
 
 def ray_args(cluster, sweep: Path) -> list[str]:
     """The shipped Ray launcher on the test's cluster, one CPU and no GPU per job."""
-    return ["-m", "hydra/launcher=ray", f"hydra.sweep.dir={sweep}", f"hydra.launcher.ray.init.address={cluster.address}",
-            "hydra.launcher.ray.remote.num_gpus=0", "hydra.launcher.ray.remote.num_cpus=1"]  # fmt: skip
+    return [
+        "-m",
+        "hydra/launcher=ray",
+        f"hydra.sweep.dir={sweep}",
+        f"hydra.launcher.ray.init.address={cluster.address}",
+        "hydra.launcher.ray.remote.num_gpus=0",
+        "hydra.launcher.ray.remote.num_cpus=1",
+    ]
 
 
 def test_ray_sweep_reports_table_and_relaunch(ray_local, tmp_path):
@@ -246,8 +274,11 @@ def test_ray_sweep_reports_table_and_relaunch(ray_local, tmp_path):
     check_table(sweep, reports, ray_local.env, tmp_path / "tables")
 
     before = {v: (job_folder(sweep, v) / "report.json").stat().st_mtime_ns for v in ("0.1", "0.3")}
-    proc = fusion_bench([*ray_args(ray_local, sweep), *TA, "method.scaling_factor=0.1,0.3", "skip_existing_report=true"],
-                        tmp_path, ray_local.env)  # fmt: skip
+    proc = fusion_bench(
+        [*ray_args(ray_local, sweep), *TA, "method.scaling_factor=0.1,0.3", "skip_existing_report=true"],
+        tmp_path,
+        ray_local.env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "nothing submitted" in output and "submitted Ray tasks" not in output
@@ -257,6 +288,8 @@ def test_ray_sweep_reports_table_and_relaunch(ray_local, tmp_path):
 
 def test_ray_failed_job_surfaces_and_others_are_kept(ray_local, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = fusion_bench([*ray_args(ray_local, sweep), *TA, *FAST, "method.scaling_factor=0.3,abc"], tmp_path, ray_local.env)
+    proc = fusion_bench(
+        [*ray_args(ray_local, sweep), *TA, *FAST, "method.scaling_factor=0.3,abc"], tmp_path, ray_local.env
+    )
     log = check_failure(proc, sweep, "0.3")
     assert log == sweep / ".ray" / "1.log"

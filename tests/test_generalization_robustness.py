@@ -35,9 +35,16 @@ def compose_root(name: str, overrides: list[str]):
 
 # ---- task groups ------------------------------------------------------------------------------
 def test_group_means_and_errors():
-    report = {"a": {"accuracy": 0.5, "loss": 1.0}, "b": {"accuracy": 0.25, "loss": 3.0}, "c": {"accuracy": 1.0, "loss": 0.5}}
+    report = {
+        "a": {"accuracy": 0.5, "loss": 1.0},
+        "b": {"accuracy": 0.25, "loss": 3.0},
+        "c": {"accuracy": 1.0, "loss": 0.5},
+    }
     assert mean_over_tasks(report, ["a", "b"]) == {"accuracy": 0.375, "loss": 2.0}
-    assert check_task_groups({"seen": ["a", "b"], "unseen": ["c"]}, list(report)) == {"seen": ["a", "b"], "unseen": ["c"]}
+    assert check_task_groups({"seen": ["a", "b"], "unseen": ["c"]}, list(report)) == {
+        "seen": ["a", "b"],
+        "unseen": ["c"],
+    }
     assert check_task_groups(None, list(report)) == {}
     for groups, message in [
         ({"seen": ["a", "x"]}, r"task group 'seen' names unknown task\(s\) \['x'\]; tasks: a, b, c"),
@@ -55,7 +62,9 @@ def test_group_means_and_errors():
 def test_taskpool_reports_group_means_of_its_per_task_values(tiny_example, tmp_path):
     entries = {t: {"path": str(p)} for t, p in tiny_example.datasets.items()}
     groups = {"seen": ["mnist", "svhn"], "unseen": ["eurosat"]}
-    pool = CLIPVisionModelTaskPool(entries, clip_model=str(tiny_example.base_model), head_cache_dir=None, task_groups=groups)
+    pool = CLIPVisionModelTaskPool(
+        entries, clip_model=str(tiny_example.base_model), head_cache_dir=None, task_groups=groups
+    )
     plain = CLIPVisionModelTaskPool(entries, clip_model=str(tiny_example.base_model), head_cache_dir=None)
     model = CLIPVisionModel.from_pretrained(tiny_example.finetuned["svhn"])
     report, reference = pool.evaluate(model), plain.evaluate(model)
@@ -72,63 +81,117 @@ def test_taskpool_reports_group_means_of_its_per_task_values(tiny_example, tmp_p
 # ---- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "exp, seen, unseen",
-    [("exp1", ["sun397", "stanford_cars", "resisc45", "dtd", "svhn", "gtsrb"], ["mnist", "eurosat"]),
-     ("exp2", ["sun397", "stanford_cars", "gtsrb", "eurosat", "dtd", "mnist"], ["resisc45", "svhn"])],
-)  # fmt: skip
+    [
+        ("exp1", ["sun397", "stanford_cars", "resisc45", "dtd", "svhn", "gtsrb"], ["mnist", "eurosat"]),
+        ("exp2", ["sun397", "stanford_cars", "gtsrb", "eurosat", "dtd", "mnist"], ["resisc45", "svhn"]),
+    ],
+)
 def test_generalization_configs_merge_seen_models_and_evaluate_all_eight(exp, seen, unseen):
-    cfg = compose_root("fusion_bench_config", [f"modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_{exp}",
-                                               f"taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_generalization_{exp}"])  # fmt: skip
+    cfg = compose_root(
+        "fusion_bench_config",
+        [
+            f"modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_{exp}",
+            f"taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_generalization_{exp}",
+        ],
+    )
     modelpool, _, taskpool = FabricModelFusionProgram(cfg).build()
     assert modelpool.model_names == seen and modelpool.train_dataset_names == seen == modelpool.test_dataset_names
     assert [modelpool.get_model_config(t)["pretrained_model_name_or_path"] for t in seen] == [
-        f"tanganke/clip-vit-base-patch32_{t.replace('_', '-')}" for t in seen  # the Cars expert: stanford-cars
+        f"tanganke/clip-vit-base-patch32_{t.replace('_', '-')}"
+        for t in seen  # the Cars expert: stanford-cars
     ]
     assert taskpool.task_names == TA8 and taskpool.task_groups == {"seen": seen, "unseen": unseen}
-    mini = compose_root("fusion_bench_config", [f"modelpool=CLIPVisionModelPool/mini-clip_generalization_{exp}",
-                                                f"taskpool=CLIPVisionModelTaskPool/mini-clip_generalization_{exp}"])  # fmt: skip
+    mini = compose_root(
+        "fusion_bench_config",
+        [
+            f"modelpool=CLIPVisionModelPool/mini-clip_generalization_{exp}",
+            f"taskpool=CLIPVisionModelTaskPool/mini-clip_generalization_{exp}",
+        ],
+    )
     groups = OmegaConf.to_container(mini.taskpool.task_groups)
     assert sorted(groups["seen"] + groups["unseen"]) == sorted(MINI) and len(groups["unseen"]) == 2
-    assert list(mini.modelpool.models) == ["_pretrained_", *groups["seen"]] and list(mini.taskpool.test_datasets) == MINI
+    assert (
+        list(mini.modelpool.models) == ["_pretrained_", *groups["seen"]] and list(mini.taskpool.test_datasets) == MINI
+    )
     assert list(mini.modelpool.test_datasets) == groups["seen"]
 
 
-@pytest.mark.parametrize("root, table, crop", [("clip-vit-base-patch32", "imagenet", 224), ("mini-clip", "cifar", None)])
+@pytest.mark.parametrize(
+    "root, table, crop", [("clip-vit-base-patch32", "imagenet", 224), ("mini-clip", "cifar", None)]
+)
 def test_robustness_root_configs_wire_corruption_into_every_test_split(root, table, crop):
     cfg = compose_root(f"{root}_robustness_corrupted", ["corruption=motion_blur", "severity=2", "corruption_seed=7"])
     clean = compose_root(f"{root}_robustness_clean", [])
     assert cfg.seed == 42 and cfg.report_save_path is None and cfg.method._target_ == clean.method._target_
-    tasks = ["stanford_cars", "eurosat", "resisc45", "gtsrb"] if root.startswith("clip") else ["shape", "texture", "digit", "count"]
+    tasks = (
+        ["stanford_cars", "eurosat", "resisc45", "gtsrb"]
+        if root.startswith("clip")
+        else ["shape", "texture", "digit", "count"]
+    )
     for part in ("modelpool", "taskpool"):
         entries = cfg[part].test_datasets  # read key by key: the mini paths would build the mini datasets
         assert list(entries) == tasks
         for entry in entries.values():
             assert (entry.corruption, entry.severity, entry.seed, entry.table, entry.get("crop_size")) == (
-                "motion_blur", 2, 7, table, crop)  # fmt: skip
+                "motion_blur",
+                2,
+                7,
+                table,
+                crop,
+            )
         assert all("corruption" not in e for e in clean[part].test_datasets.values())
-    assert list(cfg.modelpool.models) == ["_pretrained_", *tasks] and list(clean.modelpool.models) == ["_pretrained_", *tasks]
+    assert list(cfg.modelpool.models) == ["_pretrained_", *tasks] and list(clean.modelpool.models) == [
+        "_pretrained_",
+        *tasks,
+    ]
     if root.startswith("clip"):
         _, _, taskpool = FabricModelFusionProgram(cfg).build()
         assert taskpool.evaluation_meta()["corruption"]["gtsrb"] == {
-            "corruption": "motion_blur", "severity": 2, "seed": 7, "table": "imagenet", "crop_size": 224}  # fmt: skip
-        hub = compose_root(f"{root}_robustness_corrupted", ["corruption=spatter",
-                                                              "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_corrupted_hub"])  # fmt: skip
-        assert OmegaConf.to_container(hub.taskpool.test_datasets, resolve=True)["eurosat"] == {"path": "tanganke/eurosat", "split": "spatter"}
-    with pytest.raises(ConfigError, match=r"missing mandatory option\(s\) 'corruption'; set them, e.g. corruption=\.\.\."):
+            "corruption": "motion_blur",
+            "severity": 2,
+            "seed": 7,
+            "table": "imagenet",
+            "crop_size": 224,
+        }
+        hub = compose_root(
+            f"{root}_robustness_corrupted",
+            ["corruption=spatter", "taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_corrupted_hub"],
+        )
+        assert OmegaConf.to_container(hub.taskpool.test_datasets, resolve=True)["eurosat"] == {
+            "path": "tanganke/eurosat",
+            "split": "spatter",
+        }
+    with pytest.raises(
+        ConfigError, match=r"missing mandatory option\(s\) 'corruption'; set them, e.g. corruption=\.\.\."
+    ):
         FabricModelFusionProgram(compose_root(f"{root}_robustness_corrupted", [])).build()
 
 
 def test_robustness_pools_outside_their_root_config_are_clean():
-    cfg = compose_root("fusion_bench_config", ["taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_corrupted"])
+    cfg = compose_root(
+        "fusion_bench_config", ["taskpool=CLIPVisionModelTaskPool/clip-vit-base-patch32_robustness_corrupted"]
+    )
     taskpool = instantiate_component(cfg.taskpool, TASKPOOLS, key="type", what="taskpool")
-    assert taskpool.task_names == ["stanford_cars", "eurosat", "resisc45", "gtsrb"] and "corruption" not in taskpool.evaluation_meta()
+    assert (
+        taskpool.task_names == ["stanford_cars", "eurosat", "resisc45", "gtsrb"]
+        and "corruption" not in taskpool.evaluation_meta()
+    )
 
 
 # ---- end to end -------------------------------------------------------------------------------
 def corrupted_copy(path, tmp_path, corruption: str, severity: int, seed: int):
     """The test split with every image corrupted by hand, following the documented per-image seeding."""
     test = datasets.load_from_disk(str(path))["test"]
-    images = [corrupt(row["image"], corruption, severity, table="imagenet",
-                      rng=np.random.default_rng([seed, i, zlib.crc32(corruption.encode())])) for i, row in enumerate(test)]  # fmt: skip
+    images = [
+        corrupt(
+            row["image"],
+            corruption,
+            severity,
+            table="imagenet",
+            rng=np.random.default_rng([seed, i, zlib.crc32(corruption.encode())]),
+        )
+        for i, row in enumerate(test)
+    ]
     out = tmp_path / f"{path.name}_{corruption}"
     datasets.Dataset.from_dict({"image": images, "label": test["label"]}, features=test.features).save_to_disk(str(out))
     return out
@@ -136,11 +199,23 @@ def corrupted_copy(path, tmp_path, corruption: str, severity: int, seed: int):
 
 def test_cli_merges_seen_models_on_corrupted_data_and_reports_groups(tiny_example, tmp_path):
     report_path = tmp_path / "report.json"
-    args = ["--config-name", "clip-vit-base-patch32_robustness_corrupted", "corruption=gaussian_noise", "severity=2",
-            "corruption_seed=5", "method=simple_average", *TINY, "~modelpool.models.svhn",
-            *(f"+taskpool.test_datasets.{t}.{k}=${{{v}}}" for t in ("mnist", "svhn")
-              for k, v in (("corruption", "corruption"), ("severity", "severity"), ("seed", "corruption_seed"))),
-            "+taskpool.task_groups={seen:[mnist,eurosat],unseen:[svhn]}", f"report_save_path={report_path}"]  # fmt: skip
+    args = [
+        "--config-name",
+        "clip-vit-base-patch32_robustness_corrupted",
+        "corruption=gaussian_noise",
+        "severity=2",
+        "corruption_seed=5",
+        "method=simple_average",
+        *TINY,
+        "~modelpool.models.svhn",
+        *(
+            f"+taskpool.test_datasets.{t}.{k}=${{{v}}}"
+            for t in ("mnist", "svhn")
+            for k, v in (("corruption", "corruption"), ("severity", "severity"), ("seed", "corruption_seed"))
+        ),
+        "+taskpool.task_groups={seen:[mnist,eurosat],unseen:[svhn]}",
+        f"report_save_path={report_path}",
+    ]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
@@ -153,28 +228,48 @@ def test_cli_merges_seen_models_on_corrupted_data_and_reports_groups(tiny_exampl
     merged = CLIPVisionModel.from_pretrained(tiny_example.finetuned["mnist"])
     other = CLIPVisionModel.from_pretrained(tiny_example.finetuned["eurosat"]).state_dict()
     merged.load_state_dict({k: (v + other[k]) / 2 for k, v in merged.state_dict().items()})
-    entries = {"mnist": str(corrupted_copy(tiny_example.datasets["mnist"], tmp_path, "gaussian_noise", 2, 5)),
-               "eurosat": str(tiny_example.datasets["eurosat"]),
-               "svhn": str(corrupted_copy(tiny_example.datasets["svhn"], tmp_path, "gaussian_noise", 2, 5))}  # fmt: skip
-    expected = CLIPVisionModelTaskPool(entries, clip_model=str(tiny_example.base_model), head_cache_dir=None).evaluate(merged)
-    clean = CLIPVisionModelTaskPool({"svhn": str(tiny_example.datasets["svhn"])}, clip_model=str(tiny_example.base_model),
-                                    head_cache_dir=None).evaluate(merged)  # fmt: skip
+    entries = {
+        "mnist": str(corrupted_copy(tiny_example.datasets["mnist"], tmp_path, "gaussian_noise", 2, 5)),
+        "eurosat": str(tiny_example.datasets["eurosat"]),
+        "svhn": str(corrupted_copy(tiny_example.datasets["svhn"], tmp_path, "gaussian_noise", 2, 5)),
+    }
+    expected = CLIPVisionModelTaskPool(entries, clip_model=str(tiny_example.base_model), head_cache_dir=None).evaluate(
+        merged
+    )
+    clean = CLIPVisionModelTaskPool(
+        {"svhn": str(tiny_example.datasets["svhn"])}, clip_model=str(tiny_example.base_model), head_cache_dir=None
+    ).evaluate(merged)
     for task in ("mnist", "eurosat", "svhn"):
         assert report[task] == pytest.approx(expected[task], rel=1e-5)
-    assert report["svhn"]["loss"] != pytest.approx(clean["svhn"]["loss"], rel=1e-3)  # the corruption did change the data
+    assert report["svhn"]["loss"] != pytest.approx(
+        clean["svhn"]["loss"], rel=1e-3
+    )  # the corruption did change the data
     for metric in ("accuracy", "loss"):
-        assert report["seen"][metric] == pytest.approx((expected["mnist"][metric] + expected["eurosat"][metric]) / 2, rel=1e-5)
+        assert report["seen"][metric] == pytest.approx(
+            (expected["mnist"][metric] + expected["eurosat"][metric]) / 2, rel=1e-5
+        )
         assert report["unseen"][metric] == pytest.approx(expected["svhn"][metric], rel=1e-5)
 
 
 def test_cli_without_a_corruption_is_a_one_line_error(tiny_example, tmp_path):
-    proc = run_cli(["--config-name", "clip-vit-base-patch32_robustness_corrupted", "method=dummy",
-                    "modelpool=CLIPVisionModelPool/tiny-clip_example", f"report_save_path={tmp_path / 'r.json'}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "--config-name",
+            "clip-vit-base-patch32_robustness_corrupted",
+            "method=dummy",
+            "modelpool=CLIPVisionModelPool/tiny-clip_example",
+            f"report_save_path={tmp_path / 'r.json'}",
+        ],
+        cwd=tmp_path,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0] == "fusion_bench: error: missing mandatory option(s) 'corruption'; set them, e.g. corruption=..."
     assert not (tmp_path / "r.json").exists()
-    with pytest.raises(ConfigError, match=r"^test dataset 'stanford_cars': unknown corruption 'fog'; choose one of " + ", ".join(CORRUPTIONS)):
+    with pytest.raises(
+        ConfigError,
+        match=r"^test dataset 'stanford_cars': unknown corruption 'fog'; choose one of " + ", ".join(CORRUPTIONS),
+    ):
         FabricModelFusionProgram(compose_root("clip-vit-base-patch32_robustness_corrupted", ["corruption=fog"])).build()
 
 
@@ -190,7 +285,9 @@ def test_corruption_figure_shows_each_corruption_and_severity(tmp_path):
     assert [ax.get_ylabel() for ax in axes[:, 0]] == list(CORRUPTIONS)
     assert [ax.get_title() for ax in axes[0]] == ["clean", *(f"severity {s}" for s in range(1, 6))]
     shown = axes[1, 5].get_images()[0].get_array()  # gaussian_noise, severity 5, image index 4
-    expected = corrupt(img, "gaussian_noise", 5, table="cifar", rng=np.random.default_rng([0, 4, zlib.crc32(b"gaussian_noise")]))
+    expected = corrupt(
+        img, "gaussian_noise", 5, table="cifar", rng=np.random.default_rng([0, 4, zlib.crc32(b"gaussian_noise")])
+    )
     assert np.array_equal(np.asarray(shown), np.asarray(expected))
     path = save_corruption_grid(img, tmp_path / "fig" / "grid.png", table="cifar", severities=(5,))
     assert Image.open(path).size == (320, 1120) and [p.name for p in path.parent.iterdir()] == ["grid.png"]

@@ -23,9 +23,14 @@ def _owners(table: dict[str, dict[str, str]]) -> set[str]:
 
 
 def _scanned_files() -> list[Path]:
-    files = [*(ROOT / "fusion_bench").rglob("*.yaml"), *(ROOT / "fusion_bench").rglob("*.py"),
-             *(ROOT / "docs").glob("*.md"), ROOT / "README.md", *(ROOT / "examples").rglob("*.sh"),
-             *(ROOT / "benchmarks").glob("*.py")]
+    files = [
+        *(ROOT / "fusion_bench").rglob("*.yaml"),
+        *(ROOT / "fusion_bench").rglob("*.py"),
+        *(ROOT / "docs").glob("*.md"),
+        ROOT / "README.md",
+        *(ROOT / "examples").rglob("*.sh"),
+        *(ROOT / "benchmarks").glob("*.py"),
+    ]
     return [p for p in files if p != TABLE]
 
 
@@ -57,10 +62,16 @@ def test_every_shipped_hub_id_is_known() -> None:
     assert not unknown, f"hub ids not in {TABLE.name} (typo, or add them with where they were confirmed): {unknown}"
 
 
-@pytest.mark.parametrize("text, found", [
-    ("pretrained_model_name_or_path: tanganke/clip-vit-base-patch32_stanford_cars", {"tanganke/clip-vit-base-patch32_stanford_cars"}),
-    ("tanganke/clip-vit-base-patch32_${task} and openai/clip-vit-* and tanganke/<key>", set()),
-    ("see ./tanganke/x and models/tanganke/y", set()),
-])
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        (
+            "pretrained_model_name_or_path: tanganke/clip-vit-base-patch32_stanford_cars",
+            {"tanganke/clip-vit-base-patch32_stanford_cars"},
+        ),
+        ("tanganke/clip-vit-base-patch32_${task} and openai/clip-vit-* and tanganke/<key>", set()),
+        ("see ./tanganke/x and models/tanganke/y", set()),
+    ],
+)
 def test_scanner_finds_ids_and_skips_patterns(text: str, found: set[str]) -> None:
     assert _ids_in(text, {"tanganke", "openai"}) == found

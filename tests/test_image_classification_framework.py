@@ -33,14 +33,25 @@ def tiny(tmp_path_factory):
     return {
         "vit": build_tiny_vit(root / "vit", num_labels=2, seed=0),
         "resnet": build_tiny_resnet(root / "resnet", num_labels=2, seed=0),
-        "rgb": build_tiny_image_dataset(root / "rgb", classnames=CLASSES, n_train_per_class=8, n_test_per_class=4, seed=1),
-        "gray": build_tiny_image_dataset(root / "gray", classnames=CLASSES, n_train_per_class=2, n_test_per_class=2, seed=2, mode="L"),
+        "rgb": build_tiny_image_dataset(
+            root / "rgb", classnames=CLASSES, n_train_per_class=8, n_test_per_class=4, seed=1
+        ),
+        "gray": build_tiny_image_dataset(
+            root / "gray", classnames=CLASSES, n_train_per_class=2, n_test_per_class=2, seed=2, mode="L"
+        ),
     }
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=str(tmp_path), **kwargs)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -56,8 +67,13 @@ def _numpy_metrics(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> d
     precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
     recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
     f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=seen)
-    return {"accuracy": tp.sum() / len(labels), "precision": precision[seen].mean(), "recall": recall[seen].mean(),
-            "f1": f1[seen].mean(), "confusion_matrix": cm.tolist()}  # fmt: skip
+    return {
+        "accuracy": tp.sum() / len(labels),
+        "precision": precision[seen].mean(),
+        "recall": recall[seen].mean(),
+        "f1": f1[seen].mean(),
+        "confusion_matrix": cm.tolist(),
+    }
 
 
 def test_metric_logger_matches_numpy_oracle_and_saves_the_figure(tmp_path):
@@ -73,7 +89,9 @@ def test_metric_logger_matches_numpy_oracle_and_saves_the_figure(tmp_path):
     assert record["confusion_matrix"] == expected["confusion_matrix"]
     for key in ("accuracy", "precision", "recall", "f1"):
         assert record[key] == pytest.approx(expected[key], abs=1e-6), key
-    assert (record["accuracy"], record["precision"], record["recall"]) == pytest.approx((0.6, 7 / 12, 11 / 24))  # by hand
+    assert (record["accuracy"], record["precision"], record["recall"]) == pytest.approx(
+        (0.6, 7 / 12, 11 / 24)
+    )  # by hand
     assert logger.history["val"] == [record]
     from PIL import Image
 
@@ -105,7 +123,9 @@ def test_processors_convert_grayscale_and_replace_heads_seeded(tiny):
     processor = ViTProcessor(BaseConfig(model_name=str(tiny["vit"]), num_classes=3, seed=7))
     pixels = processor(gray)["pixel_values"]
     assert pixels.shape == (2, 3, 32, 32)  # grayscale replicated to RGB, not an error
-    assert torch.equal(pixels, processor.image_processor(images=[g.convert("RGB") for g in gray], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        pixels, processor.image_processor(images=[g.convert("RGB") for g in gray], return_tensors="pt")["pixel_values"]
+    )
     vit_a, vit_b = processor.load_model(str(tiny["vit"])), processor.load_model(str(tiny["vit"]))
     assert tuple(vit_a.classifier.weight.shape) == (3, 32) and vit_a.config.num_labels == 3
     assert torch.equal(vit_a.classifier.weight, vit_b.classifier.weight)  # seeded by config.seed
@@ -114,13 +134,17 @@ def test_processors_convert_grayscale_and_replace_heads_seeded(tiny):
     model = resnet.load_model(str(tiny["resnet"]))
     assert isinstance(model.classifier[0], torch.nn.Flatten) and tuple(model.classifier[1].weight.shape) == (5, 16)
     assert model.config.id2label == dict(enumerate("vwxyz"))
-    kept = ViTProcessor(BaseConfig(model_name=str(tiny["vit"]))).load_model(str(tiny["vit"]))  # num_classes None: own head
+    kept = ViTProcessor(BaseConfig(model_name=str(tiny["vit"]))).load_model(
+        str(tiny["vit"])
+    )  # num_classes None: own head
     assert kept.config.num_labels == 2
 
 
 def test_image_size_a_model_cannot_take_is_a_clear_error(tiny):
     bigger = ViTProcessor(BaseConfig(model_name=str(tiny["vit"]), image_size=48))
-    with pytest.raises(ConfigError, match=r"the ViT takes 32x32 images .* image_size=48 gives 48x48; set image_size to 32 or null"):
+    with pytest.raises(
+        ConfigError, match=r"the ViT takes 32x32 images .* image_size=48 gives 48x48; set image_size to 32 or null"
+    ):
         bigger.load_model(str(tiny["vit"]))
     resnet = ResNetProcessor(BaseConfig(model_name=str(tiny["resnet"]), image_size=48, num_classes=3))
     model = resnet.load_model(str(tiny["resnet"]))  # ResNets pool adaptively: any size is resized to and taken
@@ -156,7 +180,9 @@ def test_num_classes_not_matching_the_labels_is_a_clear_error(tiny, tmp_path):
     import datasets
 
     processor = ViTProcessor(BaseConfig(model_name=str(tiny["vit"]), num_classes=5))
-    with pytest.raises(DatasetError, match=r"its 'label' ClassLabel has 3 classes but num_classes=5; set num_classes=3"):
+    with pytest.raises(
+        DatasetError, match=r"its 'label' ClassLabel has 3 classes but num_classes=5; set num_classes=3"
+    ):
         ImageClassificationDataModule(str(tiny["rgb"]), processor=processor).setup("fit")
     plain = datasets.load_from_disk(str(tiny["rgb"]))["train"]
     plain = plain.cast_column("label", datasets.Value("int64")).rename_column("label", "target")
@@ -191,12 +217,26 @@ def test_seed_example_trains_logs_checkpoints_and_round_trips(tiny, tmp_path):
     from fusion_bench.modelpool import HFImageClassificationModelPool
     from fusion_bench.taskpool import ImageClassificationTaskPool
 
-    config = BaseConfig(model_name=str(tiny["vit"]), num_classes=3, learning_rate=3e-3, batch_size=8, scheduler="cosine",
-                        warmup_steps=1, val_fraction=0.25, seed=0, checkpoint_dir=str(tmp_path / "ckpt"),
-                        early_stopping_patience=10, horizontal_flip=True)  # fmt: skip
+    config = BaseConfig(
+        model_name=str(tiny["vit"]),
+        num_classes=3,
+        learning_rate=3e-3,
+        batch_size=8,
+        scheduler="cosine",
+        warmup_steps=1,
+        val_fraction=0.25,
+        seed=0,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        early_stopping_patience=10,
+        horizontal_flip=True,
+    )
     processor = ViTProcessor(config)
-    module = ClassificationModule(model_ckpt=config.model_name, config=config, processor=processor,
-                                  metric_logger=ClassificationMetricLogger(config))  # fmt: skip
+    module = ClassificationModule(
+        model_ckpt=config.model_name,
+        config=config,
+        processor=processor,
+        metric_logger=ClassificationMetricLogger(config),
+    )
     datamodule = ImageClassificationDataModule(str(tiny["rgb"]), processor=processor)
     datamodule.setup("fit")
     assert (len(datamodule.splits["train"]), len(datamodule.splits["val"])) == (18, 6)  # 24 train images, 25% held out
@@ -213,7 +253,9 @@ def test_seed_example_trains_logs_checkpoints_and_round_trips(tiny, tmp_path):
     assert (tmp_path / "confusion_matrix" / "val_epoch003.png").is_file()
     best = callbacks[0].best_model_path
     assert best.startswith(str(tmp_path / "ckpt")) and (tmp_path / "ckpt" / "last.ckpt").is_file()
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine decayed to 0 at the end
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        0.0, abs=1e-12
+    )  # cosine decayed to 0 at the end
 
     tested = trainer.test(module, datamodule, verbose=False)[0]
     saved = module.save_pretrained(tmp_path / "vit_rgb")

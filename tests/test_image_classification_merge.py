@@ -35,7 +35,7 @@ def _taskpool(ex, arch: str, **options) -> ImageClassificationTaskPool:
         classification_heads={t: str(p) for t, p in ex.finetuned[arch].items()},
         train_datasets={t: {"path": str(p), "split": "train"} for t, p in ex.datasets.items()},
         **options,
-    )  # fmt: skip
+    )
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -81,8 +81,10 @@ def _oracle_report(ex, arch: str, backbone: dict[str, torch.Tensor], tmp_path) -
         pixels, labels = _pixels(ex, arch, task, "test")
         with torch.no_grad():
             logits = model(pixel_values=pixels).logits
-        report[task] = {"accuracy": (logits.argmax(-1) == labels).sum().item() / len(labels),
-                        "loss": F.cross_entropy(logits, labels).item()}  # fmt: skip
+        report[task] = {
+            "accuracy": (logits.argmax(-1) == labels).sum().item() / len(labels),
+            "loss": F.cross_entropy(logits, labels).item(),
+        }
     return report
 
 
@@ -98,12 +100,16 @@ def test_pool_merges_backbone_only_and_keeps_heads_apart(tiny_classification_exa
     key = "resnet.encoder.stages.1.layers.0.layer.1.convolution.weight"
     assert torch.equal(pool.get_tensor("textures", key), files["textures"][key])
     assert {k: tuple(v.shape) for k, v in pool.head_state_dict("textures").items()} == {
-        "classifier.1.weight": (5, 16), "classifier.1.bias": (5,)}  # fmt: skip
+        "classifier.1.weight": (5, 16),
+        "classifier.1.bias": (5,),
+    }
     assert [pool.num_classes(n) for n in ("_pretrained_", *TASKS)] == [8, 3, 5]
     with_stats = _pool(ex, "resnet", batchnorm_statistics="merge")
     extra = set(with_stats.keys("shapes")) - set(backbone)
     assert extra and all(k.endswith(("running_mean", "running_var")) for k in extra)  # never num_batches_tracked
-    with pytest.raises(IncompatibleModelsError, match=r"model 'shapes', tensor 'classifier\.1\.(bias|weight)': shape/dtype \(3"):
+    with pytest.raises(
+        IncompatibleModelsError, match=r"model 'shapes', tensor 'classifier\.1\.(bias|weight)': shape/dtype \(3"
+    ):
         TaskArithmeticAlgorithm().run(_pool(ex, "resnet", heads="merge"))  # heads of 8/3/5 classes are never averaged
     with pytest.raises(ConfigError, match=r"option 'heads' must be one of 'exclude', 'merge'; got 'average'"):
         _pool(ex, "vit", heads="average")
@@ -113,10 +119,14 @@ def test_bare_base_model_checkpoint_has_the_classifier_layout(tiny_classificatio
     from transformers import ViTModel
 
     ex = tiny_classification_example
-    ViTModel.from_pretrained(str(ex.pretrained["vit"])).save_pretrained(str(tmp_path / "bare"))  # keys without 'vit.', + pooler
+    ViTModel.from_pretrained(str(ex.pretrained["vit"])).save_pretrained(
+        str(tmp_path / "bare")
+    )  # keys without 'vit.', + pooler
     raw = _weights(tmp_path / "bare")
     assert any(k.startswith("pooler.") for k in raw) and not any(k.startswith("vit.") for k in raw)
-    pool = HFImageClassificationModelPool({"_pretrained_": str(tmp_path / "bare"), "shapes": str(ex.finetuned["vit"]["shapes"])})
+    pool = HFImageClassificationModelPool(
+        {"_pretrained_": str(tmp_path / "bare"), "shapes": str(ex.finetuned["vit"]["shapes"])}
+    )
     assert sorted(pool.keys("_pretrained_")) == sorted(pool.keys("shapes"))
     key = "vit.encoder.layer.1.attention.attention.query.weight"
     assert torch.equal(pool.get_tensor("_pretrained_", key), _weights(ex.pretrained["vit"])[key])
@@ -130,7 +140,10 @@ def _bn_inputs(model, batches) -> list[list[torch.Tensor]]:
     model = copy.deepcopy(model).eval()
     layers = [m for _, m in batchnorm_layers(model)]
     seen: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].detach().double())) for i, m in enumerate(layers)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].detach().double()))
+        for i, m in enumerate(layers)
+    ]
     for m in layers:
         m.train()
     with torch.no_grad():
@@ -146,7 +159,9 @@ def test_batchnorm_recompute_gives_the_statistics_of_the_data_through_the_merged
     merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(_pool(ex, "resnet"))
     base = _weights(ex.pretrained["resnet"])
     stats_key = "resnet.embedder.embedder.normalization.running_var"
-    assert torch.equal(checkpoint_layout_state_dict(merged)[stats_key], base[stats_key])  # excluded: the buffer's (θ0's)
+    assert torch.equal(
+        checkpoint_layout_state_dict(merged)[stats_key], base[stats_key]
+    )  # excluded: the buffer's (θ0's)
     pixels = torch.cat([_pixels(ex, "resnet", t, "train")[0] for t in TASKS])  # (64, 3, 32, 32)
 
     for batches in ([pixels], [pixels[:32], pixels[32:]]):
@@ -162,7 +177,9 @@ def test_batchnorm_recompute_gives_the_statistics_of_the_data_through_the_merged
     first = batchnorm_layers(model)[0][1]
     assert not torch.allclose(first.running_var, base["resnet.embedder.embedder.normalization.running_var"], rtol=0.05)
     naive = TaskArithmeticAlgorithm(scaling_factor=0.3).run(_pool(ex, "resnet", batchnorm_statistics="merge"))
-    assert not torch.allclose(checkpoint_layout_state_dict(naive)[stats_key], first.running_var, rtol=0.05)  # averaging stats is not the data's
+    assert not torch.allclose(
+        checkpoint_layout_state_dict(naive)[stats_key], first.running_var, rtol=0.05
+    )  # averaging stats is not the data's
 
 
 def test_taskpool_batchnorm_modes(tiny_classification_example):
@@ -183,8 +200,12 @@ def test_taskpool_batchnorm_modes(tiny_classification_example):
     test_pixels, labels = _pixels(ex, "resnet", "textures", "test")
     with torch.no_grad():
         logits = model.eval()(pixel_values=test_pixels).logits
-    assert reports["recompute_per_task"]["textures"]["accuracy"] == pytest.approx((logits.argmax(-1) == labels).sum().item() / len(labels))
-    assert reports["recompute_per_task"]["textures"]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert reports["recompute_per_task"]["textures"]["accuracy"] == pytest.approx(
+        (logits.argmax(-1) == labels).sum().item() / len(labels)
+    )
+    assert reports["recompute_per_task"]["textures"]["loss"] == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-5
+    )
     for mode, report in reports.items():
         assert report["average"]["accuracy"] == pytest.approx(sum(report[t]["accuracy"] for t in TASKS) / 2), mode
 
@@ -194,16 +215,25 @@ def test_taskpool_bad_input_is_a_clear_error(tiny_classification_example, tiny_e
 
     ex = tiny_classification_example
     with pytest.raises(ConfigError, match=r"no classification_heads entry for task\(s\) \['textures'\]"):
-        ImageClassificationTaskPool({t: str(p) for t, p in ex.datasets.items()}, classification_heads={"shapes": str(ex.finetuned["vit"]["shapes"])})
+        ImageClassificationTaskPool(
+            {t: str(p) for t, p in ex.datasets.items()},
+            classification_heads={"shapes": str(ex.finetuned["vit"]["shapes"])},
+        )
     taskpool = _taskpool(ex, "vit")
-    with pytest.raises(ModelLoadError, match=r"the model to evaluate is a CLIPVisionModel, not a supported image classifier"):
+    with pytest.raises(
+        ModelLoadError, match=r"the model to evaluate is a CLIPVisionModel, not a supported image classifier"
+    ):
         taskpool.evaluate(CLIPVisionModel.from_pretrained(str(tiny_example.finetuned["mnist"])))
-    swapped = ImageClassificationTaskPool({"textures": {"path": str(ex.datasets["textures"]), "split": "test"}},
-                                          classification_heads={"textures": str(ex.finetuned["vit"]["shapes"])})  # fmt: skip
+    swapped = ImageClassificationTaskPool(
+        {"textures": {"path": str(ex.datasets["textures"]), "split": "test"}},
+        classification_heads={"textures": str(ex.finetuned["vit"]["shapes"])},
+    )
     with pytest.raises(DatasetError, match=r"test dataset 'textures' has 5 classes but its classification head has 3"):
         swapped.evaluate(_pool(ex, "vit").load_model("_pretrained_"))
-    no_train = ImageClassificationTaskPool({"shapes": {"path": str(ex.datasets["shapes"]), "split": "test"}},
-                                           classification_heads={"shapes": str(ex.finetuned["resnet"]["shapes"])})  # fmt: skip
+    no_train = ImageClassificationTaskPool(
+        {"shapes": {"path": str(ex.datasets["shapes"]), "split": "test"}},
+        classification_heads={"shapes": str(ex.finetuned["resnet"]["shapes"])},
+    )
     with pytest.raises(ConfigError, match=r"batchnorm='recompute_per_task' needs a train dataset for task 'shapes'"):
         no_train.evaluate(_pool(ex, "resnet").load_model("_pretrained_"))
 
@@ -214,9 +244,16 @@ def test_taskpool_bad_input_is_a_clear_error(tiny_classification_example, tiny_e
 def test_cli_task_arithmetic_on_two_fine_tuned_vits_reports_each_task(tiny_classification_example, tmp_path):
     ex = tiny_classification_example
     report_path, merged_path = tmp_path / "report.json", tmp_path / "merged"
-    proc = run_cli(["method=task_arithmetic", "modelpool=HFImageClassificationModelPool/tiny-vit_example",
-                    "taskpool=ImageClassificationTaskPool/tiny-vit_example", f"report_save_path={report_path}",
-                    f"merged_model_save_path={merged_path}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=task_arithmetic",
+            "modelpool=HFImageClassificationModelPool/tiny-vit_example",
+            "taskpool=ImageClassificationTaskPool/tiny-vit_example",
+            f"report_save_path={report_path}",
+            f"merged_model_save_path={merged_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     oracle = _oracle_task_arithmetic(ex, "vit")
@@ -230,26 +267,45 @@ def test_cli_task_arithmetic_on_two_fine_tuned_vits_reports_each_task(tiny_class
     for task in TASKS:
         assert report[task]["accuracy"] == pytest.approx(expected[task]["accuracy"], abs=1e-9)
         assert report[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-5)
-    assert report["average"]["accuracy"] == pytest.approx((expected["shapes"]["accuracy"] + expected["textures"]["accuracy"]) / 2)
-    assert report["meta"]["batchnorm"] == "none in model" and report["meta"]["num_samples"] == {"shapes": 12, "textures": 20}
+    assert report["average"]["accuracy"] == pytest.approx(
+        (expected["shapes"]["accuracy"] + expected["textures"]["accuracy"]) / 2
+    )
+    assert report["meta"]["batchnorm"] == "none in model" and report["meta"]["num_samples"] == {
+        "shapes": 12,
+        "textures": 20,
+    }
 
 
 def test_cli_finetune_saves_a_checkpoint_the_pool_loads_with_the_same_metrics(tiny_classification_example, tmp_path):
     ex = tiny_classification_example
     report_path, saved = tmp_path / "report.json", tmp_path / "resnet_textures"
-    proc = run_cli(["method=image_classification_finetune", "modelpool=HFImageClassificationModelPool/tiny-resnet_example",
-                    "method.task=textures", "method.max_epochs=2", "method.config.batch_size=8", "method.config.learning_rate=0.003",
-                    f"method.save_path={saved}", "taskpool=dummy", f"report_save_path={report_path}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=image_classification_finetune",
+            "modelpool=HFImageClassificationModelPool/tiny-resnet_example",
+            "method.task=textures",
+            "method.max_epochs=2",
+            "method.config.batch_size=8",
+            "method.config.learning_rate=0.003",
+            f"method.save_path={saved}",
+            "taskpool=dummy",
+            f"report_save_path={report_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(report_path.read_text())["image_classification_finetune"]
-    assert summary["task"] == "textures" and summary["epochs"] == 2 and summary["steps"] == 2 * 5  # 36 train images, batches of 8
+    assert (
+        summary["task"] == "textures" and summary["epochs"] == 2 and summary["steps"] == 2 * 5
+    )  # 36 train images, batches of 8
     assert set(summary["test"]) == {"loss", "accuracy", "f1", "precision", "recall"} and "val" in summary
     pool = HFImageClassificationModelPool({"_pretrained_": str(saved)})
     assert pool.num_classes("_pretrained_") == 5
     model = pool.load_model("_pretrained_")
     assert model.config.id2label == dict(enumerate(ex.tasks["textures"]))
-    taskpool = ImageClassificationTaskPool({"textures": {"path": str(ex.datasets["textures"]), "split": "test"}},
-                                           processor=str(saved), batchnorm="keep")  # fmt: skip
+    taskpool = ImageClassificationTaskPool(
+        {"textures": {"path": str(ex.datasets["textures"]), "split": "test"}}, processor=str(saved), batchnorm="keep"
+    )
     report = taskpool.evaluate(model)
     assert report["textures"]["accuracy"] == pytest.approx(summary["test"]["accuracy"], abs=1e-7)
     assert report["textures"]["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
@@ -259,10 +315,19 @@ def test_finetune_method_returns_the_best_checkpoint(tiny_classification_example
     from fusion_bench.method import ImageClassificationFinetuneAlgorithm
 
     ex = tiny_classification_example
-    pool = HFImageClassificationModelPool({"_pretrained_": str(ex.pretrained["resnet"])},
-                                          train_datasets={"textures": {"path": str(ex.datasets["textures"]), "split": "train"}})  # fmt: skip
-    config = {"batch_size": 8, "learning_rate": 3e-3, "val_fraction": 0.2, "checkpoint_dir": str(tmp_path / "ckpt"),
-              "monitor": "val/accuracy", "monitor_mode": "max", "early_stopping_patience": 1}  # fmt: skip
+    pool = HFImageClassificationModelPool(
+        {"_pretrained_": str(ex.pretrained["resnet"])},
+        train_datasets={"textures": {"path": str(ex.datasets["textures"]), "split": "train"}},
+    )
+    config = {
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "val_fraction": 0.2,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "monitor": "val/accuracy",
+        "monitor_mode": "max",
+        "early_stopping_patience": 1,
+    }
     method = ImageClassificationFinetuneAlgorithm(max_epochs=3, config=config)  # the pool's only task
     model = method.run(pool)
     best = torch.load(method.summary["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]

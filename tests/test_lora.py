@@ -36,8 +36,9 @@ def _make_adapter(base_dir, out, *, seed, kind="lora", r=4, alpha=8.0):
     """An adapter with random A and B (a trained one's shape) saved the way clip_finetune saves it."""
     base = CLIPVisionModel.from_pretrained(base_dir)
     base_weights = _targets(vision_state_dict(base))
-    model = new_lora_vision_model(base, r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.1,
-                                  linearized=kind == "l_lora", seed=seed)  # fmt: skip
+    model = new_lora_vision_model(
+        base, r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.1, linearized=kind == "l_lora", seed=seed
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -90,9 +91,22 @@ def test_linearized_module_is_the_first_order_taylor_expansion():
 
 def test_l_lora_layer_equals_its_weight_space_fold():
     torch.manual_seed(0)
-    model = new_lora_vision_model(CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, image_size=8, patch_size=4)), r=2, lora_alpha=3.0,
-                                  target_modules=["q_proj"], lora_dropout=0.0)  # fmt: skip
+    model = new_lora_vision_model(
+        CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=8,
+                intermediate_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=8,
+                patch_size=4,
+            )
+        ),
+        r=2,
+        lora_alpha=3.0,
+        target_modules=["q_proj"],
+        lora_dropout=0.0,
+    )
     layer = model.base_model.model.encoder.layers[0].self_attn.q_proj
     w0, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach()
     a0, b0 = torch.randn(2, 8), torch.randn(8, 2)  # a general point (B0 != 0)
@@ -111,7 +125,9 @@ def test_pool_folds_adapters_per_tensor_like_peft_merge(adapters):
     base_dir, folders = adapters
     pool = CLIPVisionLoRAModelPool({"_pretrained_": str(base_dir), **{t: str(p) for t, p in folders.items()}})
     assert pool.is_adapter("a") and not pool.is_adapter("_pretrained_")
-    merged = vision_state_dict(load_lora_vision_model_hf(str(base_dir), folders["a"], merge_and_unload=True))  # peft's fold
+    merged = vision_state_dict(
+        load_lora_vision_model_hf(str(base_dir), folders["a"], merge_and_unload=True)
+    )  # peft's fold
     base = vision_state_dict(CLIPVisionModel.from_pretrained(base_dir))
     assert sorted(pool.keys("a")) == sorted(base)
     for key in pool.keys("a"):
@@ -123,12 +139,18 @@ def test_pool_folds_adapters_per_tensor_like_peft_merge(adapters):
     peft_model = PeftModel.from_pretrained(CLIPVisionModel.from_pretrained(base_dir), str(folders["a"])).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(peft_model(pixel_values=pixels).pooler_output, pool.load_model("a")(pixel_values=pixels).pooler_output, atol=1e-5)
+        assert torch.allclose(
+            peft_model(pixel_values=pixels).pooler_output,
+            pool.load_model("a")(pixel_values=pixels).pooler_output,
+            atol=1e-5,
+        )
 
 
 def test_task_arithmetic_merges_the_adapters_deltas(adapters):
     base_dir, folders = adapters
-    pool = CLIPVisionLoRAModelPool({"_pretrained_": str(base_dir), **{t: {"adapter": str(p)} for t, p in folders.items()}})
+    pool = CLIPVisionLoRAModelPool(
+        {"_pretrained_": str(base_dir), **{t: {"adapter": str(p)} for t, p in folders.items()}}
+    )
     merged = vision_state_dict(stream_merge(pool, lambda k, b, ts: task_arithmetic_tensor(b, ts, scaling_factor=0.3)))
     base = vision_state_dict(CLIPVisionModel.from_pretrained(base_dir))
     expected = dict(base)
@@ -142,14 +164,28 @@ def test_task_arithmetic_merges_the_adapters_deltas(adapters):
 def test_adapter_for_another_base_is_refused(adapters, tiny_example, tmp_path):
     base_dir, folders = adapters
     other = tmp_path / "wide"
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=32, patch_size=8)).save_pretrained(other)  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(other)
     pool = CLIPVisionLoRAModelPool({"x": {"adapter": str(folders["a"]), "base": str(other)}})
-    with pytest.raises(IncompatibleModelsError, match=r"model 'x': adapter .* changes 'encoder.layers.0.self_attn.q_proj.weight' by a \(32, 32\) update but base .*wide' has shape \(16, 16\): it is an adapter for another base model \(it was trained on .*clip-tiny_mnist'\)"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"model 'x': adapter .* changes 'encoder.layers.0.self_attn.q_proj.weight' by a \(32, 32\) update but base .*wide' has shape \(16, 16\): it is an adapter for another base model \(it was trained on .*clip-tiny_mnist'\)",
+    ):
         pool.load_model("x")
     same_shape = tiny_example.finetuned["eurosat"]  # same architecture, other weights: the fingerprint tells
     pool = CLIPVisionLoRAModelPool({"x": {"adapter": str(folders["a"]), "base": str(same_shape)}})
-    with pytest.raises(IncompatibleModelsError, match=r"model 'x': adapter .* was trained on other base weights than base .*clip-tiny_eurosat'"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"model 'x': adapter .* was trained on other base weights than base .*clip-tiny_eurosat'",
+    ):
         pool.keys("x")
     with pytest.raises(IncompatibleModelsError, match=r"was trained on other base weights"):
         load_lora_vision_model_hf(str(same_shape), folders["a"])
@@ -157,11 +193,16 @@ def test_adapter_for_another_base_is_refused(adapters, tiny_example, tmp_path):
 
 def test_adapter_entry_errors(adapters, tmp_path):
     base_dir, folders = adapters
-    with pytest.raises(ModelPoolError, match=r"model 'x': an adapter entry accepts \['adapter', 'base', 'kind'\]; got unknown keys \['rank'\]"):
+    with pytest.raises(
+        ModelPoolError,
+        match=r"model 'x': an adapter entry accepts \['adapter', 'base', 'kind'\]; got unknown keys \['rank'\]",
+    ):
         CLIPVisionLoRAModelPool({"x": {"adapter": str(folders["a"]), "rank": 4}})
     with pytest.raises(ModelPoolError, match=r"model 'x': unknown adapter kind 'dora'"):
         CLIPVisionLoRAModelPool({"x": {"adapter": str(folders["a"]), "kind": "dora"}})
-    with pytest.raises(ModelLoadError, match=r"model 'x': '.*' is not a peft adapter folder \(no adapter_config.json\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'x': '.*' is not a peft adapter folder \(no adapter_config.json\)"
+    ):
         CLIPVisionLoRAModelPool({"x": {"adapter": str(base_dir)}})
 
 
@@ -170,9 +211,17 @@ def test_adapter_entry_errors(adapters, tmp_path):
 def test_clip_finetune_lora_variants_train_save_and_reload(tiny_example, tmp_path, variant):
     train = {"mnist": {"path": str(tiny_example.datasets["mnist"]), "split": "train"}}
     pool = CLIPVisionModelPool({"_pretrained_": str(tiny_example.base_model)}, train_datasets=train)
-    method = CLIPFinetuneAlgorithm(task="mnist", learning_rate=3e-2, num_steps=20, batch_size=20, seed=0, save_path=str(tmp_path / "ad"),
-                                   use_lora=variant == "lora", use_l_lora=variant == "l_lora",
-                                   lora_config={"r": 4, "lora_alpha": 8})  # fmt: skip
+    method = CLIPFinetuneAlgorithm(
+        task="mnist",
+        learning_rate=3e-2,
+        num_steps=20,
+        batch_size=20,
+        seed=0,
+        save_path=str(tmp_path / "ad"),
+        use_lora=variant == "lora",
+        use_l_lora=variant == "l_lora",
+        lora_config={"r": 4, "lora_alpha": 8},
+    )
     folded = method.run(pool)
     report = method.extra_report()["clip_finetune"]
     assert report["variant"] == variant and report["loss_last"] < report["loss_first"]
@@ -198,7 +247,9 @@ def test_clip_finetune_lora_variants_train_save_and_reload(tiny_example, tmp_pat
     unfolded = reloaded.load_adapter_model("mnist").eval()  # peft / linearised model: same function
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(unfolded(pixel_values=pixels).pooler_output, folded(pixel_values=pixels).pooler_output, atol=1e-5)
+        assert torch.allclose(
+            unfolded(pixel_values=pixels).pooler_output, folded(pixel_values=pixels).pooler_output, atol=1e-5
+        )
     if variant == "l_lora":
         assert any(isinstance(m, LinearizedModule) for m in unfolded.modules())
         l_lora = load_l_lora_vision_model_hf(str(tiny_example.base_model), tmp_path / "ad", merge_and_unload=True)
@@ -206,7 +257,10 @@ def test_clip_finetune_lora_variants_train_save_and_reload(tiny_example, tmp_pat
 
 
 def test_clip_finetune_lora_options_are_checked():
-    with pytest.raises(ConfigError, match=r"clip_finetune: unknown lora_config key\(s\) \['rank'\]; valid: r, lora_alpha, target_modules, lora_dropout"):
+    with pytest.raises(
+        ConfigError,
+        match=r"clip_finetune: unknown lora_config key\(s\) \['rank'\]; valid: r, lora_alpha, target_modules, lora_dropout",
+    ):
         CLIPFinetuneAlgorithm(use_lora=True, lora_config={"rank": 4})
     with pytest.raises(ConfigError, match=r"option 'lora_config.target_modules' must be a non-empty list"):
         CLIPFinetuneAlgorithm(use_lora=True, lora_config={"target_modules": "q_proj"})
@@ -221,5 +275,7 @@ def test_copied_adapter_folder_without_metadata_is_plain_peft(adapters, tmp_path
     (plain / "fusion_bench_adapter.json").unlink()  # a peft adapter from elsewhere: no fingerprint, kind lora
     pool = CLIPVisionLoRAModelPool({"x": str(plain)})
     assert pool.adapter("x").kind == "lora" and pool.adapter("x").base_fingerprint is None
-    assert all(torch.equal(pool.get_tensor("x", k), CLIPVisionLoRAModelPool({"y": str(folders["b"])}).get_tensor("y", k))
-               for k in pool.keys("x"))  # fmt: skip
+    assert all(
+        torch.equal(pool.get_tensor("x", k), CLIPVisionLoRAModelPool({"y": str(folders["b"])}).get_tensor("y", k))
+        for k in pool.keys("x")
+    )

@@ -80,13 +80,18 @@ def test_streamed_equals_in_memory_core(clip_pool, algorithm, core):
 
 def test_shape_mismatch_names_model_and_tensor():
     pool = BaseModelPool({"_pretrained_": BASE, "a": A, "wide": nn.Linear(4, 3)})
-    with pytest.raises(IncompatibleModelsError, match=r"model 'wide', tensor 'weight': shape/dtype \(3, 4\)/torch.float32 differs from model '_pretrained_': \(3, 3\)/torch.float32"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"model 'wide', tensor 'weight': shape/dtype \(3, 4\)/torch.float32 differs from model '_pretrained_': \(3, 3\)/torch.float32",
+    ):
         TaskArithmeticAlgorithm().run(pool)
 
 
 def test_missing_key_names_model():
     pool = BaseModelPool({"_pretrained_": BASE, "a": A, "nobias": nn.Linear(3, 3, bias=False)})
-    with pytest.raises(IncompatibleModelsError, match=r"model 'nobias' lacks tensor\(s\) \['bias'\] that the other models have"):
+    with pytest.raises(
+        IncompatibleModelsError, match=r"model 'nobias' lacks tensor\(s\) \['bias'\] that the other models have"
+    ):
         TaskArithmeticAlgorithm().run(pool)
 
 
@@ -94,7 +99,10 @@ def test_unexpected_key_in_the_base_model_names_the_base_model():
     extra = nn.Linear(3, 3)
     extra.register_buffer("stray", torch.zeros(1))
     pool = BaseModelPool({"_pretrained_": extra, "a": A, "b": linear([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 0])})
-    with pytest.raises(IncompatibleModelsError, match=r"^model '_pretrained_' has unexpected tensor\(s\) \['stray'\] that the other models lack$"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"^model '_pretrained_' has unexpected tensor\(s\) \['stray'\] that the other models lack$",
+    ):
         TaskArithmeticAlgorithm().run(pool)
 
 

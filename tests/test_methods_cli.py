@@ -16,10 +16,25 @@ from fusion_bench.models.hf_clip import vision_state_dict
 from fusion_bench.program import FabricModelFusionProgram
 from fusion_bench.scripts.cli import CONFIG_DIR
 
-DATA_FREE = ["simple_average", "weighted_average", "task_arithmetic", "ties_merging", "dare/task_arithmetic",
-             "dare/ties_merging", "model_breadcrumbs", "consensus/ta_consensus", "consensus/ties_consensus",
-             "tsv_merging", "iso_c", "iso_cts", "wudi_merging", "lines", "pcb_merging", "model_stock",
-             "task_vector_cos_similarity"]  # fmt: skip
+DATA_FREE = [
+    "simple_average",
+    "weighted_average",
+    "task_arithmetic",
+    "ties_merging",
+    "dare/task_arithmetic",
+    "dare/ties_merging",
+    "model_breadcrumbs",
+    "consensus/ta_consensus",
+    "consensus/ties_consensus",
+    "tsv_merging",
+    "iso_c",
+    "iso_cts",
+    "wudi_merging",
+    "lines",
+    "pcb_merging",
+    "model_stock",
+    "task_vector_cos_similarity",
+]
 POOL = "modelpool=CLIPVisionModelPool/tiny-clip_example_model_only"
 
 
@@ -35,8 +50,10 @@ def run_program(overrides: list[str]) -> tuple[dict, torch.nn.Module]:
 
 @pytest.mark.parametrize("method", DATA_FREE)
 def test_every_data_free_method_runs_through_the_program(tiny_example, tmp_path, method, capsys):
-    extra = {"task_vector_cos_similarity": [f"method.save_to_csv={tmp_path / 'cos.csv'}"],
-             "wudi_merging": ["method.steps=10"]}.get(method, [])  # fmt: skip
+    extra = {
+        "task_vector_cos_similarity": [f"method.save_to_csv={tmp_path / 'cos.csv'}"],
+        "wudi_merging": ["method.steps=10"],
+    }.get(method, [])
     report, model = run_program([f"method={method}", POOL, "taskpool=dummy", *extra])
     base = vision_state_dict(CLIPVisionModelPool({"b": str(tiny_example.base_model)}).load_model("b"))
     merged = vision_state_dict(model)
@@ -49,15 +66,28 @@ def test_every_data_free_method_runs_through_the_program(tiny_example, tmp_path,
 
 def test_cli_saves_the_merged_model_atomically_with_processor_and_card(tiny_example, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli(["method=ties_merging", "method.scaling_factor=0.3", "method.threshold=20", POOL, "taskpool=dummy",
-                    f"merged_model_save_path={out}", f"report_save_path={tmp_path / 'r.json'}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=ties_merging",
+            "method.scaling_factor=0.3",
+            "method.threshold=20",
+            POOL,
+            "taskpool=dummy",
+            f"merged_model_save_path={out}",
+            f"report_save_path={tmp_path / 'r.json'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
     assert "TiesMergingAlgorithm(scaling_factor=0.3" in (out / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     saved = vision_state_dict(CLIPVisionModelPool({"m": str(out)}).load_model("m"))
-    pool = CLIPVisionModelPool({"_pretrained_": str(tiny_example.base_model),
-                                **{t: str(p) for t, p in tiny_example.finetuned.items()}})  # fmt: skip
+    pool = CLIPVisionModelPool(
+        {"_pretrained_": str(tiny_example.base_model), **{t: str(p) for t, p in tiny_example.finetuned.items()}}
+    )
     expected = vision_state_dict(TiesMergingAlgorithm(scaling_factor=0.3, threshold=20).run(pool))
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
     assert json.loads((tmp_path / "r.json").read_text())["model_info"]["all_params"] > 0
@@ -65,8 +95,17 @@ def test_cli_saves_the_merged_model_atomically_with_processor_and_card(tiny_exam
 
 def test_bad_method_option_is_one_line_error_and_nothing_is_written(tiny_example, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli(["method=ties_merging", "method.threshold=0", POOL, "taskpool=dummy", f"merged_model_save_path={out}",
-                    f"report_save_path={tmp_path / 'r.json'}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=ties_merging",
+            "method.threshold=0",
+            POOL,
+            "taskpool=dummy",
+            f"merged_model_save_path={out}",
+            f"report_save_path={tmp_path / 'r.json'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "fusion_bench: error: ties_merging: option 'threshold' must be in (0, 100] (percent of each task vector's "

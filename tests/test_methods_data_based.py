@@ -13,7 +13,11 @@ from conftest import run_cli
 from torch import nn
 
 from fusion_bench.errors import ConfigError, DatasetError
-from fusion_bench.method import FisherMergingForCLIPVisionModel, RegMeanAlgorithmForCLIP, RegMeanAlgorithmForCLIPPlusPlus
+from fusion_bench.method import (
+    FisherMergingForCLIPVisionModel,
+    RegMeanAlgorithmForCLIP,
+    RegMeanAlgorithmForCLIPPlusPlus,
+)
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.method.data.base import first_examples
 from fusion_bench.method.data.fisher_merging import fisher_weighted_average
@@ -75,8 +79,12 @@ def test_diagonal_fisher_closed_form_one_layer(estimator, oracle):
     layer = seeded_linear(0)
     rng = np.random.default_rng(1)
     batches = [rng.normal(size=(4, 3)), rng.normal(size=(2, 3))]  # a short last batch: F /= 6, not 8
-    fisher, n = diagonal_fisher(layer, [torch.tensor(x, dtype=torch.float32) for x in batches],
-                                dict(layer.named_parameters()), estimator=estimator)  # fmt: skip
+    fisher, n = diagonal_fisher(
+        layer,
+        [torch.tensor(x, dtype=torch.float32) for x in batches],
+        dict(layer.named_parameters()),
+        estimator=estimator,
+    )
     FW, Fb = oracle(*np_params(layer), batches)
     assert n == 6
     np.testing.assert_allclose(fisher["weight"].numpy(), FW, rtol=1e-5, atol=1e-8)
@@ -91,10 +99,16 @@ def test_fisher_merge_closed_form_one_layer(normalize):
     eps, rng = 1e-6, np.random.default_rng(2)
     layers = [seeded_linear(s) for s in (3, 4, 5)]
     data = [[rng.normal(scale=1 + i, size=(5, 3))] for i in range(3)]
-    fishers = [diagonal_fisher(m, [torch.tensor(x[0], dtype=torch.float32)], dict(m.named_parameters()))[0]
-               for m, x in zip(layers, data)]
-    merged = fisher_weighted_average([{k: v.detach() for k, v in m.state_dict().items()} for m in layers], fishers,
-                                     normalize_fisher_weight=normalize, minimal_fisher_weight=eps)  # fmt: skip
+    fishers = [
+        diagonal_fisher(m, [torch.tensor(x[0], dtype=torch.float32)], dict(m.named_parameters()))[0]
+        for m, x in zip(layers, data)
+    ]
+    merged = fisher_weighted_average(
+        [{k: v.detach() for k, v in m.state_dict().items()} for m in layers],
+        fishers,
+        normalize_fisher_weight=normalize,
+        minimal_fisher_weight=eps,
+    )
     np_f = [np_fisher_batch(*np_params(m), x) for m, x in zip(layers, data)]
     norms = np.array([np.sqrt((fw**2).sum() + (fb**2).sum()) for fw, fb in np_f])
     c = (1 / (norms + eps)) / (1 / (norms + eps)).sum() if normalize else np.full(3, 1 / 3)
@@ -129,7 +143,9 @@ def test_regmean_closed_form_one_layer(ratio):
     layers = [seeded_linear(s, 3, 2) for s in (6, 7, 8)]
     data = [[rng.normal(size=(2, 5, 3)), rng.normal(size=(1, 5, 3)) * (i + 1)] for i in range(3)]  # tokens of samples
     grams = [{"weight": grams_of(m, x)} for m, x in zip(layers, data)]
-    merged = regmean([{k: v.detach() for k, v in m.state_dict().items()} for m in layers], grams, reduce_non_diagonal_ratio=ratio)
+    merged = regmean(
+        [{k: v.detach() for k, v in m.state_dict().items()} for m in layers], grams, reduce_non_diagonal_ratio=ratio
+    )
     xs = [np.concatenate([b.reshape(-1, 3) for b in x]) for x in data]  # (15, 3) rows each
     ws = [np_params(m)[0] for m in layers]
     if ratio == 1.0:
@@ -160,9 +176,10 @@ def test_first_examples_in_order_or_seeded():
 # ---- the tiny CLIP pool: independent re-computations -----------------------------------------------
 def tiny_pool(ex, *, models=TASKS, train=TASKS) -> CLIPVisionModelPool:
     return CLIPVisionModelPool(
-        {"_pretrained_": str(ex.base_model), **{t: str(ex.finetuned[t]) for t in models}}, processor=str(ex.base_model),
+        {"_pretrained_": str(ex.base_model), **{t: str(ex.finetuned[t]) for t in models}},
+        processor=str(ex.base_model),
         train_datasets={t: {"path": str(ex.datasets[t]), "split": "train"} for t in train},
-    )  # fmt: skip
+    )
 
 
 def task_images(pool, task, batch_size):
@@ -174,7 +191,12 @@ def squared_grads(classifier, params, x, per_example: bool):
     """Yield ``(weight, grads)``: the reference's one batch objective, or each image's classes (weight p_c)."""
     if not per_example:
         logits = classifier(x)
-        yield 1.0, torch.autograd.grad((torch.softmax(logits, -1).detach().sqrt() * torch.log_softmax(logits, -1)).sum(), params)
+        yield (
+            1.0,
+            torch.autograd.grad(
+                (torch.softmax(logits, -1).detach().sqrt() * torch.log_softmax(logits, -1)).sum(), params
+            ),
+        )
         return
     for image in x:
         log_p = torch.log_softmax(classifier(image[None]), -1)[0]
@@ -182,8 +204,9 @@ def squared_grads(classifier, params, x, per_example: bool):
             yield log_p[c].exp().item(), torch.autograd.grad(log_p[c], params, retain_graph=True)
 
 
-def oracle_fisher_merge(pool, batch_size: int, eps: float = 1e-6, limit: int | None = None,
-                        per_example: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def oracle_fisher_merge(
+    pool, batch_size: int, eps: float = 1e-6, limit: int | None = None, per_example: bool = False
+) -> dict[str, np.ndarray]:
     """Each model's Fisher by hand (autograd per batch or per image and class), the merge in float64 numpy."""
     thetas, fishers = [], []
     for task in TASKS:
@@ -201,8 +224,11 @@ def oracle_fisher_merge(pool, batch_size: int, eps: float = 1e-6, limit: int | N
         thetas.append({k: p.detach().double().numpy() for k, p in params.items()})
     norms = np.array([np.sqrt(sum((f**2).sum() for f in fi.values())) for fi in fishers])
     c = (1 / (norms + eps)) / (1 / (norms + eps)).sum()
-    return {k: sum(ci * (f[k] + eps) * t[k] for ci, f, t in zip(c, fishers, thetas))
-               / sum(ci * (f[k] + eps) for ci, f in zip(c, fishers)) for k in thetas[0]}  # fmt: skip
+    return {
+        k: sum(ci * (f[k] + eps) * t[k] for ci, f, t in zip(c, fishers, thetas))
+        / sum(ci * (f[k] + eps) for ci, f in zip(c, fishers))
+        for k in thetas[0]
+    }
 
 
 def oracle_grams(module_inputs: dict[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -214,8 +240,11 @@ def oracle_grams(module_inputs: dict[str, list[torch.Tensor]]) -> dict[str, np.n
 def capture_linear_inputs(module: nn.Module, run) -> dict[str, list[torch.Tensor]]:
     """Every nn.Linear's inputs (by ``name.weight``) while ``run()`` runs, via forward pre-hooks."""
     seen: dict[str, list[torch.Tensor]] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, k=f"{n}.weight": seen.setdefault(k, []).append(args[0].detach()))
-               for n, m in module.named_modules() if isinstance(m, nn.Linear)]  # fmt: skip
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, k=f"{n}.weight": seen.setdefault(k, []).append(args[0].detach()))
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     with torch.no_grad():
         run()
     for h in handles:
@@ -240,8 +269,12 @@ def oracle_regmean(pool) -> dict[str, np.ndarray]:
         _, batches = task_images(pool, task, 32)
         grams[task] = oracle_grams(capture_linear_inputs(model, lambda: [model(pixel_values=x) for x in batches]))
     states = {t: {k: v.double().numpy() for k, v in vision_state_dict(m).items()} for t, m in models.items()}
-    return {k: np_regmean_solve([grams[t][k] for t in TASKS], [states[t][k] for t in TASKS]) if k in grams["mnist"]
-               else np.mean([states[t][k] for t in TASKS], axis=0) for k in states["mnist"]}  # fmt: skip
+    return {
+        k: np_regmean_solve([grams[t][k] for t in TASKS], [states[t][k] for t in TASKS])
+        if k in grams["mnist"]
+        else np.mean([states[t][k] for t in TASKS], axis=0)
+        for k in states["mnist"]
+    }
 
 
 def assert_state_close(model: nn.Module, expected: dict[str, np.ndarray], rtol=1e-5, atol=1e-6) -> None:
@@ -259,8 +292,16 @@ def saved_model(path):
 
 def test_cli_fisher_merging_matches_independent_fisher(tiny_example, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli(["method=fisher_merging/clip_fisher_merging", "method.dataloader_kwargs.batch_size=8", *TINY,
-                    f"merged_model_save_path={out}", f"report_save_path={tmp_path / 'r.json'}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=fisher_merging/clip_fisher_merging",
+            "method.dataloader_kwargs.batch_size=8",
+            *TINY,
+            f"merged_model_save_path={out}",
+            f"report_save_path={tmp_path / 'r.json'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     entries = report["clip_fisher_merging"]
@@ -279,7 +320,10 @@ def test_per_example_fisher_merge_matches_independent_fisher(tiny_example):
 
 def test_cli_regmean_matches_independent_least_squares(tiny_example, tmp_path):
     out = tmp_path / "merged"
-    proc = run_cli(["method=regmean/clip_regmean", *TINY, f"merged_model_save_path={out}", "report_save_path=false", "--json"], cwd=tmp_path)
+    proc = run_cli(
+        ["method=regmean/clip_regmean", *TINY, f"merged_model_save_path={out}", "report_save_path=false", "--json"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["clip_regmean"]["svhn"]["num_tokens"] == 40 * 17  # 16 patches + CLS per image
@@ -304,7 +348,9 @@ def test_regmean_plusplus_takes_grams_through_merged_layers(tiny_example):
         for name in grams["mnist"]:
             key = f"encoder.layers.{layer}.{name}"
             expected = np_regmean_solve([grams[t][name] for t in TASKS], [states[t][key] for t in TASKS])
-            np.testing.assert_allclose(vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-5, atol=REGMEAN_ATOL, err_msg=key)
+            np.testing.assert_allclose(
+                vision_state_dict(merged)[key].double().numpy(), expected, rtol=1e-5, atol=REGMEAN_ATOL, err_msg=key
+            )
         with torch.no_grad():
             features = {t: [merged.encoder.layers[layer](x, None) for x in xs] for t, xs in features.items()}
     for key in ("embeddings.patch_embedding.weight", "pre_layrnorm.bias", "encoder.layers.1.mlp.fc1.bias"):
@@ -317,11 +363,18 @@ def test_regmean_plusplus_takes_grams_through_merged_layers(tiny_example):
     for key in outside:
         np.testing.assert_array_equal(vision_state_dict(merged)[key].double().numpy(), theta0[key])
         assert np.abs(np.mean([states[t][key] for t in TASKS], axis=0) - theta0[key]).max() > 1e-5  # the check can fail
-    averaged = vision_state_dict(RegMeanAlgorithmForCLIPPlusPlus(num_regmean_examples=40, outside_encoder="average").run(pool))
+    averaged = vision_state_dict(
+        RegMeanAlgorithmForCLIPPlusPlus(num_regmean_examples=40, outside_encoder="average").run(pool)
+    )
     for key in outside:
-        np.testing.assert_allclose(averaged[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6)
+        np.testing.assert_allclose(
+            averaged[key].double().numpy(), np.mean([states[t][key] for t in TASKS], axis=0), rtol=1e-6
+        )
     plain = vision_state_dict(RegMeanAlgorithmForCLIP(num_regmean_examples=40).run(pool))
-    assert not torch.allclose(plain["encoder.layers.0.self_attn.q_proj.weight"], vision_state_dict(merged)["encoder.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        plain["encoder.layers.0.self_attn.q_proj.weight"],
+        vision_state_dict(merged)["encoder.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 # ---- resuming, determinism, exclusions ------------------------------------------------------------
@@ -329,9 +382,14 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("cls, step", [(FisherMergingForCLIPVisionModel, "_add_model"),
-                                       (RegMeanAlgorithmForCLIP, "_add_model"),
-                                       (RegMeanAlgorithmForCLIPPlusPlus, "_merge_layer")])  # fmt: skip
+@pytest.mark.parametrize(
+    "cls, step",
+    [
+        (FisherMergingForCLIPVisionModel, "_add_model"),
+        (RegMeanAlgorithmForCLIP, "_add_model"),
+        (RegMeanAlgorithmForCLIPPlusPlus, "_merge_layer"),
+    ],
+)
 def test_interrupted_run_resumes_from_checkpoint(tiny_example, tmp_path, monkeypatch, cls, step):
     pool, ckpt = tiny_pool(tiny_example), tmp_path / "state.ckpt"
     kwargs = {} if cls is FisherMergingForCLIPVisionModel else {"num_regmean_examples": 40}
@@ -363,16 +421,34 @@ def test_checkpoint_of_another_pool_or_architecture_is_refused(tiny_example, tmp
 
     ckpt = str(tmp_path / "state.ckpt")
     RegMeanAlgorithmForCLIP(num_regmean_examples=8, checkpoint_path=ckpt).run(tiny_pool(tiny_example))
-    with pytest.raises(ConfigError, match=r"checkpoint: '.*state.ckpt' was made for models \['mnist', 'eurosat', 'svhn'\], not \['mnist', 'eurosat'\]"):
-        RegMeanAlgorithmForCLIP(num_regmean_examples=8, checkpoint_path=ckpt).run(tiny_pool(tiny_example, models=TASKS[:2]))
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint: '.*state.ckpt' was made for models \['mnist', 'eurosat', 'svhn'\], not \['mnist', 'eurosat'\]",
+    ):
+        RegMeanAlgorithmForCLIP(num_regmean_examples=8, checkpoint_path=ckpt).run(
+            tiny_pool(tiny_example, models=TASKS[:2])
+        )
     with pytest.raises(ConfigError, match=r"was made for options .*'reduce_non_diagonal_ratio': 0.95.*, not .*0.5"):
-        RegMeanAlgorithmForCLIP(num_regmean_examples=8, reduce_non_diagonal_ratio=0.5, checkpoint_path=ckpt).run(tiny_pool(tiny_example))
+        RegMeanAlgorithmForCLIP(num_regmean_examples=8, reduce_non_diagonal_ratio=0.5, checkpoint_path=ckpt).run(
+            tiny_pool(tiny_example)
+        )
     small = tmp_path / "small"
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     image_size=32, patch_size=8)).save_pretrained(small)  # fmt: skip
-    other = CLIPVisionModelPool({"_pretrained_": str(small), **{t: str(small) for t in TASKS}}, processor=str(tiny_example.base_model),
-                                train_datasets={t: str(tiny_example.datasets[t]) for t in TASKS})  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(small)
+    other = CLIPVisionModelPool(
+        {"_pretrained_": str(small), **{t: str(small) for t in TASKS}},
+        processor=str(tiny_example.base_model),
+        train_datasets={t: str(tiny_example.datasets[t]) for t in TASKS},
+    )
     with pytest.raises(ConfigError, match=r"was made for architecture '[0-9a-f]{16}', not '[0-9a-f]{16}'"):
         RegMeanAlgorithmForCLIP(num_regmean_examples=8, checkpoint_path=ckpt).run(other)
 
@@ -380,46 +456,94 @@ def test_checkpoint_of_another_pool_or_architecture_is_refused(tiny_example, tmp
 def test_shuffled_subset_is_seeded_and_excluded_tensors_keep_pretrained(tiny_example):
     pool = tiny_pool(tiny_example)
     opts = {"num_regmean_examples": 12, "dataloader_kwargs": {"batch_size": 5, "shuffle": True}}
-    a = vision_state_dict(RegMeanAlgorithmForCLIP(seed=1, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool))
-    b = vision_state_dict(RegMeanAlgorithmForCLIP(seed=1, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool))
-    c = vision_state_dict(RegMeanAlgorithmForCLIP(seed=2, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool))
+    a = vision_state_dict(
+        RegMeanAlgorithmForCLIP(seed=1, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool)
+    )
+    b = vision_state_dict(
+        RegMeanAlgorithmForCLIP(seed=1, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool)
+    )
+    c = vision_state_dict(
+        RegMeanAlgorithmForCLIP(seed=2, exclude_param_names_regex=[r"encoder\.layers\.1\.mlp\."], **opts).run(pool)
+    )
     base = vision_state_dict(pool.load_pretrained_model())
     key = "encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(a[key], b[key]) and not torch.allclose(a[key], c[key])
     for k in ("encoder.layers.1.mlp.fc1.weight", "encoder.layers.1.mlp.fc2.bias"):
         assert torch.equal(a[k], base[k])
-    assert not torch.equal(a["encoder.layers.1.self_attn.q_proj.weight"], base["encoder.layers.1.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        a["encoder.layers.1.self_attn.q_proj.weight"], base["encoder.layers.1.self_attn.q_proj.weight"]
+    )
 
 
 # ---- bad input --------------------------------------------------------------------------------------
 def test_cli_model_without_its_train_dataset_is_one_line_error(tiny_example, tmp_path):
-    proc = run_cli(["method=regmean/clip_regmean", *TINY, "~modelpool.train_datasets.svhn", f"report_save_path={tmp_path / 'r.json'}"],
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=regmean/clip_regmean",
+            *TINY,
+            "~modelpool.train_datasets.svhn",
+            f"report_save_path={tmp_path / 'r.json'}",
+        ],
+        cwd=tmp_path,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert re.match(r"fusion_bench: error: clip_regmean: model\(s\) \['svhn'\] have no train dataset in the pool "
-                    r"\(train datasets: mnist, eurosat\)", lines[0])  # fmt: skip
+    assert re.match(
+        r"fusion_bench: error: clip_regmean: model\(s\) \['svhn'\] have no train dataset in the pool "
+        r"\(train datasets: mnist, eurosat\)",
+        lines[0],
+    )
     assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize(
     "cls, options, message",
     [
-        (FisherMergingForCLIPVisionModel, {"fisher_estimator": "exact"}, r"option 'fisher_estimator' must be one of 'batch', 'per_example'; got 'exact'"),
-        (FisherMergingForCLIPVisionModel, {"minimal_fisher_weight": 0}, r"option 'minimal_fisher_weight' must be in \(0, inf\]"),
-        (FisherMergingForCLIPVisionModel, {"dataloader_kwargs": {"batch_size": 8, "pin_memory": True}}, r"unknown dataloader_kwargs \['pin_memory'\]; valid: batch_size, num_workers, shuffle"),
-        (RegMeanAlgorithmForCLIP, {"reduce_non_diagonal_ratio": 1.5}, r"clip_regmean: option 'reduce_non_diagonal_ratio' must be in \[0, 1\]; got 1.5"),
-        (RegMeanAlgorithmForCLIP, {"num_regmean_examples": 0}, r"option 'num_regmean_examples' must be an integer >= 1; got 0"),
-        (RegMeanAlgorithmForCLIP, {"exclude_param_names_regex": ["("]}, r"exclude_param_names_regex '\(' is not a regex"),
-        (RegMeanAlgorithmForCLIPPlusPlus, {"dataloader_kwargs": {"batch_size": 0}}, r"option 'dataloader_kwargs.batch_size' must be an integer >= 1"),
+        (
+            FisherMergingForCLIPVisionModel,
+            {"fisher_estimator": "exact"},
+            r"option 'fisher_estimator' must be one of 'batch', 'per_example'; got 'exact'",
+        ),
+        (
+            FisherMergingForCLIPVisionModel,
+            {"minimal_fisher_weight": 0},
+            r"option 'minimal_fisher_weight' must be in \(0, inf\]",
+        ),
+        (
+            FisherMergingForCLIPVisionModel,
+            {"dataloader_kwargs": {"batch_size": 8, "pin_memory": True}},
+            r"unknown dataloader_kwargs \['pin_memory'\]; valid: batch_size, num_workers, shuffle",
+        ),
+        (
+            RegMeanAlgorithmForCLIP,
+            {"reduce_non_diagonal_ratio": 1.5},
+            r"clip_regmean: option 'reduce_non_diagonal_ratio' must be in \[0, 1\]; got 1.5",
+        ),
+        (
+            RegMeanAlgorithmForCLIP,
+            {"num_regmean_examples": 0},
+            r"option 'num_regmean_examples' must be an integer >= 1; got 0",
+        ),
+        (
+            RegMeanAlgorithmForCLIP,
+            {"exclude_param_names_regex": ["("]},
+            r"exclude_param_names_regex '\(' is not a regex",
+        ),
+        (
+            RegMeanAlgorithmForCLIPPlusPlus,
+            {"dataloader_kwargs": {"batch_size": 0}},
+            r"option 'dataloader_kwargs.batch_size' must be an integer >= 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_options_are_named(cls, options, message):
     with pytest.raises(ConfigError, match=message):
         cls(**options)
 
 
 def test_exclusion_matching_nothing_is_named(tiny_example):
-    expected = r"exclude_param_names_regex 'vision_model\\\\.encoder' matches no tensor; tensors are named like 'embeddings"
+    expected = (
+        r"exclude_param_names_regex 'vision_model\\\\.encoder' matches no tensor; tensors are named like 'embeddings"
+    )
     with pytest.raises(ConfigError, match=expected):
         RegMeanAlgorithmForCLIP(exclude_param_names_regex=[r"vision_model\.encoder"]).run(tiny_pool(tiny_example))

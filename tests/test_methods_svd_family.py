@@ -237,8 +237,13 @@ def test_lines_task_arithmetic_exact_values(post_layernorm, post_scale):
     merged = np_state(LinesAlgorithm(beta=0.6, post_layernorm=post_layernorm).run(layered_pool()))
     base, a, b = (np_state(layered_pool().load_model(n)) for n in ("_pretrained_", "a", "b"))
     # α = 1/T = 0.5 (TA); λ(l) = 0.5 + 0.6 · l / 2 -> 0.5, 0.8, 1.1; embeddings take the first layer's scale
-    scales = {"embeddings": 0.5, "encoder.layers.0": 0.5, "encoder.layers.1": 0.8, "encoder.layers.2": 1.1,
-              "post_layernorm": post_scale}  # fmt: skip
+    scales = {
+        "embeddings": 0.5,
+        "encoder.layers.0": 0.5,
+        "encoder.layers.1": 0.8,
+        "encoder.layers.2": 1.1,
+        "post_layernorm": post_scale,
+    }
     for key, value in merged.items():
         scale = next(s for prefix, s in scales.items() if key.startswith(prefix + "."))
         np.testing.assert_allclose(value, base[key] + scale * ((a[key] - base[key]) + (b[key] - base[key])), atol=1e-13)

@@ -27,7 +27,13 @@ from fusion_bench.method import (
 )
 from fusion_bench.method.averaging.weighted_average import weighted_average
 from fusion_bench.method.task_vector.consensus import consensus_merging
-from fusion_bench.method.task_vector.dare import dare_drop, dare_generator, dare_task_arithmetic, dare_ties_merging, linear_weight_keys
+from fusion_bench.method.task_vector.dare import (
+    dare_drop,
+    dare_generator,
+    dare_task_arithmetic,
+    dare_ties_merging,
+    linear_weight_keys,
+)
 from fusion_bench.method.task_vector.model_breadcrumbs import breadcrumbs_mask, model_breadcrumbs
 from fusion_bench.method.task_vector.pcb_merging import pcb_merging
 from fusion_bench.method.task_vector.ties_merging import (
@@ -107,7 +113,9 @@ def test_ties_zero_sum_takes_whole_model_majority():
     # weight: (0,0) sums to 0, (1,1) is -2 -> the weight's own Σγ is -1; the bias [2, 1, 1] makes the whole model +2.
     a = linear([[1, 0, 0], [0, -2, 0], [0, 0, 0]], [1, 1, 0])
     b = linear([[-1, 0, 0], [0, 0, 0], [0, 0, 0]], [1, 0, 1])
-    merged = TiesMergingAlgorithm(scaling_factor=1.0, threshold=100).run(BaseModelPool({"_pretrained_": base, "a": a, "b": b}))
+    merged = TiesMergingAlgorithm(scaling_factor=1.0, threshold=100).run(
+        BaseModelPool({"_pretrained_": base, "a": a, "b": b})
+    )
     assert merged.weight.tolist() == [[1, 0, 0], [0, -2, 0], [0, 0, 0]]  # (0,0) takes + (A's 1), not the weight's own -
     assert merged.bias.tolist() == [2, 1, 1]
     # per tensor, the weight's own majority (-) would elect B's -1
@@ -125,7 +133,10 @@ def test_ties_core_equals_streamed_on_small_pool():
 
 # ---- DARE -------------------------------------------------------------------------------------
 DARE_BASE = linear([[1.0] * 3] * 3, [0.0] * 3)
-DARE_TVS = {"a": ([[1, -2, 3], [-4, 5, -6], [7, -8, 9]], [1, 2, 3]), "b": ([[2, 2, 2], [-1, -1, -1], [3, 0, 3]], [-1, 0, 1])}
+DARE_TVS = {
+    "a": ([[1, -2, 3], [-4, 5, -6], [7, -8, 9]], [1, 2, 3]),
+    "b": ([[2, 2, 2], [-1, -1, -1], [3, 0, 3]], [-1, 0, 1]),
+}
 
 
 def dare_pool() -> BaseModelPool:
@@ -138,8 +149,10 @@ def test_dare_drop_keeps_and_rescales_exactly():
     expected = np.where(u >= 0.3, tv.numpy() / 0.7, 0.0).astype(np.float32)
     got = dare_drop(tv, 0.3, torch.Generator().manual_seed(123))
     assert np.array_equal(got.numpy(), expected)
-    assert np.array_equal(dare_drop(tv, 0.3, torch.Generator().manual_seed(123), rescale=False).numpy(),
-                          np.where(u >= 0.3, tv.numpy(), 0.0))  # fmt: skip
+    assert np.array_equal(
+        dare_drop(tv, 0.3, torch.Generator().manual_seed(123), rescale=False).numpy(),
+        np.where(u >= 0.3, tv.numpy(), 0.0),
+    )
     assert torch.equal(dare_drop(tv, 0.0, torch.Generator().manual_seed(1)), tv)  # p = 0 keeps all
 
 
@@ -178,7 +191,9 @@ def test_dare_without_drop_is_ta_and_ties():
 def test_breadcrumbs_exact_values():
     base = linear(ZERO_W, ZERO_B)
     a = linear([[1, -2, 3], [-4, 5, -6], [7, -8, 9]], [2, -2, 1])
-    merged = ModelBreadcrumbsAlgorithm(scaling_factor=1.0, beta=0.5, gamma=0.2).run(BaseModelPool({"_pretrained_": base, "a": a}))
+    merged = ModelBreadcrumbsAlgorithm(scaling_factor=1.0, beta=0.5, gamma=0.2).run(
+        BaseModelPool({"_pretrained_": base, "a": a})
+    )
     # weight, n = 9: drop int(1.8) = 1 outlier (9), keep int(4.5) = 4 (8, 7, 6, 5), drop the rest
     assert merged.weight.tolist() == [[0, 0, 0], [0, 5, -6], [7, -8, 0]]
     # bias, n = 3: no outlier (int(.6) = 0), keep int(1.5) = 1 -> |v| ≥ 2: |2| and |-2| tie there, both kept
@@ -190,7 +205,11 @@ def test_breadcrumbs_exact_values():
 
 
 # ---- Consensus (TALL masks) -------------------------------------------------------------------
-CONS_TVS = {"a": [[2, 0, 1], [0, 0, 0], [0, 0, 0]], "b": [[2, 1, 0], [0, 0, 0], [0, 0, 0]], "c": [[0, 0, 0], [0, 3, 0], [0, 0, 0]]}
+CONS_TVS = {
+    "a": [[2, 0, 1], [0, 0, 0], [0, 0, 0]],
+    "b": [[2, 1, 0], [0, 0, 0], [0, 0, 0]],
+    "c": [[0, 0, 0], [0, 3, 0], [0, 0, 0]],
+}
 
 
 def consensus_pool() -> BaseModelPool:
@@ -250,13 +269,19 @@ def ties_consensus_oracle(
         mtl = mtl + np.where(np.where(sign > 0, tv > 0, tv < 0), tv, np.float32(0))
     masks = [np.abs(tv) >= np.float32(lam) * np.abs(mtl - tv) for tv in (tvs if raw else trimmed)]
     keep = np.sum(masks, axis=0) >= k
-    return flat32(base) + np.float32(alpha) * np.where(keep, mtl, np.float32(0)), [float(m.mean()) for m in masks], float(keep.mean())
+    return (
+        flat32(base) + np.float32(alpha) * np.where(keep, mtl, np.float32(0)),
+        [float(m.mean()) for m in masks],
+        float(keep.mean()),
+    )
 
 
 def test_ties_consensus_builds_the_tall_masks_from_the_raw_task_vectors():
     gen = torch.Generator().manual_seed(0)
     base = linear(torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist())
-    models = [plus(base, torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist()) for _ in range(3)]
+    models = [
+        plus(base, torch.randn(3, 3, generator=gen).tolist(), torch.randn(3, generator=gen).tolist()) for _ in range(3)
+    ]
     pool = BaseModelPool({"_pretrained_": base, **{n: m for n, m in zip("abc", models)}})
     options = {"scaling_factor": 0.5, "tall_mask_lambda": 0.6, "consensus_k": 2, "aggregation": "ties", "threshold": 40}
     algorithm = ConsensusMergingAlgorithm(**options)
@@ -267,7 +292,9 @@ def test_ties_consensus_builds_the_tall_masks_from_the_raw_task_vectors():
     assert report["tall_mask_density"] == pytest.approx(dict(zip("abc", tall)))
     assert report["consensus_mask_density"] == pytest.approx(consensus)
     # masks built from the trimmed vectors would differ: the test tells the two apart
-    _, tall_trimmed, consensus_trimmed = ties_consensus_oracle(base, models, density=0.4, lam=0.6, k=2, alpha=0.5, raw=False)
+    _, tall_trimmed, consensus_trimmed = ties_consensus_oracle(
+        base, models, density=0.4, lam=0.6, k=2, alpha=0.5, raw=False
+    )
     assert tall_trimmed != pytest.approx(tall) and consensus_trimmed != pytest.approx(consensus)
     sds = [m.state_dict() for m in (base, *models)]
     core = consensus_merging(sds[0], sds[1:], scaling_factor=0.5, aggregation="ties", threshold=40)
@@ -314,10 +341,12 @@ def test_pcb_matches_the_authors_formula():
 
 @pytest.mark.parametrize(
     "weights, normalize, weight, bias",
-    [([1, 3], True, 7.0, [3, 1, -1]),  # 0.25 θA + 0.75 θB
-     ([1, 3], False, 28.0, [12, 4, -4]),  # θA + 3 θB
-     (None, True, 6.0, [2, 2, 2])],  # equal weights
-)  # fmt: skip
+    [
+        ([1, 3], True, 7.0, [3, 1, -1]),  # 0.25 θA + 0.75 θB
+        ([1, 3], False, 28.0, [12, 4, -4]),  # θA + 3 θB
+        (None, True, 6.0, [2, 2, 2]),
+    ],  # equal weights
+)
 def test_weighted_average_exact_values(weights, normalize, weight, bias):
     pool = BaseModelPool({"a": linear([[4.0] * 3] * 3, [0, 4, 8]), "b": linear([[8.0] * 3] * 3, [4, 0, -4])})
     merged = WeightedAverageAlgorithm(weights=weights, normalize=normalize).run(pool)
@@ -330,8 +359,11 @@ def test_weighted_average_exact_values(weights, normalize, weight, bias):
 
 def test_cos_similarity_matches_numpy_and_writes_csv_and_png(tmp_path):
     base = linear([[1.0] * 3] * 3, [0.0] * 3)
-    tvs = {"a": ([[1, 2, 0], [0, 0, 0], [0, 0, 3]], [1, 0, 0]), "b": ([[1, 0, 0], [0, 4, 0], [0, 0, 0]], [0, 2, 0]),
-           "c": ([[-1, -2, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 5])}  # fmt: skip
+    tvs = {
+        "a": ([[1, 2, 0], [0, 0, 0], [0, 0, 3]], [1, 0, 0]),
+        "b": ([[1, 0, 0], [0, 4, 0], [0, 0, 0]], [0, 2, 0]),
+        "c": ([[-1, -2, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 5]),
+    }
     pool = BaseModelPool({"_pretrained_": base, **{n: plus(base, *tv) for n, tv in tvs.items()}})
     algorithm = TaskVectorCosSimilarityAlgorithm(save_to_csv=str(tmp_path / "out" / "cos.csv"))
     model = algorithm.run(pool)
@@ -364,18 +396,28 @@ def clip_pool(tiny_example) -> CLIPVisionModelPool:
 Core = Callable[[dict, list], dict]
 CASES: dict[str, tuple[Callable[[], object], Core | None]] = {
     "ties_sum": (lambda: TiesMergingAlgorithm(), lambda b, f: ties_merging(b, f)),
-    "ties_mean": (lambda: TiesMergingAlgorithm(merge_func="mean", threshold=10),
-                  lambda b, f: ties_merging(b, f, merge_func="mean", threshold=10)),
-    "dare_task_arithmetic": (lambda: DareTaskArithmeticAlgorithm(seed=3), lambda b, f: dare_task_arithmetic(b, f, seed=3)),
+    "ties_mean": (
+        lambda: TiesMergingAlgorithm(merge_func="mean", threshold=10),
+        lambda b, f: ties_merging(b, f, merge_func="mean", threshold=10),
+    ),
+    "dare_task_arithmetic": (
+        lambda: DareTaskArithmeticAlgorithm(seed=3),
+        lambda b, f: dare_task_arithmetic(b, f, seed=3),
+    ),
     "dare_ties_merging": (lambda: DareTiesMergingAlgorithm(seed=3), lambda b, f: dare_ties_merging(b, f, seed=3)),
     "model_breadcrumbs": (lambda: ModelBreadcrumbsAlgorithm(), lambda b, f: model_breadcrumbs(b, f)),
     "ta_consensus": (lambda: ConsensusMergingAlgorithm(), lambda b, f: consensus_merging(b, f)),
-    "ties_consensus": (lambda: ConsensusMergingAlgorithm(aggregation="ties"),
-                       lambda b, f: consensus_merging(b, f, aggregation="ties")),
+    "ties_consensus": (
+        lambda: ConsensusMergingAlgorithm(aggregation="ties"),
+        lambda b, f: consensus_merging(b, f, aggregation="ties"),
+    ),
     "pcb_merging": (lambda: PCBMergingAlgorithm(), lambda b, f: pcb_merging(b, f)),
-    "weighted_average": (lambda: WeightedAverageAlgorithm(weights=[1, 2, 3]), lambda b, f: weighted_average(f, [1, 2, 3])),
+    "weighted_average": (
+        lambda: WeightedAverageAlgorithm(weights=[1, 2, 3]),
+        lambda b, f: weighted_average(f, [1, 2, 3]),
+    ),
     "task_vector_cos_similarity": (lambda: TaskVectorCosSimilarityAlgorithm(), lambda b, f: dict(b)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -410,17 +452,29 @@ def test_dare_only_on_linear_weights(clip_pool):
     [
         (lambda: TiesMergingAlgorithm(threshold=0), r"ties_merging: option 'threshold' must be in \(0, 100\]"),
         (lambda: TiesMergingAlgorithm(threshold=150), r"option 'threshold' must be in \(0, 100\].*got 150"),
-        (lambda: TiesMergingAlgorithm(merge_func="median"), r"'merge_func' must be one of 'sum', 'mean', 'max'; got 'median'"),
+        (
+            lambda: TiesMergingAlgorithm(merge_func="median"),
+            r"'merge_func' must be one of 'sum', 'mean', 'max'; got 'median'",
+        ),
         (lambda: DareTaskArithmeticAlgorithm(sparsity_ratio=1.0), r"'sparsity_ratio' must be in \[0, 1\).*got 1.0"),
-        (lambda: DareTiesMergingAlgorithm(sparsity_ratio=-0.1), r"dare_ties_merging: option 'sparsity_ratio' must be in \[0, 1\)"),
-        (lambda: DareTiesMergingAlgorithm(threshold=101), r"dare_ties_merging: option 'threshold' must be in \(0, 100\]"),
+        (
+            lambda: DareTiesMergingAlgorithm(sparsity_ratio=-0.1),
+            r"dare_ties_merging: option 'sparsity_ratio' must be in \[0, 1\)",
+        ),
+        (
+            lambda: DareTiesMergingAlgorithm(threshold=101),
+            r"dare_ties_merging: option 'threshold' must be in \(0, 100\]",
+        ),
         (lambda: DareTaskArithmeticAlgorithm(seed=-1), r"'seed' must be an integer >= 0"),
         (lambda: ModelBreadcrumbsAlgorithm(beta=0), r"'beta' must be in \(0, 1\]"),
         (lambda: ModelBreadcrumbsAlgorithm(gamma=1), r"'gamma' must be in \[0, 1\)"),
         (lambda: PCBMergingAlgorithm(pcb_ratio=0), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: PCBMergingAlgorithm(pcb_ratio=1.5), r"'pcb_ratio' must be in \(0, 1\]"),
         (lambda: ConsensusMergingAlgorithm(tall_mask_lambda=-1), r"'tall_mask_lambda' must be in \[0, inf\]"),
-        (lambda: ConsensusMergingAlgorithm(aggregation="mean"), r"'aggregation' must be one of 'task_arithmetic', 'ties_merging', 'ta', 'ties'"),
+        (
+            lambda: ConsensusMergingAlgorithm(aggregation="mean"),
+            r"'aggregation' must be one of 'task_arithmetic', 'ties_merging', 'ta', 'ties'",
+        ),
         (lambda: WeightedAverageAlgorithm(weights=[1, -1]), r"'weights' \[1.0, -1.0\] sums to 0"),
         (lambda: WeightedAverageAlgorithm(weights="abc"), r"'weights' must be a list of numbers"),
         (lambda: TiesMergingAlgorithm(scaling_factor=math.nan), r"'scaling_factor' must be a finite number"),
@@ -432,7 +486,9 @@ def test_bad_options_raise_config_error(make, message):
 
 
 def test_wrong_weight_count_names_both_counts():
-    with pytest.raises(ConfigError, match=r"'weights' has 2 entries but the pool has 3 fine-tuned models \['a', 'b', 'c'\]"):
+    with pytest.raises(
+        ConfigError, match=r"'weights' has 2 entries but the pool has 3 fine-tuned models \['a', 'b', 'c'\]"
+    ):
         WeightedAverageAlgorithm(weights=[1, 2]).run(consensus_pool())
     with pytest.raises(ConfigError, match=r"'tall_mask_lambda' has 2 entries but the pool has 3 fine-tuned models"):
         ConsensusMergingAlgorithm(tall_mask_lambda=[0.5, 0.5]).run(consensus_pool())

@@ -46,22 +46,28 @@ FAST = {"batch_size": 8, "resume": False}  # small batches on the 40-image test 
 @pytest.fixture(scope="module")
 def pool(tiny_example) -> CLIPVisionModelPool:
     models = {"_pretrained_": str(tiny_example.base_model), **{t: str(p) for t, p in tiny_example.finetuned.items()}}
-    return CLIPVisionModelPool(models, test_datasets={t: {"path": str(p), "split": "test"} for t, p in tiny_example.datasets.items()})
+    return CLIPVisionModelPool(
+        models, test_datasets={t: {"path": str(p), "split": "test"} for t, p in tiny_example.datasets.items()}
+    )
 
 
 @pytest.fixture(scope="module")
 def weights(tiny_example) -> dict[str, dict[str, np.ndarray]]:
     """Canonical float64 state dicts read by transformers: ``_pretrained_`` and each fine-tuned model."""
     paths = {"_pretrained_": tiny_example.base_model, **tiny_example.finetuned}
-    return {n: {k: v.double().numpy() for k, v in vision_state_dict(CLIPVisionModel.from_pretrained(p)).items()}
-            for n, p in paths.items()}  # fmt: skip
+    return {
+        n: {k: v.double().numpy() for k, v in vision_state_dict(CLIPVisionModel.from_pretrained(p)).items()}
+        for n, p in paths.items()
+    }
 
 
 def canonical(name: str) -> str:
     return name[len("vision_model.") :] if name.startswith("vision_model.") else name
 
 
-def expected_merge(weights, lam: np.ndarray, names: list[str], mask: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def expected_merge(
+    weights, lam: np.ndarray, names: list[str], mask: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """θ0 + m ⊙ Σ_t λ[t, k] τ_t for every parameter ``names[k]`` (λ: (T,) or (T, L))."""
     tasks = [t for t in weights if t != "_pretrained_"]
     lam = np.repeat(lam[:, None], len(names), axis=1) if lam.ndim == 1 else lam
@@ -130,12 +136,17 @@ def test_merge_is_the_closed_form_and_gradients_reach_the_coefficients():
     np.testing.assert_allclose(merged["bias"].detach().numpy(), b)
     # task-wise λ = (0.3, 0.3) is task arithmetic; a clamp bounds λ first; a mask scales each task vector sum
     ta = merge_parameters(stack, torch.tensor([0.3, 0.3]))
-    np.testing.assert_allclose(ta["bias"].numpy(), np.array(THETA0_B) + 0.3 * (np.array(TAU_B[0]) + np.array(TAU_B[1])), atol=1e-7)
+    np.testing.assert_allclose(
+        ta["bias"].numpy(), np.array(THETA0_B) + 0.3 * (np.array(TAU_B[0]) + np.array(TAU_B[1])), atol=1e-7
+    )
     clamped = merge_parameters(stack, torch.tensor([-1.0, 2.0]), clamp=(0.0, 1.0))
     np.testing.assert_allclose(clamped["bias"].numpy(), np.array(THETA0_B) + np.array(TAU_B[1]))
     mask = {"weight": torch.ones(3, 2), "bias": torch.tensor([0.0, 2.0, 1.0])}
     masked = merge_parameters(stack, torch.tensor([1.0, 1.0]), mask)
-    np.testing.assert_allclose(masked["bias"].numpy(), np.array(THETA0_B) + np.array([0.0, 2.0, 1.0]) * (np.array(TAU_B[0]) + np.array(TAU_B[1])))
+    np.testing.assert_allclose(
+        masked["bias"].numpy(),
+        np.array(THETA0_B) + np.array([0.0, 2.0, 1.0]) * (np.array(TAU_B[0]) + np.array(TAU_B[1])),
+    )
 
     # two "tasks" with their own inputs; L = Σ_t sum((W x_t + b)²), each backward pass on its own
     model = FunctionalMergedModel(layer)
@@ -201,7 +212,10 @@ def test_adamerging_lowers_the_entropy_and_returns_the_learned_merge(cls, pool, 
     start = entropy_on_test_sets(pool, TaskArithmeticAlgorithm(0.3).run(pool))  # λ = 0.3 everywhere: the starting point
     assert entropy_on_test_sets(pool, model) < start - 0.02
     report = method.extra_report()[cls.name]
-    assert report["num_steps"] == 20 and report["objective"]["adamerging"]["last"] < report["objective"]["adamerging"]["first"]
+    assert (
+        report["num_steps"] == 20
+        and report["objective"]["adamerging"]["last"] < report["objective"]["adamerging"]["first"]
+    )
     per_model = lam if lam.ndim == 1 else lam.mean(axis=1)
     key = "merging_weights" if lam.ndim == 1 else "merging_weights_mean"
     assert list(report[key]) == ["mnist", "eurosat", "svhn"] and np.allclose(list(report[key].values()), per_model)
@@ -227,10 +241,15 @@ def test_weights_files_are_refused_for_another_pool_variant_or_architecture(pool
     path = tmp_path / "w.pt"
     run(CLIPLayerWiseAdaMergingAlgorithm(max_steps=1, save_merging_weights=str(path), **FAST), pool)
     two = CLIPVisionModelPool({n: pool.get_model_config(n) for n in ["_pretrained_", "mnist", "svhn"]})
-    with pytest.raises(ConfigError, match=r"clip_layer_wise_adamerging: weights: '.*w.pt' was made for models "
-                                          r"\['mnist', 'eurosat', 'svhn'\], not \['mnist', 'svhn'\]"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"clip_layer_wise_adamerging: weights: '.*w.pt' was made for models "
+        r"\['mnist', 'eurosat', 'svhn'\], not \['mnist', 'svhn'\]",
+    ):
         run(CLIPLayerWiseAdaMergingAlgorithm(weights=str(path)), two)
-    with pytest.raises(ConfigError, match=r"was made for method 'clip_layer_wise_adamerging', not 'clip_task_wise_adamerging'"):
+    with pytest.raises(
+        ConfigError, match=r"was made for method 'clip_layer_wise_adamerging', not 'clip_task_wise_adamerging'"
+    ):
         run(CLIPTaskWiseAdaMergingAlgorithm(weights=str(path)), pool)
     config = CLIPVisionConfig.from_pretrained(tiny_example.finetuned["mnist"])
     config.num_hidden_layers = 1
@@ -240,38 +259,62 @@ def test_weights_files_are_refused_for_another_pool_variant_or_architecture(pool
     run(ConcreteTaskArithmeticAlgorithm(max_steps=1, save_mask=str(tmp_path / "m.pt"), **FAST), pool)
     with pytest.raises(ConfigError, match=r"mask_checkpoint '.*m.pt' was made for another model architecture"):
         run(ConcreteTaskArithmeticAlgorithm(mask_checkpoint=str(tmp_path / "m.pt")), other)
-    with pytest.raises(ConfigError, match=r"mask_checkpoint: '.*m.pt' was made for models \['mnist', 'eurosat', 'svhn'\]"):
+    with pytest.raises(
+        ConfigError, match=r"mask_checkpoint: '.*m.pt' was made for models \['mnist', 'eurosat', 'svhn'\]"
+    ):
         run(ConcreteTaskArithmeticAlgorithm(mask_checkpoint=str(tmp_path / "m.pt")), two)
-    with pytest.raises(ConfigError, match=r"option 'weights' has 2 numbers; the pool has 3 models \['mnist', 'eurosat', 'svhn'\]"):
+    with pytest.raises(
+        ConfigError, match=r"option 'weights' has 2 numbers; the pool has 3 models \['mnist', 'eurosat', 'svhn'\]"
+    ):
         run(CLIPTaskWiseAdaMergingAlgorithm(weights=[0.1, 0.2]), pool)
     with pytest.raises(ModelLoadError, match=r"clip_task_wise_adamerging: weights: no file '.*missing.pt'"):
         run(CLIPTaskWiseAdaMergingAlgorithm(weights=str(tmp_path / "missing.pt")), pool)
 
 
 def test_bad_options_and_a_model_without_its_test_dataset(pool, tiny_example):
-    with pytest.raises(ConfigError, match=r"clip_task_wise_adamerging: option 'optimizer' must be one of 'adam', 'sgd'; got 'rmsprop'"):
+    with pytest.raises(
+        ConfigError, match=r"clip_task_wise_adamerging: option 'optimizer' must be one of 'adam', 'sgd'; got 'rmsprop'"
+    ):
         CLIPTaskWiseAdaMergingAlgorithm(optimizer="rmsprop")
-    with pytest.raises(ConfigError, match=r"clip_concrete_task_arithmetic: option 'eval_mask_type' must be one of "
-                                          r"'continuous', 'discrete', 'threshold'; got 'soft'"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"clip_concrete_task_arithmetic: option 'eval_mask_type' must be one of "
+        r"'continuous', 'discrete', 'threshold'; got 'soft'",
+    ):
         ConcreteTaskArithmeticAlgorithm(eval_mask_type="soft")
-    with pytest.raises(ConfigError, match=r"clip_concrete_layer_wise_adamerging: option 'inner_lambda' must be one of 'carry', 'reset'"):
+    with pytest.raises(
+        ConfigError, match=r"clip_concrete_layer_wise_adamerging: option 'inner_lambda' must be one of 'carry', 'reset'"
+    ):
         ConcreteLayerWiseAdaMergingAlgorithm(inner_lambda="first")
     with pytest.raises(ConfigError, match=r"option 'max_steps' must be an integer >= 1; got 0"):
         CLIPLayerWiseAdaMergingAlgorithm(max_steps=0)
-    partial = CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names},
-                                  test_datasets={"mnist": {"path": str(tiny_example.datasets["mnist"]), "split": "test"}})  # fmt: skip
-    for method in (CLIPLayerWiseAdaMergingAlgorithm(), ConcreteTaskArithmeticAlgorithm(), ConcreteLayerWiseAdaMergingAlgorithm()):
-        with pytest.raises(ConfigError, match=rf"{method.name}: model\(s\) \['eurosat', 'svhn'\] have no test dataset in the pool "
-                                              r"\(test datasets: mnist\); add them under the pool's test_datasets"):  # fmt: skip
+    partial = CLIPVisionModelPool(
+        {n: pool.get_model_config(n) for n in pool.all_model_names},
+        test_datasets={"mnist": {"path": str(tiny_example.datasets["mnist"]), "split": "test"}},
+    )
+    for method in (
+        CLIPLayerWiseAdaMergingAlgorithm(),
+        ConcreteTaskArithmeticAlgorithm(),
+        ConcreteLayerWiseAdaMergingAlgorithm(),
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=rf"{method.name}: model\(s\) \['eurosat', 'svhn'\] have no test dataset in the pool "
+            r"\(test datasets: mnist\); add them under the pool's test_datasets",
+        ):
             run(method, partial)
 
 
 def test_heads_of_tasks_without_built_in_class_names_come_from_task_text(pool, tiny_example):
     models = {"_pretrained_": str(tiny_example.base_model), "digits": str(tiny_example.finetuned["mnist"])}
-    custom = CLIPVisionModelPool(models, test_datasets={"digits": {"path": str(tiny_example.datasets["mnist"]), "split": "test"}})
-    with pytest.raises(ConfigError, match=r"clip_task_wise_adamerging: no built-in class names for task 'digits' .*give 'classnames'"):
+    custom = CLIPVisionModelPool(
+        models, test_datasets={"digits": {"path": str(tiny_example.datasets["mnist"]), "split": "test"}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"clip_task_wise_adamerging: no built-in class names for task 'digits' .*give 'classnames'"
+    ):
         run(CLIPTaskWiseAdaMergingAlgorithm(max_steps=1, **FAST), custom)
-    text = {"digits": {"classnames": tiny_example.tasks["mnist"], "templates": ["a photo of the number: \"{}\"."]}}
+    text = {"digits": {"classnames": tiny_example.tasks["mnist"], "templates": ['a photo of the number: "{}".']}}
     method = CLIPTaskWiseAdaMergingAlgorithm(max_steps=2, task_text=text, **FAST)
     run(method, custom)
     assert method.extra_report()["clip_task_wise_adamerging"]["num_steps"] == 2
@@ -281,7 +324,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(pool, tmp_path):
     opts = dict(lr=0.05, batch_size=8, save_interval=2)
     straight = CLIPLayerWiseAdaMergingAlgorithm(max_steps=6, resume=False, **opts)
     run(straight, pool)
-    first = CLIPLayerWiseAdaMergingAlgorithm(max_steps=3, checkpoint_dir=str(tmp_path / "ckpt"), **opts)  # "interrupted" at 3
+    first = CLIPLayerWiseAdaMergingAlgorithm(
+        max_steps=3, checkpoint_dir=str(tmp_path / "ckpt"), **opts
+    )  # "interrupted" at 3
     run(first, pool)
     (ckpt,) = (tmp_path / "ckpt").iterdir()
     assert ckpt.name.startswith("clip_layer_wise_adamerging-") and load_checkpoint(ckpt)["step"] == 3
@@ -290,7 +335,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(pool, tmp_path):
     assert resumed.resumed_at == 3 and len(resumed.history["adamerging"]) == 6 and len(resumed.step_seconds) == 3
     assert torch.equal(resumed.merging_weights, straight.merging_weights)
     assert resumed.history == straight.history
-    other_lr = CLIPLayerWiseAdaMergingAlgorithm(max_steps=6, checkpoint_dir=str(tmp_path / "ckpt"), **{**opts, "lr": 0.01})
+    other_lr = CLIPLayerWiseAdaMergingAlgorithm(
+        max_steps=6, checkpoint_dir=str(tmp_path / "ckpt"), **{**opts, "lr": 0.01}
+    )
     run(other_lr, pool)
     assert other_lr.resumed_at is None and len(list((tmp_path / "ckpt").iterdir())) == 2  # another run, another file
 
@@ -304,31 +351,50 @@ def test_checkpoints_and_logs_go_under_the_fabric_logger(pool, tmp_path):
     assert rows[0].split(",")[:2] == ["adamerging/loss", "step"] and len(rows) == 5
     again = CLIPTaskWiseAdaMergingAlgorithm(max_steps=4, save_interval=2, batch_size=8)
     run(again, pool, tmp_path)  # a finished run's checkpoint: the rerun skips the training
-    assert again.resumed_at == 4 and again.step_seconds == [] and torch.equal(again.merging_weights, method.merging_weights)
+    assert (
+        again.resumed_at == 4
+        and again.step_seconds == []
+        and torch.equal(again.merging_weights, method.merging_weights)
+    )
 
 
 # ---- Concrete subspace ---------------------------------------------------------------------------------------
 def test_concrete_task_arithmetic_learns_a_mask_that_lowers_the_entropy(pool, weights, tmp_path):
     from fusion_bench.method.task_vector.task_arithmetic import TaskArithmeticAlgorithm
 
-    method = ConcreteTaskArithmeticAlgorithm(max_steps=20, lr=0.5, eval_mask_type="threshold", save_mask=str(tmp_path / "m.pt"), **FAST)
+    method = ConcreteTaskArithmeticAlgorithm(
+        max_steps=20, lr=0.5, eval_mask_type="threshold", save_mask=str(tmp_path / "m.pt"), **FAST
+    )
     model = run(method, pool)
     logits = load_checkpoint(tmp_path / "m.pt")["mask_logits"]
-    mask = {k: v.double().numpy() for k, v in rescale_mask(threshold_mask(logits)).items()}  # m / mean(m), m = [p ≥ 0.5]
+    mask = {
+        k: v.double().numpy() for k, v in rescale_mask(threshold_mask(logits)).items()
+    }  # m / mean(m), m = [p ≥ 0.5]
     names = list(logits)
     assert_model_equals(model, expected_merge(weights, np.full(3, 0.3), names, mask))
     density = method.extra_report()["clip_concrete_task_arithmetic"]["mask_density"]
-    assert 0.05 < density < 0.95 and density == pytest.approx(float(np.mean(np.concatenate([(v >= 0).numpy().ravel() for v in logits.values()]))))
+    assert 0.05 < density < 0.95 and density == pytest.approx(
+        float(np.mean(np.concatenate([(v >= 0).numpy().ravel() for v in logits.values()])))
+    )
     assert entropy_on_test_sets(pool, model) < entropy_on_test_sets(pool, TaskArithmeticAlgorithm(0.3).run(pool)) - 0.1
     reused = ConcreteTaskArithmeticAlgorithm(mask_checkpoint=str(tmp_path / "m.pt"), eval_mask_type="threshold")
-    assert_model_equals(run(reused, CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names})),
-                        expected_merge(weights, np.full(3, 0.3), names, mask))  # fmt: skip
+    assert_model_equals(
+        run(reused, CLIPVisionModelPool({n: pool.get_model_config(n) for n in pool.all_model_names})),
+        expected_merge(weights, np.full(3, 0.3), names, mask),
+    )
 
 
 def test_concrete_layer_wise_adamerging_end_to_end(pool, weights, tmp_path):
-    method = ConcreteLayerWiseAdaMergingAlgorithm(max_steps=6, max_adamerging_steps=6, lr=0.5, adamerging_lr=0.05,
-                                                  eval_mask_type="threshold", save_mask=str(tmp_path / "m.pt"),
-                                                  save_merging_weights=str(tmp_path / "w.pt"), **FAST)  # fmt: skip
+    method = ConcreteLayerWiseAdaMergingAlgorithm(
+        max_steps=6,
+        max_adamerging_steps=6,
+        lr=0.5,
+        adamerging_lr=0.05,
+        eval_mask_type="threshold",
+        save_mask=str(tmp_path / "m.pt"),
+        save_merging_weights=str(tmp_path / "w.pt"),
+        **FAST,
+    )
     model = run(method, pool)
     logits = load_checkpoint(tmp_path / "m.pt")["mask_logits"]
     saved = load_checkpoint(tmp_path / "w.pt")
@@ -338,8 +404,12 @@ def test_concrete_layer_wise_adamerging_end_to_end(pool, weights, tmp_path):
     assert_model_equals(model, expected_merge(weights, lam, saved["parameter_names"], mask))
     assert [len(v) for v in method.history.values()] == [6, 6] and list(method.history) == ["mask", "adamerging"]
     objective = method.extra_report()["clip_concrete_layer_wise_adamerging"]["objective"]
-    assert set(objective) == {"mask", "adamerging"} and objective["adamerging"]["first"] == pytest.approx(np.mean(method.history["adamerging"]))
-    first = entropy_on_test_sets(pool, run(ConcreteTaskArithmeticAlgorithm(max_steps=1, lr=1e-9, eval_mask_type="threshold", **FAST), pool))
+    assert set(objective) == {"mask", "adamerging"} and objective["adamerging"]["first"] == pytest.approx(
+        np.mean(method.history["adamerging"])
+    )
+    first = entropy_on_test_sets(
+        pool, run(ConcreteTaskArithmeticAlgorithm(max_steps=1, lr=1e-9, eval_mask_type="threshold", **FAST), pool)
+    )
     assert entropy_on_test_sets(pool, model) < first - 0.1  # below the unmasked λ = 0.3 merge it started from
 
 
@@ -375,6 +445,7 @@ def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
         {"weight": torch.tensor([[0.2, 1.0], [1.0, 1.0], [2.0, 0.8]]), "bias": torch.tensor([1.0, 0.0, 2.0])},
     ]
     drawn = iter(masks)
+
     def sample(logits, temperature, generator):  # the step's fixed mask, tied to the logits with a zero gradient
         return {k: m + 0.0 * logits[k] for k, m in next(drawn).items()}
 
@@ -389,7 +460,9 @@ def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
     method = ConcreteLayerWiseAdaMergingAlgorithm(inner_lambda=order, scaling_factor=0.3, base_lr=1.0)
     method.fabric = cpu_fabric()
     method.entropy_backward = loss
-    bilevel = concrete._BiLevel(method, stack, {n: torch.zeros_like(stack.base[n], requires_grad=True) for n in stack.names})
+    bilevel = concrete._BiLevel(
+        method, stack, {n: torch.zeros_like(stack.base[n], requires_grad=True) for n in stack.names}
+    )
     for step in range(2):
         bilevel.mask_step(step, step)
 
@@ -419,8 +492,14 @@ def test_concrete_inner_step_order_on_a_linear_layer(order, monkeypatch):
 
 # ---- the command line ------------------------------------------------------------------------------------------
 def test_cli_adamerging_save_and_reuse_weights(tiny_example, tmp_path):
-    args = ["method=adamerging", "method.name=clip_task_wise_adamerging", "method.max_steps=4", "method.devices=1",
-            "method.batch_size=4", *TINY]  # fmt: skip
+    args = [
+        "method=adamerging",
+        "method.name=clip_task_wise_adamerging",
+        "method.max_steps=4",
+        "method.devices=1",
+        "method.batch_size=4",
+        *TINY,
+    ]
     proc = run_cli([*args, "method.save_merging_weights=w.pt", "report_save_path=r1.json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     trained = json.loads((tmp_path / "r1.json").read_text())
@@ -435,12 +514,25 @@ def test_cli_adamerging_save_and_reuse_weights(tiny_example, tmp_path):
 
 
 def test_cli_concrete_layer_wise_adamerging(tiny_example, tmp_path):
-    proc = run_cli(["method=concrete_subspace/clip_concrete_layer_wise_adamerging", "method.max_steps=2",
-                    "method.max_adamerging_steps=2", "method.batch_size=4", *TINY, "report_save_path=r.json"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "method=concrete_subspace/clip_concrete_layer_wise_adamerging",
+            "method.max_steps=2",
+            "method.max_adamerging_steps=2",
+            "method.batch_size=4",
+            *TINY,
+            "report_save_path=r.json",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["clip_concrete_layer_wise_adamerging"]["num_steps"] == 4
-    assert 0.0 <= report["average"]["accuracy"] <= 1.0 and set(report["meta"]["num_samples"]) == {"mnist", "eurosat", "svhn"}
+    assert 0.0 <= report["average"]["accuracy"] <= 1.0 and set(report["meta"]["num_samples"]) == {
+        "mnist",
+        "eurosat",
+        "svhn",
+    }
 
 
 def test_method_devices_sets_the_fabric_devices():
@@ -448,7 +540,9 @@ def test_method_devices_sets_the_fabric_devices():
 
     from fusion_bench.program import FabricModelFusionProgram
 
-    cfg = OmegaConf.create({"fabric": {"_target_": "lightning.Fabric", "devices": 1}, "method": {"name": "x", "devices": 4}})
+    cfg = OmegaConf.create(
+        {"fabric": {"_target_": "lightning.Fabric", "devices": 1}, "method": {"name": "x", "devices": 4}}
+    )
     assert FabricModelFusionProgram(cfg).fabric_config().devices == 4
     cfg.method.devices = None
     assert FabricModelFusionProgram(cfg).fabric_config().devices == 1

@@ -76,8 +76,9 @@ def test_shipped_assets_are_intact_and_load_through_the_pool_config():
 def test_clip_finetune_reduces_the_loss_and_saves_a_loadable_checkpoint(tiny_example, tmp_path):
     train = {"mnist": {"path": str(tiny_example.datasets["mnist"]), "split": "train"}}
     pool = CLIPVisionModelPool({"_pretrained_": str(tiny_example.base_model)}, train_datasets=train)
-    method = CLIPFinetuneAlgorithm(task="mnist", learning_rate=3e-3, num_steps=12, batch_size=20, seed=0,
-                                   save_path=str(tmp_path / "expert"))  # fmt: skip
+    method = CLIPFinetuneAlgorithm(
+        task="mnist", learning_rate=3e-3, num_steps=12, batch_size=20, seed=0, save_path=str(tmp_path / "expert")
+    )
     model = method.run(pool)
     report = method.extra_report()["clip_finetune"]
     assert report["task"] == "mnist" and report["loss_last"] < report["loss_first"]
@@ -92,7 +93,9 @@ def test_clip_finetune_reduces_the_loss_and_saves_a_loadable_checkpoint(tiny_exa
 def test_clip_finetune_needs_a_known_task(tiny_example):
     train = {t: {"path": str(p), "split": "train"} for t, p in tiny_example.datasets.items()}
     pool = CLIPVisionModelPool({"_pretrained_": str(tiny_example.base_model)}, train_datasets=train)
-    with pytest.raises(ConfigError, match=r"clip_finetune: the pool's train datasets are \['mnist', 'eurosat', 'svhn'\]; choose one"):
+    with pytest.raises(
+        ConfigError, match=r"clip_finetune: the pool's train datasets are \['mnist', 'eurosat', 'svhn'\]; choose one"
+    ):
         CLIPFinetuneAlgorithm(num_steps=1).run(pool)
     with pytest.raises(ConfigError, match=r"option 'lr_scheduler' must be one of 'fixed', 'cosine'"):
         CLIPFinetuneAlgorithm(lr_scheduler="linear")
@@ -115,7 +118,12 @@ def test_build_script_is_deterministic(tmp_path):
     for out in (tmp_path / "a", tmp_path / "b"):
         build_mini_clip(out, recipe, tasks=["count"])
         digests.append(json.loads((out / "BUILD.json").read_text())["files"])
-        assert sorted(p.name for p in out.iterdir()) == [".fusion_bench_output.json", "BUILD.json", "clip-mini", "clip-mini_count"]
+        assert sorted(p.name for p in out.iterdir()) == [
+            ".fusion_bench_output.json",
+            "BUILD.json",
+            "clip-mini",
+            "clip-mini_count",
+        ]
     assert digests[0] == digests[1]
     assert CLIPVisionModelPool({"count": str(tmp_path / "a" / "clip-mini_count")}).load_model("count") is not None
 
@@ -132,18 +140,35 @@ def test_table_script_smoke_run_writes_the_tables_from_its_reports(tmp_path):
     spec.loader.exec_module(table)
     doc, reports = tmp_path / "doc.md", tmp_path / "reports"
     doc.write_text("# before\n")
-    table.main(["--doc", str(doc), "--reports", str(reports), "--methods", "simple_average", "task_arithmetic", "--fast-dev-run"])
+    table.main(
+        [
+            "--doc",
+            str(doc),
+            "--reports",
+            str(reports),
+            "--methods",
+            "simple_average",
+            "task_arithmetic",
+            "--fast-dev-run",
+        ]
+    )
     text = doc.read_text()
     assert text.startswith("# before\n<!-- mini-clip-table:start -->\n**fast_dev_run:")
     assert text.rstrip().endswith("<!-- mini-clip-table:end -->")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    for name, report_file in [("`simple_average`", "method_simple_average.json"), ("`task_arithmetic`", "method_task_arithmetic.json"),
-                              ("`clip-mini`", "clip-mini.json"), *((f"`clip-mini_{t}`", f"clip-mini_{t}.json") for t in TASKS)]:  # fmt: skip
+    for name, report_file in [
+        ("`simple_average`", "method_simple_average.json"),
+        ("`task_arithmetic`", "method_task_arithmetic.json"),
+        ("`clip-mini`", "clip-mini.json"),
+        *((f"`clip-mini_{t}`", f"clip-mini_{t}.json") for t in TASKS),
+    ]:
         report = json.loads((reports / report_file).read_text())
         assert report["meta"]["fast_dev_run"] is True
         label = next(k for k in rows if k.startswith(name))
         cells = [c.strip(" *|") for c in rows[label].split(" | ")[1:]]
-        assert cells == [f"{100 * report[t]['accuracy']:.1f}" for t in TASKS] + [f"{100 * report['average']['accuracy']:.1f}"], name
+        assert cells == [f"{100 * report[t]['accuracy']:.1f}" for t in TASKS] + [
+            f"{100 * report['average']['accuracy']:.1f}"
+        ], name
     own = [json.loads((reports / f"clip-mini_{t}.json").read_text())[t]["accuracy"] for t in TASKS]
     fine_tuned = [c.strip(" *|") for c in rows["Fine-tuned (each expert on its own task)"].split(" | ")[1:]]
     assert fine_tuned == [f"{100 * a:.1f}" for a in own] + [f"{100 * sum(own) / len(own):.1f}"]

@@ -11,8 +11,16 @@ from fusion_bench.data.mini_tasks import v2
 from fusion_bench.data.mini_tasks.domains import DOMAINS, render
 
 TASKS = ["scenes", "vehicles", "aerial", "landcover", "house_numbers", "signs", "handwritten", "textures"]
-NUM_CLASSES = {"scenes": 8, "vehicles": 8, "aerial": 8, "landcover": 8, "house_numbers": 10, "signs": 8, "handwritten": 10,
-               "textures": 8}
+NUM_CLASSES = {
+    "scenes": 8,
+    "vehicles": 8,
+    "aerial": 8,
+    "landcover": 8,
+    "house_numbers": 10,
+    "signs": 8,
+    "handwritten": 10,
+    "textures": 8,
+}
 
 
 def test_domains_are_the_eight_tasks_with_their_class_counts_and_prompts():
@@ -54,7 +62,11 @@ def test_captions_name_the_class_or_the_domain_and_the_tokenizer_corpus_covers_t
         assert all(domain.classnames[1] in c for c in named), task
         generic = [v2.caption_v2(rng, task, 1, class_mention=0.0) for _ in range(20)]
         assert all(domain.noun in c for c in generic), task
-    words = {w for text in v2.tokenizer_corpus_v2() for w in text.replace('"', " ").replace(".", " ").replace(",", " ").split()}
+    words = {
+        w
+        for text in v2.tokenizer_corpus_v2()
+        for w in text.replace('"', " ").replace(".", " ").replace(",", " ").split()
+    }
     for domain in DOMAINS.values():
         for name in domain.classnames:
             assert set(name.split()) <= words
@@ -76,9 +88,22 @@ def test_dataset_has_image_and_label_columns():
     assert image.size == (32, 32) and image.mode == "RGB"
 
 
-SMOKE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "text_num_layers": 1, "num_heads": 2, "pretrain_images_per_task": 48,
-             "pretrain_steps": 80, "pretrain_batch_size": 32, "pretrain_learning_rate": 5e-3, "finetune_steps": 20, "finetune_batch_size": 16,
-             "finetune_learning_rate": 3e-3, "n_train": 64, "n_test": 40}
+SMOKE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "text_num_layers": 1,
+    "num_heads": 2,
+    "pretrain_images_per_task": 48,
+    "pretrain_steps": 80,
+    "pretrain_batch_size": 32,
+    "pretrain_learning_rate": 5e-3,
+    "finetune_steps": 20,
+    "finetune_batch_size": 16,
+    "finetune_learning_rate": 3e-3,
+    "n_train": 64,
+    "n_test": 40,
+}
 
 
 def test_build_v2_is_deterministic_and_writes_its_recipe(tmp_path):
@@ -133,8 +158,13 @@ def test_v2_configs_match_the_domains_and_the_resolver_knows_the_v2_tasks():
     from fusion_bench.scripts.cli import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("fusion_bench_config", overrides=["taskpool=CLIPVisionModelTaskPool/mini-clip-v2_TA8",
-                                                         "modelpool=CLIPVisionModelPool/mini-clip-v2_TA8"])
+        cfg = compose(
+            "fusion_bench_config",
+            overrides=[
+                "taskpool=CLIPVisionModelTaskPool/mini-clip-v2_TA8",
+                "modelpool=CLIPVisionModelPool/mini-clip-v2_TA8",
+            ],
+        )
     assert list(cfg.taskpool.test_datasets) == TASKS == [m for m in cfg.modelpool.models if m != "_pretrained_"]
     for task, entry in cfg.taskpool.test_datasets.items():
         assert list(entry.classnames) == list(DOMAINS[task].classnames), task

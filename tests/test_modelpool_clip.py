@@ -80,7 +80,11 @@ def test_missing_local_path_is_named(tmp_path):
 
 def test_not_a_clip_model_is_named(tmp_path):
     vit_dir = tmp_path / "vit"
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4)).save_pretrained(vit_dir)
+    ViTModel(
+        ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8, patch_size=4
+        )
+    ).save_pretrained(vit_dir)
     pool = CLIPVisionModelPool({"vit": str(vit_dir)})
     with pytest.raises(ModelLoadError, match=r"model 'vit' .* is a 'vit' model, not a CLIP vision model"):
         pool.load_model("vit")
@@ -88,7 +92,9 @@ def test_not_a_clip_model_is_named(tmp_path):
 
 def test_hub_id_offline_is_a_clear_error():
     pool = CLIPVisionModelPool({"sun397": "tanganke/clip-vit-base-patch32_sun397"})
-    with pytest.raises(ModelLoadError, match=r"model 'sun397' .*cannot get 'config.json' of 'tanganke/clip-vit-base-patch32_sun397'"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'sun397' .*cannot get 'config.json' of 'tanganke/clip-vit-base-patch32_sun397'"
+    ):
         pool.load_model("sun397")
 
 
@@ -98,7 +104,10 @@ def test_architecture_mismatch_names_the_tensor(tiny_example, tmp_path):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["intermediate_size"] = cfg["intermediate_size"] * 2
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"tensor 'encoder.layers.0.mlp.fc1.bias' has shape \(64,\), the architecture expects \(128,\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"tensor 'encoder.layers.0.mlp.fc1.bias' has shape \(64,\), the architecture expects \(128,\)",
+    ):
         CLIPVisionModelPool({"m": str(broken)}).load_model("m")
 
 
@@ -119,7 +128,9 @@ def test_dataset_missing_path_named(tiny_example, tmp_path):
 
 
 def test_torch_dtype_option(tiny_example):
-    pool = CLIPVisionModelPool({"a": {"pretrained_model_name_or_path": str(tiny_example.base_model), "torch_dtype": "bfloat16"}})
+    pool = CLIPVisionModelPool(
+        {"a": {"pretrained_model_name_or_path": str(tiny_example.base_model), "torch_dtype": "bfloat16"}}
+    )
     assert next(pool.load_model("a").parameters()).dtype == torch.bfloat16
 
 
@@ -127,7 +138,10 @@ def test_legacy_list_form(tiny_example):
     pool = HuggingFaceClipVisionPool(
         models=[{"name": "_pretrained_", "path": str(tiny_example.base_model)}]
         + [{"name": t, "path": str(p)} for t, p in tiny_example.finetuned.items()],
-        tta_datasets=[{"name": t, "dataset": {"type": "instantiate", "name": str(p), "split": "test"}} for t, p in tiny_example.datasets.items()],
+        tta_datasets=[
+            {"name": t, "dataset": {"type": "instantiate", "name": str(p), "split": "test"}}
+            for t, p in tiny_example.datasets.items()
+        ],
     )
     assert pool.model_names == list(tiny_example.finetuned)
     assert len(pool.load_test_dataset("mnist")) > 0

@@ -38,8 +38,14 @@ def test_mtl_equals_adam_on_the_mean_of_the_per_task_losses(tiny_example):
     """Batches of a whole train split (40 images) per task: every step sees all images of every task, so the
     run equals Adam on mean_t CE_t(all images of t) computed here task by task (no padding, no batching)."""
     pool = _pool(tiny_example)
-    method = CLIPMultiTaskFinetuneAlgorithm(learning_rate=1e-3, num_steps=2, batch_size=40, seed=0,
-                                            classnames={"svhn": SVHN_WIDER}, templates={"svhn": SVHN_TEMPLATES})
+    method = CLIPMultiTaskFinetuneAlgorithm(
+        learning_rate=1e-3,
+        num_steps=2,
+        batch_size=40,
+        seed=0,
+        classnames={"svhn": SVHN_WIDER},
+        templates={"svhn": SVHN_TEMPLATES},
+    )
     model = method.run(pool)
     report = method.extra_report()["clip_multitask_finetune"]
     assert report["tasks"] == ["mnist", "eurosat", "svhn"] and report["batch_size_per_task"] == 40
@@ -50,8 +56,12 @@ def test_mtl_equals_adam_on_the_mean_of_the_per_task_losses(tiny_example):
     data = {}
     for task, path in tiny_example.datasets.items():
         rows = datasets.load_from_disk(str(path))["train"]
-        pixels = processor.image_processor(images=[r["image"].convert("RGB") for r in rows], return_tensors="pt")["pixel_values"]
-        names, templates = task_classnames_and_templates(task, *((SVHN_WIDER, SVHN_TEMPLATES) if task == "svhn" else (None, None)))
+        pixels = processor.image_processor(images=[r["image"].convert("RGB") for r in rows], return_tensors="pt")[
+            "pixel_values"
+        ]
+        names, templates = task_classnames_and_templates(
+            task, *((SVHN_WIDER, SVHN_TEMPLATES) if task == "svhn" else (None, None))
+        )
         data[task] = (pixels, torch.tensor(rows["label"]), _head(clip, processor.tokenizer, names, templates))
     assert data["svhn"][2].shape[0] == 12
     optimizer = torch.optim.Adam(vision.parameters(), lr=1e-3, weight_decay=0.0)
@@ -77,7 +87,9 @@ def test_mtl_equals_adam_on_the_mean_of_the_per_task_losses(tiny_example):
 def test_balanced_batches_and_padded_heads(tiny_example):
     """Each step holds batch_size images of every task, in task order; a row's softmax is its own task's."""
     pool = _pool(tiny_example)
-    method = CLIPMultiTaskFinetuneAlgorithm(num_steps=1, batch_size=4, seed=0, classnames={"svhn": SVHN_WIDER}, templates={"svhn": SVHN_TEMPLATES})
+    method = CLIPMultiTaskFinetuneAlgorithm(
+        num_steps=1, batch_size=4, seed=0, classnames={"svhn": SVHN_WIDER}, templates={"svhn": SVHN_TEMPLATES}
+    )
     label, classifier, loaders = method._setup(pool)
     assert label == "mnist, eurosat, svhn" and [len(next(iter(loader))[1]) for loader in loaders] == [4, 4, 4]
     pixels, labels = next(method._batches(loaders))
@@ -87,8 +99,10 @@ def test_balanced_batches_and_padded_heads(tiny_example):
     assert logits.shape == (12, 12)
     assert torch.isinf(logits[:8, 10:]).all() and torch.isfinite(logits[8:]).all()
     for t in range(3):  # the same as each task's own zero-shot classifier
-        single = torch.nn.functional.log_softmax(logits[4 * t: 4 * t + 4, : classifier.num_classes[t]], dim=-1)
-        assert torch.allclose(torch.log_softmax(logits[4 * t: 4 * t + 4], dim=-1)[:, : classifier.num_classes[t]], single, atol=1e-6)
+        single = torch.nn.functional.log_softmax(logits[4 * t : 4 * t + 4, : classifier.num_classes[t]], dim=-1)
+        assert torch.allclose(
+            torch.log_softmax(logits[4 * t : 4 * t + 4], dim=-1)[:, : classifier.num_classes[t]], single, atol=1e-6
+        )
     with pytest.raises(ValueError, match="a batch holds 4 images of each of 3 tasks; got 5"):
         classifier(pixels[:5])
     assert isinstance(classifier, MultiTaskHeadClassifier)
@@ -97,9 +111,16 @@ def test_balanced_batches_and_padded_heads(tiny_example):
 @pytest.mark.parametrize("variant", ["lora", "l_lora"])
 def test_mtl_lora_variants_train_only_the_adapters(tiny_example, tmp_path, variant):
     pool = _pool(tiny_example)
-    method = CLIPMultiTaskFinetuneAlgorithm(learning_rate=3e-2, num_steps=3, batch_size=8, seed=0, save_path=str(tmp_path / "ad"),
-                                            use_lora=variant == "lora", use_l_lora=variant == "l_lora",
-                                            lora_config={"r": 4, "lora_alpha": 8})
+    method = CLIPMultiTaskFinetuneAlgorithm(
+        learning_rate=3e-2,
+        num_steps=3,
+        batch_size=8,
+        seed=0,
+        save_path=str(tmp_path / "ad"),
+        use_lora=variant == "lora",
+        use_l_lora=variant == "l_lora",
+        lora_config={"r": 4, "lora_alpha": 8},
+    )
     folded = method.run(pool)
     report = method.extra_report()["clip_multitask_finetune"]
     assert report["variant"] == variant and report["trainable_params"] == 2 * 2 * (4 * 32 + 32 * 4)
@@ -110,13 +131,20 @@ def test_mtl_lora_variants_train_only_the_adapters(tiny_example, tmp_path, varia
 
 
 def test_mtl_options_are_checked(tiny_example):
-    with pytest.raises(ConfigError, match=r"clip_multitask_finetune: option 'task' is clip_finetune's; choose the tasks with 'tasks'"):
+    with pytest.raises(
+        ConfigError, match=r"clip_multitask_finetune: option 'task' is clip_finetune's; choose the tasks with 'tasks'"
+    ):
         CLIPMultiTaskFinetuneAlgorithm(task="mnist")
-    with pytest.raises(ConfigError, match=r"clip_multitask_finetune: unknown option\(s\) 'scaling_factor'; valid options: tasks, clip_model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"clip_multitask_finetune: unknown option\(s\) 'scaling_factor'; valid options: tasks, clip_model",
+    ):
         CLIPMultiTaskFinetuneAlgorithm(scaling_factor=0.3)
     with pytest.raises(ConfigError, match=r"option 'tasks' must be a non-empty list"):
         CLIPMultiTaskFinetuneAlgorithm(tasks="mnist")
     with pytest.raises(ConfigError, match=r"option 'classnames' must map task -> list"):
         CLIPMultiTaskFinetuneAlgorithm(classnames=["a", "b"])
-    with pytest.raises(ConfigError, match=r"the pool's train datasets are \['mnist', 'eurosat', 'svhn'\]; not among them: \['cars'\]"):
+    with pytest.raises(
+        ConfigError, match=r"the pool's train datasets are \['mnist', 'eurosat', 'svhn'\]; not among them: \['cars'\]"
+    ):
         CLIPMultiTaskFinetuneAlgorithm(tasks=["mnist", "cars"], num_steps=1).run(_pool(tiny_example))

@@ -25,7 +25,10 @@ from fusion_bench.taskpool import OpenCLIPVisionModelTaskPool
 from fusion_bench.testing.tiny_openclip import TINY_OPENCLIP_CONFIG, build_tiny_openclip_example, tiny_openclip_encoder
 
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
-OPENCLIP = ["modelpool=OpenCLIPVisionModelPool/tiny-openclip_example", "taskpool=OpenCLIPVisionModelTaskPool/tiny-openclip_example"]
+OPENCLIP = [
+    "modelpool=OpenCLIPVisionModelPool/tiny-openclip_example",
+    "taskpool=OpenCLIPVisionModelTaskPool/tiny-openclip_example",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,9 @@ def tiny_openclip(tiny_example):
 
 def _pool(ex, **kw) -> OpenCLIPVisionModelPool:
     models = {"_pretrained_": str(ex.pretrained), **{t: str(p) for t, p in ex.finetuned.items()}}
-    return OpenCLIPVisionModelPool(models, model_config=TINY_OPENCLIP_CONFIG, classification_heads={t: str(p) for t, p in ex.heads.items()}, **kw)
+    return OpenCLIPVisionModelPool(
+        models, model_config=TINY_OPENCLIP_CONFIG, classification_heads={t: str(p) for t, p in ex.heads.items()}, **kw
+    )
 
 
 def _read_visual(path: Path) -> dict[str, torch.Tensor]:
@@ -68,7 +73,9 @@ def test_openclip_and_hf_give_the_same_features(quick_gelu, eps):
 
     arch = OpenCLIPArchitecture(16, vision_cfg, quick_gelu=quick_gelu)
     hf = convert_openclip_to_hf(ImageEncoder(arch, visual=clip.visual))
-    assert hf.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu") and hf.config.layer_norm_eps == (eps or 1e-5)
+    assert hf.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu") and hf.config.layer_norm_eps == (
+        eps or 1e-5
+    )
     with torch.no_grad():
         got = hf(pixel_values=images).image_embeds
         back = convert_hf_to_openclip(hf)
@@ -100,7 +107,9 @@ def test_pool_reads_every_checkpoint_form_per_tensor(tiny_openclip):
 
     image = datasets.load_from_disk(str(tiny_openclip.datasets["mnist"]))["test"][0]["image"]  # grayscale: made RGB
     pixels = pool.load_processor()(images=[image])["pixel_values"]
-    assert pixels.shape == (1, 3, 32, 32) and torch.equal(pixels[0], open_clip.image_transform(32, is_train=False)(image))
+    assert pixels.shape == (1, 3, 32, 32) and torch.equal(
+        pixels[0], open_clip.image_transform(32, is_train=False)(image)
+    )
 
 
 def test_pool_saves_a_folder_it_reads_back(tiny_openclip, tmp_path):
@@ -115,24 +124,34 @@ def test_pool_saves_a_folder_it_reads_back(tiny_openclip, tmp_path):
 def test_pickled_tower_of_an_unknown_architecture(tmp_path):
     resnet = open_clip.model.CLIP(16, {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32, "head_width": 8}, TEXT_CFG)
     torch.save(resnet, tmp_path / "rn.pt")
-    with pytest.raises(ModelLoadError, match=r"model 'x' \(.*rn.pt\): unknown OpenCLIP architecture: the pickled ModifiedResNet is not a plain open_clip ViT .*give its model_name"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model 'x' \(.*rn.pt\): unknown OpenCLIP architecture: the pickled ModifiedResNet is not a plain open_clip ViT .*give its model_name",
+    ):
         OpenCLIPVisionModelPool({"x": str(tmp_path / "rn.pt")}, allow_pickle=True).load_model("x")
 
 
 def test_architecture_errors(tiny_openclip):
-    with pytest.raises(ModelLoadError, match=r"model 'x': unknown OpenCLIP architecture 'ViT-B-33'\. Did you mean 'ViT-B-32'"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'x': unknown OpenCLIP architecture 'ViT-B-33'\. Did you mean 'ViT-B-32'"
+    ):
         OpenCLIPVisionModelPool({"x": {"model_name": "ViT-B-33", "state_dict_path": "a.pt"}})
     pool = OpenCLIPVisionModelPool({"x": str(tiny_openclip.finetuned["mnist"])}, model_name="ViT-B-32")
-    with pytest.raises(ModelLoadError, match=r"model 'x' \(.*finetuned.pt\): the checkpoint does not match the OpenCLIP architecture 'ViT-B-32' \(.*check model_name"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model 'x' \(.*finetuned.pt\): the checkpoint does not match the OpenCLIP architecture 'ViT-B-32' \(.*check model_name",
+    ):
         pool.load_model("x")
     with pytest.raises(ModelPoolError, match=r"model 'x': .* does not record its architecture; give model_name"):
         OpenCLIPVisionModelPool({"x": str(tiny_openclip.finetuned["mnist"])}).load_model("x")
-    with pytest.raises(ModelPoolError, match=r"model 'x': an entry needs exactly one of 'path', 'state_dict_path', 'pickle_path'"):
+    with pytest.raises(
+        ModelPoolError, match=r"model 'x': an entry needs exactly one of 'path', 'state_dict_path', 'pickle_path'"
+    ):
         OpenCLIPVisionModelPool({"x": {"model_name": "ViT-B-32", "path": "a", "pickle_path": "b"}})
 
 
 # ---- pickles -----------------------------------------------------------------------------------
-MODELING = '''
+MODELING = """
 import torch
 
 class ImageEncoder(torch.nn.Module):
@@ -146,7 +165,7 @@ class ClassificationHead(torch.nn.Linear):
         super().__init__(weights.shape[1], weights.shape[0])
         self.normalize = normalize
         self.weight = torch.nn.Parameter(weights.clone())
-'''
+"""
 
 
 def _task_vectors_pickles(tmp_path: Path, monkeypatch) -> tuple[Path, Path, dict[str, torch.Tensor]]:
@@ -181,10 +200,16 @@ def test_pickles_need_opt_in_and_load_with_redirected_classes(tmp_path, monkeypa
         assert b"VisualTransformer" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     with pytest.raises(PickleRequiredError, match=r"model 'x': .*finetuned.pt' is a pickle .* set allow_pickle: true"):
         OpenCLIPVisionModelPool({"x": str(encoder_file)}).load_model("x")
-    with pytest.raises(PickleRequiredError, match=r"model 'x': .*finetuned.pt' is a pickle"):  # never, for state_dict_path
-        OpenCLIPVisionModelPool({"x": {"model_name": "ViT-B-32", "state_dict_path": str(encoder_file)}}, allow_pickle=True).keys("x")
+    with pytest.raises(
+        PickleRequiredError, match=r"model 'x': .*finetuned.pt' is a pickle"
+    ):  # never, for state_dict_path
+        OpenCLIPVisionModelPool(
+            {"x": {"model_name": "ViT-B-32", "state_dict_path": str(encoder_file)}}, allow_pickle=True
+        ).keys("x")
 
-    pool = OpenCLIPVisionModelPool({"x": str(encoder_file)}, classification_heads={"t": str(head_file)}, allow_pickle=True)
+    pool = OpenCLIPVisionModelPool(
+        {"x": str(encoder_file)}, classification_heads={"t": str(head_file)}, allow_pickle=True
+    )
     model = pool.load_model("x")  # architecture read off the pickled tower
     assert model.architecture.quick_gelu and model.architecture.vision_cfg["layers"] == 2
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
@@ -194,9 +219,13 @@ def test_pickles_need_opt_in_and_load_with_redirected_classes(tmp_path, monkeypa
     from fusion_bench.scripts.convert_task_vectors import main as convert
 
     convert([str(tmp_path), str(tmp_path / "converted")])  # once, trusting the files; then no pickle is needed
-    safe = OpenCLIPVisionModelPool({"x": {"pickle_path": "finetuned.pt"}}, model_dir=str(tmp_path / "converted"),
-                                   model_name=None, model_config=model.architecture.to_config(),
-                                   classification_heads={"t": "head_T.pt"})  # fmt: skip
+    safe = OpenCLIPVisionModelPool(
+        {"x": {"pickle_path": "finetuned.pt"}},
+        model_dir=str(tmp_path / "converted"),
+        model_name=None,
+        model_config=model.architecture.to_config(),
+        classification_heads={"t": "head_T.pt"},
+    )
     assert all(torch.equal(safe.load_model("x").state_dict()[k], v) for k, v in expected.items())
     assert torch.equal(safe.load_classification_head("t").weight, head.weight)
 
@@ -211,7 +240,10 @@ def test_pickle_naming_a_missing_module_is_a_clear_error(tmp_path, monkeypatch):
         torch.save(gone_pkg.Thing(), tmp_path / "thing.pt")
         sys.modules.pop("gone_pkg")
     pool = OpenCLIPVisionModelPool({"x": str(tmp_path / "thing.pt")}, allow_pickle=True)
-    with pytest.raises(ModelLoadError, match=r"model 'x': the pickle .*thing.pt' needs gone_pkg.Thing, which cannot be imported \(ModuleNotFoundError"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model 'x': the pickle .*thing.pt' needs gone_pkg.Thing, which cannot be imported \(ModuleNotFoundError",
+    ):
         pool.load_model("x")
 
 
@@ -235,7 +267,10 @@ def _oracle_accuracy(ex, state: dict[str, torch.Tensor], task: str) -> tuple[flo
 
 def test_task_arithmetic_through_the_cli_matches_an_oracle(tiny_openclip, tmp_path):
     report_path = tmp_path / "r.json"
-    proc = run_cli(["method=task_arithmetic", "method.scaling_factor=0.3", *OPENCLIP, f"report_save_path={report_path}"], cwd=tmp_path)
+    proc = run_cli(
+        ["method=task_arithmetic", "method.scaling_factor=0.3", *OPENCLIP, f"report_save_path={report_path}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     base = _read_visual(tiny_openclip.pretrained)
@@ -252,16 +287,25 @@ def test_taskpool_checks_head_against_dataset(tiny_openclip):
     ex = tiny_openclip
     taskpool = OpenCLIPVisionModelTaskPool({"mnist": str(ex.datasets["mnist"])}, {"mnist": str(ex.heads["mnist"])})
     expected = _oracle_accuracy(ex, _read_visual(ex.pretrained), "mnist")[0]
-    assert taskpool.evaluate(_pool(ex).load_pretrained_model())["mnist"]["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert taskpool.evaluate(_pool(ex).load_pretrained_model())["mnist"]["accuracy"] == pytest.approx(
+        expected, abs=1e-12
+    )
 
     from fusion_bench.models.openclip_checkpoints import save_classification_head
     from fusion_bench.models.openclip_vision import ClassificationHead
 
     bad = save_classification_head(ClassificationHead(True, torch.randn(7, 16)), ex.root.parent / "head7.safetensors")
-    with pytest.raises(DatasetError, match=r"test dataset 'mnist': the dataset has 10 classes but 7 rows in its classification head"):
+    with pytest.raises(
+        DatasetError, match=r"test dataset 'mnist': the dataset has 10 classes but 7 rows in its classification head"
+    ):
         OpenCLIPVisionModelTaskPool({"mnist": str(ex.datasets["mnist"])}, {"mnist": str(bad)}).setup()
-    wide = OpenCLIPVisionModelTaskPool({"mnist": str(ex.datasets["mnist"])}, {"mnist": {"_target_": "torch.nn.Linear", "in_features": 8, "out_features": 10}})
-    with pytest.raises(ModelLoadError, match=r"classification head 'mnist' takes 8 features but the model's embedding has 16"):
+    wide = OpenCLIPVisionModelTaskPool(
+        {"mnist": str(ex.datasets["mnist"])},
+        {"mnist": {"_target_": "torch.nn.Linear", "in_features": 8, "out_features": 10}},
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"classification head 'mnist' takes 8 features but the model's embedding has 16"
+    ):
         wide.evaluate(tiny_openclip_encoder())
 
 

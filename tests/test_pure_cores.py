@@ -16,7 +16,12 @@ from fusion_bench.method import CORES
 from fusion_bench.method.task_vector.consensus import consensus_aggregate
 from fusion_bench.method.task_vector.core import StateDictTaskVectors, sum_aggregate, task_arithmetic_tensor
 from fusion_bench.method.task_vector.pcb_merging import pcb_merge_tensor, pcb_statistics
-from fusion_bench.method.task_vector.ties_merging import disjoint_merge, ties_elect_sign, ties_merge_tensor, ties_statistics
+from fusion_bench.method.task_vector.ties_merging import (
+    disjoint_merge,
+    ties_elect_sign,
+    ties_merge_tensor,
+    ties_statistics,
+)
 
 SHAPES = {
     "embeddings.weight": (4, 3),
@@ -31,7 +36,9 @@ def state_dicts(dtype: torch.dtype, count: int = 3) -> list[dict[str, torch.Tens
     """θ0 then ``count`` fine-tuned models (θ0 + noise), plus an int64 ``position_ids`` in each."""
     gen = torch.Generator().manual_seed(0)
     base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
-    models = [base] + [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(count)]
+    models = [base] + [
+        {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(count)
+    ]
     return [{**{k: v.to(dtype) for k, v in sd.items()}, "position_ids": torch.arange(4).unsqueeze(0)} for sd in models]
 
 
@@ -54,7 +61,14 @@ def assert_unchanged(models: list[dict[str, torch.Tensor]], snapshot: list[dict[
 
 def test_every_data_free_method_has_a_registered_core():
     data_free = {"consensus_merging", "dare_task_arithmetic", "dare_ties_merging", "iso_c", "iso_cts", "lines"}
-    data_free |= {"model_breadcrumbs", "model_stock", "pcb_merging", "simple_average", "task_arithmetic", "ties_merging"}
+    data_free |= {
+        "model_breadcrumbs",
+        "model_stock",
+        "pcb_merging",
+        "simple_average",
+        "task_arithmetic",
+        "ties_merging",
+    }
     data_free |= {"tsv_merging", "weighted_average", "wudi_merging"}
     assert set(CORES) == data_free
 
@@ -93,7 +107,9 @@ def per_key_aggregates(models: list[dict[str, torch.Tensor]]) -> dict[str, objec
         "ties_merge_tensor": lambda key, tvs: ties_merge_tensor(tvs, ties, "sum"),
         "ties_elect_sign+disjoint_merge": lambda key, tvs: disjoint_merge(tvs, ties_elect_sign(tvs), "mean"),
         "consensus(ta)": consensus_aggregate(sum_aggregate, [0.6] * len(finetuned), 2),
-        "consensus(ties)": consensus_aggregate(lambda k, tvs: ties_merge_tensor(tvs, ties, "sum"), [0.6] * len(finetuned), 2),
+        "consensus(ties)": consensus_aggregate(
+            lambda k, tvs: ties_merge_tensor(tvs, ties, "sum"), [0.6] * len(finetuned), 2
+        ),
         "pcb_merge_tensor": lambda key, tvs: pcb_merge_tensor(tvs, pcb),
         "task_arithmetic_tensor": lambda key, tvs: task_arithmetic_tensor(base[key], tvs, scaling_factor=0.3),
     }

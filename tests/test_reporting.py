@@ -27,10 +27,17 @@ def report(accs, method, *, params=None, model=None, fast=False, samples=100, ex
     out["average"] = {"accuracy": sum(accs) / len(accs), "loss": 1.0}
     models = {"_pretrained_": {"pretrained_model_name_or_path": model}} if model else {"_pretrained_": "b", "x": "x"}
     target = "DummyAlgorithm" if model else method
-    out["meta"] = {"fast_dev_run": fast, "seed": 42, "num_samples": {t: samples for t in TASKS}, **(meta or {}),
-                   "hydra": {"choices": {"method": "dummy" if model else method}},
-                   "config": {"method": {"_target_": f"fusion_bench.method.{target}", **(params or {})},
-                              "modelpool": {"models": models}}}  # fmt: skip
+    out["meta"] = {
+        "fast_dev_run": fast,
+        "seed": 42,
+        "num_samples": {t: samples for t in TASKS},
+        **(meta or {}),
+        "hydra": {"choices": {"method": "dummy" if model else method}},
+        "config": {
+            "method": {"_target_": f"fusion_bench.method.{target}", **(params or {})},
+            "modelpool": {"models": models},
+        },
+    }
     out.update(extra or {})
     return out
 
@@ -46,7 +53,11 @@ def write(root, name, obj):
 def reports(tmp_path):
     root = tmp_path / "reports"
     for i, lam in enumerate([0.1, 0.3, 0.5]):
-        write(root, f"sweep/ta_{lam}/report.json", report([0.5 + 0.1 * i, 0.4, 0.9 - 0.2 * i], "task_arithmetic", params={"scaling_factor": lam}))
+        write(
+            root,
+            f"sweep/ta_{lam}/report.json",
+            report([0.5 + 0.1 * i, 0.4, 0.9 - 0.2 * i], "task_arithmetic", params={"scaling_factor": lam}),
+        )
     write(root, "avg.json", report([0.6, 0.5, 0.7], "simple_average", fast=True))
     for j, task in enumerate(TASKS):  # hub-style names (stanford-cars for stanford_cars), files in another order
         accs = [0.3, 0.2, 0.4]
@@ -73,7 +84,9 @@ def test_tables_from_reports(reports):
         "task_arithmetic (scaling_factor=0.5)": [70.0, 40.0, 50.0, 53.333333],
         "simple_average": [60.0, 50.0, 70.0, 60.0],
     }
-    assert {r.label: r.flags for r in methods.rows}["simple_average"] == "†" and methods.notes[0].startswith("† fast_dev_run")
+    assert {r.label: r.flags for r in methods.rows}["simple_average"] == "†" and methods.notes[0].startswith(
+        "† fast_dev_run"
+    )
     # the cross-task matrix: pre-trained first, then each expert on its own task's column (the diagonal)
     assert [r.label for r in cross.rows] == ["clip", "clip_sun397", "clip_stanford-cars", "clip_mnist"]
     assert [cross.rows[i + 1].values[i] for i in range(3)] == [95.0, 95.0, 95.0]
@@ -96,26 +109,44 @@ def test_sections_groups_and_partial_rows(tmp_path):
     runs = load_runs([tmp_path / "gen.json", tmp_path / "partial.json"])
     names = {t.name: t for t in build_tables(runs)}
     assert list(names) == ["methods", "methods_seen", "methods_unseen"]
-    assert cells(names["methods_seen"]) == {"ties": [80.0, 80.0]} and cells(names["methods_unseen"]) == {"ties": [30.0, 30.0]}
+    assert cells(names["methods_seen"]) == {"ties": [80.0, 80.0]} and cells(names["methods_unseen"]) == {
+        "ties": [30.0, 30.0]
+    }
     assert {r.label: r.flags for r in names["methods"].rows} == {"ties": "", "simple_average": "‡"}
     assert cells(names["methods"])["simple_average"][2] is None
 
     summary, *per_value = build_tables(load_runs([tmp_path / "rob"]), group_by="corruption")
     assert summary.columns == ["contrast", "fog"]
     assert cells(summary) == {"ties": [60.0, 50.0], "task_arithmetic": [50.0, 40.0]}
-    assert [t.title for t in per_value] == ["accuracy (%) with corruption = contrast", "accuracy (%) with corruption = fog"]
+    assert [t.title for t in per_value] == [
+        "accuracy (%) with corruption = contrast",
+        "accuracy (%) with corruption = fog",
+    ]
     with pytest.raises(ConfigError, match=r"group_by 'meta.nope': no report has this meta/config field"):
         build_tables(runs, group_by="meta.nope")
 
 
 def test_markdown_csv_latex():
-    table = Table("methods", "accuracy (%) of each method", ["cars_2", "avg"],
-                  [Row("ties (k=20%)", [61.25, None], "†")], ["† fast_dev_run: only the first batches"])  # fmt: skip
+    table = Table(
+        "methods",
+        "accuracy (%) of each method",
+        ["cars_2", "avg"],
+        [Row("ties (k=20%)", [61.25, None], "†")],
+        ["† fast_dev_run: only the first batches"],
+    )
     assert to_markdown(table).splitlines() == [
-        "### accuracy (%) of each method", "", "| | cars_2 | avg |", "|---|---:|---:|",
-        "| ties (k=20%) † | 61.2 | – |", "", "† fast_dev_run: only the first batches",
-    ]  # fmt: skip
-    assert list(csv.reader(io.StringIO(to_csv(table)))) == [["label", "cars_2", "avg", "flags"], ["ties (k=20%)", "61.25", "", "†"]]
+        "### accuracy (%) of each method",
+        "",
+        "| | cars_2 | avg |",
+        "|---|---:|---:|",
+        "| ties (k=20%) † | 61.2 | – |",
+        "",
+        "† fast_dev_run: only the first batches",
+    ]
+    assert list(csv.reader(io.StringIO(to_csv(table)))) == [
+        ["label", "cars_2", "avg", "flags"],
+        ["ties (k=20%)", "61.25", "", "†"],
+    ]
     tex = to_latex(table, digits=2)
     assert "\\begin{tabular}{lrr}" in tex and "Method & cars\\_2 & avg \\\\" in tex
     assert "ties (k=20\\%)\\textsuperscript{\\dag} & 61.25 & -- \\\\" in tex and "\\bottomrule" in tex
@@ -145,16 +176,25 @@ def test_bar_chart_bars_are_as_tall_as_their_values(tmp_path):
 def test_heatmap_and_sweep_curve_pixels(tmp_path):
     import matplotlib
 
-    grid = Table("cross_task", "accuracy (%) of each model on each task", ["a", "b", "avg"],
-                 [Row("m1", [10.0, 90.0, 50.0]), Row("m2", [50.0, 30.0, 40.0])])  # fmt: skip
+    grid = Table(
+        "cross_task",
+        "accuracy (%) of each model on each task",
+        ["a", "b", "avg"],
+        [Row("m1", [10.0, 90.0, 50.0]), Row("m2", [50.0, 30.0, 40.0])],
+    )
     img = pixels(heatmap(grid), tmp_path / "heat.png")
     cmap = matplotlib.colormaps["viridis"]
     low, high = color_mask(img, cmap(0.0)), color_mask(img, cmap(1.0))
     assert low.sum() > 500 and high.sum() > 500  # the 10 and the 90 cells are the colormap's ends
     assert np.argwhere(low)[:, 1].mean() < np.argwhere(high)[:, 1].mean()  # 10 in column a, left of the 90 in b
 
-    curve = Table("sweep_scaling_factor", "average accuracy (%) against scaling_factor", ["0.1", "0.5", "0.9"],
-                  [Row("ta", [40.0, 70.0, 50.0])], x=[0.1, 0.5, 0.9])  # fmt: skip
+    curve = Table(
+        "sweep_scaling_factor",
+        "average accuracy (%) against scaling_factor",
+        ["0.1", "0.5", "0.9"],
+        [Row("ta", [40.0, 70.0, 50.0])],
+        x=[0.1, 0.5, 0.9],
+    )
     img = pixels(sweep_plot(curve), tmp_path / "curve.png")
     ys, xs = np.nonzero(color_mask(img, COLORS[0]))
     line = xs < 0.8 * img.shape[1]  # leave the legend (upper right) out
@@ -177,9 +217,13 @@ def test_command_writes_tables_and_figures(reports, tmp_path, capsys):
 
 def test_command_errors_are_one_line(tmp_path):
     (tmp_path / "x.json").write_text("{}")
-    for args, message in [([str(tmp_path)], "no fusion_bench JSON report (an object with task accuracies) in"),
-                          ([str(tmp_path / "nope")], "no such file or folder: ")]:  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "fusion_bench.scripts.report", *args], capture_output=True, text=True)
+    for args, message in [
+        ([str(tmp_path)], "no fusion_bench JSON report (an object with task accuracies) in"),
+        ([str(tmp_path / "nope")], "no such file or folder: "),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fusion_bench.scripts.report", *args], capture_output=True, text=True
+        )
         assert proc.returncode == 2
         (line,) = proc.stderr.strip().splitlines()
         assert line.startswith(f"fusion_bench_report: error: {message}")

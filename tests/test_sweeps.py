@@ -41,9 +41,11 @@ def task_arithmetic_oracle(tiny_example, scaling_factor):
         for k, v in vision_state_dict(base).items():
             v.copy_(merged[k])
     pool = CLIPVisionModelTaskPool(
-        test_datasets={t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
-        head_cache_dir=None, dataloader_kwargs={"batch_size": 16},
-    )  # fmt: skip
+        test_datasets={t: str(p) for t, p in tiny_example.datasets.items()},
+        clip_model=str(tiny_example.base_model),
+        head_cache_dir=None,
+        dataloader_kwargs={"batch_size": 16},
+    )
     return pool.evaluate(base)
 
 
@@ -52,8 +54,11 @@ def test_basic_launcher_sweep_layout_skip_existing_and_meta(tiny_example, tmp_pa
     args = ["-m", "method=task_arithmetic", *TINY, f"hydra.sweep.dir={sweep}"]
     proc = run_cli([*args, "method.scaling_factor=0.2,0.6"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    common = {"method": "task_arithmetic", "modelpool": "CLIPVisionModelPool/tiny-clip_example",
-              "taskpool": "CLIPVisionModelTaskPool/tiny-clip_example"}  # fmt: skip
+    common = {
+        "method": "task_arithmetic",
+        "modelpool": "CLIPVisionModelPool/tiny-clip_example",
+        "taskpool": "CLIPVisionModelTaskPool/tiny-clip_example",
+    }
     paths = {lam: job_dir(sweep, **common, **{"method.scaling_factor": lam}) / "report.json" for lam in (0.2, 0.6)}
     reports = {lam: json.loads(p.read_text()) for lam, p in paths.items()}
     for lam, report in reports.items():
@@ -105,12 +110,16 @@ def test_existing_report_must_match_fast_dev_run(tmp_path):
 def test_bad_skip_option_is_one_line_error(tiny_example, tmp_path):
     proc = run_cli(["taskpool=dummy", "skip_existing_report=maybe"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["fusion_bench: error: skip_existing_report must be true or false, got 'maybe'"]
+    assert proc.stderr.strip().splitlines() == [
+        "fusion_bench: error: skip_existing_report must be true or false, got 'maybe'"
+    ]
 
 
 def compose_launcher(name):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("fusion_bench_config", overrides=[f"hydra/launcher={name}", "fabric.devices=4"], return_hydra_config=True)
+        return compose(
+            "fusion_bench_config", overrides=[f"hydra/launcher={name}", "fabric.devices=4"], return_hydra_config=True
+        )
 
 
 def test_shipped_slurm_config_composes_and_matches_submitits_schema():

@@ -42,7 +42,9 @@ def independent_metrics(clip_dir, vision_dir, dataset, classnames, templates) ->
             out = clip(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels[:1])
             mean = out.text_embeds.double().mean(0)
             heads.append((mean / mean.norm()).numpy())
-        image = clip(input_ids=text["input_ids"][:1], attention_mask=text["attention_mask"][:1], pixel_values=pixels).image_embeds
+        image = clip(
+            input_ids=text["input_ids"][:1], attention_mask=text["attention_mask"][:1], pixel_values=pixels
+        ).image_embeds
         scale = clip.logit_scale.exp().item()
     logits = scale * image.double().numpy() @ np.stack(heads).T
     labels = np.asarray(dataset["label"])
@@ -60,7 +62,9 @@ def test_accuracy_and_loss_match_independent_computation(tiny_example, tmp_path,
     assert set(report) == {*tiny_example.datasets, "average"}
     for task in tiny_example.datasets:
         classnames, templates = load_classnames_and_templates(task)
-        acc, loss = independent_metrics(tiny_example.base_model, vision_dir, pool.test_datasets[task], classnames, templates)
+        acc, loss = independent_metrics(
+            tiny_example.base_model, vision_dir, pool.test_datasets[task], classnames, templates
+        )
         assert report[task]["accuracy"] == pytest.approx(acc, abs=1e-9)
         assert report[task]["loss"] == pytest.approx(loss, rel=1e-4)
     for metric in ("accuracy", "loss"):
@@ -79,9 +83,12 @@ def test_fast_dev_run_limits_batches_and_is_marked(tiny_example, tmp_path):
 @pytest.mark.parametrize("first_token_only", [True, False])
 def test_layer_wise_features_saved(tiny_example, tmp_path, first_token_only):
     pool = make_taskpool(
-        tiny_example, tmp_path, layer_wise_feature_save_path=str(tmp_path / "feats"),
-        layer_wise_feature_first_token_only=first_token_only, layer_wise_feature_max_num=10,
-    )  # fmt: skip
+        tiny_example,
+        tmp_path,
+        layer_wise_feature_save_path=str(tmp_path / "feats"),
+        layer_wise_feature_first_token_only=first_token_only,
+        layer_wise_feature_max_num=10,
+    )
     model = CLIPVisionModel.from_pretrained(tiny_example.base_model)
     pool.evaluate(model)
     feats = load_file(str(tmp_path / "feats" / "mnist.safetensors"))
@@ -104,7 +111,11 @@ def test_heads_cached_by_content(tiny_example, tmp_path, monkeypatch):
     assert len(calls) == 2 and len(list((tmp_path / "heads").iterdir())) == 2
     second = make_taskpool(tiny_example, tmp_path).evaluate(model)
     assert len(calls) == 2 and first == second  # all from the cache, same numbers
-    custom = {"path": str(tiny_example.datasets["mnist"]), "classnames": [str(i) for i in range(10)], "templates": ["digit {}"]}
+    custom = {
+        "path": str(tiny_example.datasets["mnist"]),
+        "classnames": [str(i) for i in range(10)],
+        "templates": ["digit {}"],
+    }
     make_taskpool(tiny_example, tmp_path, test_datasets={"mnist": custom}).evaluate(model)
     assert len(calls) == 3  # other templates: other key
 
@@ -122,7 +133,9 @@ def test_missing_columns(tiny_example, tmp_path):
     ds = datasets.load_from_disk(str(tiny_example.datasets["mnist"]))["test"].rename_column("image", "img")
     ds.save_to_disk(str(tmp_path / "renamed"))
     pool = make_taskpool(tiny_example, tmp_path, test_datasets={"mnist": str(tmp_path / "renamed")})
-    with pytest.raises(DatasetError, match=r"test dataset 'mnist': missing column\(s\) \['image'\]; it has \['img', 'label'\]"):
+    with pytest.raises(
+        DatasetError, match=r"test dataset 'mnist': missing column\(s\) \['image'\]; it has \['img', 'label'\]"
+    ):
         pool.setup()
 
 
@@ -130,7 +143,9 @@ def test_unknown_task_needs_classnames(tiny_example, tmp_path):
     with pytest.raises(ConfigError, match=r"test dataset 'flowers': no built-in class names"):
         make_taskpool(tiny_example, tmp_path, test_datasets={"flowers": "x"})
     with pytest.raises(ConfigError, match=r"exactly one '\{\}'"):
-        make_taskpool(tiny_example, tmp_path, test_datasets={"t": {"path": "x", "classnames": ["a"], "templates": ["no slot"]}})
+        make_taskpool(
+            tiny_example, tmp_path, test_datasets={"t": {"path": "x", "classnames": ["a"], "templates": ["no slot"]}}
+        )
 
 
 def test_non_clip_model_rejected(tiny_example, tmp_path):

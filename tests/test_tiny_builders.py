@@ -24,7 +24,7 @@ from fusion_bench.testing import (
 )
 from fusion_bench.testing import tiny_clip, tiny_models
 
-SMALL_CORPUS = ["a photo of a cat.", "a photo of a dog.", "a photo of the number: \"7\".", "lake or sea"] * 2
+SMALL_CORPUS = ["a photo of a cat.", "a photo of a dog.", 'a photo of the number: "7".', "lake or sea"] * 2
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,9 @@ def test_models_and_processor_load_without_missing_keys(example: TinyExample) ->
         assert (expert / "preprocessor_config.json").is_file()
     processor = CLIPProcessor.from_pretrained(example.base_model)
     images = [Image.new("RGB", (40, 50), (i * 60, 10, 200)) for i in range(2)]
-    batch = processor(text=["a photo of a forest.", "a photo of a river."], images=images, return_tensors="pt", padding=True)
+    batch = processor(
+        text=["a photo of a forest.", "a photo of a river."], images=images, return_tensors="pt", padding=True
+    )
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     with torch.no_grad():
         out = clip(**batch)

@@ -138,7 +138,9 @@ def test_checkpoint_round_trip_restores_rng_and_refuses_other_pools(tmp_path):
 
     state = rng_state()
     first = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
-    path = save_checkpoint(tmp_path / "c.pt", {"step": 7, "rng": state, "w": torch.arange(3.0)}, meta={"models": ["a", "b"]})
+    path = save_checkpoint(
+        tmp_path / "c.pt", {"step": 7, "rng": state, "w": torch.arange(3.0)}, meta={"models": ["a", "b"]}
+    )
     loaded = load_checkpoint(path, expect={"models": ["a", "b"]})
     set_rng_state(loaded["rng"])
     assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == first

@@ -21,8 +21,16 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = os.environ.get("FUSION_BENCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "images"
 EVIL_TASK = "<script>window.__pwned = 1</script>"
 
@@ -32,18 +40,30 @@ def _report(method: str, accuracies: dict[str, float], **params) -> dict:
     return {
         **{task: {"accuracy": acc} for task, acc in accuracies.items()},
         "average": {"accuracy": sum(accuracies.values()) / len(accuracies)},
-        "meta": {"seed": 42, "fusion_bench_version": "test", "torch_version": "test", "fast_dev_run": False,
-                 "hydra": {"choices": {"method": method, "modelpool": "CLIPVisionModelPool/mini-clip_TA8",
-                                       "taskpool": "CLIPVisionModelTaskPool/mini-clip_TA8"}},
-                 "config": {"seed": 42, "method": {"_target_": f"x.{method}", **params}}},
-    }  # fmt: skip
+        "meta": {
+            "seed": 42,
+            "fusion_bench_version": "test",
+            "torch_version": "test",
+            "fast_dev_run": False,
+            "hydra": {
+                "choices": {
+                    "method": method,
+                    "modelpool": "CLIPVisionModelPool/mini-clip_TA8",
+                    "taskpool": "CLIPVisionModelTaskPool/mini-clip_TA8",
+                }
+            },
+            "config": {"seed": 42, "method": {"_target_": f"x.{method}", **params}},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("results")
     for i, lam in enumerate((0.1, 0.3, 0.5)):
-        (folder / f"ta_{i}.json").write_text(json.dumps(_report("task_arithmetic", {"svhn": 0.5 + lam / 2, EVIL_TASK: 0.4}, scaling_factor=lam)))
+        (folder / f"ta_{i}.json").write_text(
+            json.dumps(_report("task_arithmetic", {"svhn": 0.5 + lam / 2, EVIL_TASK: 0.4}, scaling_factor=lam))
+        )
     (folder / "avg.json").write_text(json.dumps(_report("simple_average", {"svhn": 0.61, EVIL_TASK: 0.45})))
     (tmp_path_factory.getbasetemp() / "secret.json").write_text("{}")
     return folder
@@ -53,9 +73,21 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(results_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The server: (base URL, token, the process, its runs folder); stopped with SIGINT (Ctrl-C) after the module."""
     workdir = tmp_path_factory.mktemp("webui")
-    cmd = [sys.executable, "-m", "fusion_bench.webui", "--port", "0", "--results", str(results_dir), "--runs-dir", str(workdir / "runs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_bench.webui",
+        "--port",
+        "0",
+        "--results",
+        str(results_dir),
+        "--runs-dir",
+        str(workdir / "runs"),
+    ]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
     line = proc.stdout.readline()
     match = re.fullmatch(r"fusion_bench_webui: serving on (http://127\.0\.0\.1:\d+)/\?token=([\w-]+)\n", line)
     assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -69,7 +101,9 @@ def server(results_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     assert out == "fusion_bench_webui: stopped\n" and "Traceback" not in err, (out, err)
 
 
-def _request(base: str, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+def _request(
+    base: str, method: str, path: str, body: dict | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     """A raw request: ``path`` is sent as written (no ``..`` normalisation, unlike a browser)."""
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -84,7 +118,11 @@ def browser():
         if os.environ.get("CI") == "true":
             pytest.fail(f"chromium not found at {CHROMIUM}: CI must install it (apt-get install -y chromium)")
         pytest.skip(f"chromium not found at {CHROMIUM}")
-    sync_api = pytest.importorskip("playwright.sync_api") if os.environ.get("CI") != "true" else __import__("playwright.sync_api").sync_api
+    sync_api = (
+        pytest.importorskip("playwright.sync_api")
+        if os.environ.get("CI") != "true"
+        else __import__("playwright.sync_api").sync_api
+    )
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
@@ -138,7 +176,11 @@ def test_compose_by_clicking_run_and_see_the_report(server, page) -> None:
     row = page.locator("#reports tr.highlight").inner_text()
     assert "task_arithmetic" in row and "report.json" in row
     provenance = json.loads(page.locator("#provenance").inner_text())
-    assert provenance["fast_dev_run"] is True and provenance["seed"] == 42 and provenance["config"]["method"]["scaling_factor"] == 0.3
+    assert (
+        provenance["fast_dev_run"] is True
+        and provenance["seed"] == 42
+        and provenance["config"]["method"]["scaling_factor"] == 0.3
+    )
     page.wait_for_selector("#bars .main-svg")
     _screenshot(page, "results")
 
@@ -167,7 +209,9 @@ def test_a_run_request_without_the_token_starts_nothing(server, page) -> None:
     assert _request(base, "POST", "/api/runs", body, {"X-FusionBench-Token": token[:-1] + "x"})[0] == 403
     assert _request(base, "POST", "/api/runs/x/cancel", {})[0] == 403
     page.goto(base + "/")  # the page of someone without the token (sessionStorage is per context)
-    status = page.evaluate("fetch('/api/runs', {method: 'POST', body: JSON.stringify({overrides: []})}).then(r => r.status)")
+    status = page.evaluate(
+        "fetch('/api/runs', {method: 'POST', body: JSON.stringify({overrides: []})}).then(r => r.status)"
+    )
     assert status == 403
     assert json.loads(_request(base, "GET", "/api/runs")[1])["runs"] == before
 
@@ -175,8 +219,15 @@ def test_a_run_request_without_the_token_starts_nothing(server, page) -> None:
 def test_files_outside_the_results_folders_are_refused(server, results_dir) -> None:
     base, *_ = server
     assert _request(base, "GET", "/files/0/avg.json")[0] == 200
-    for path in ("/files/0/../secret.json", "/files/0/..%2Fsecret.json", "/files/0/%2e%2e/secret.json",
-                 "/files//etc/passwd", "/files/0//etc/passwd", "/files/0/%2Fetc%2Fpasswd", "/files/9/avg.json"):  # fmt: skip
+    for path in (
+        "/files/0/../secret.json",
+        "/files/0/..%2Fsecret.json",
+        "/files/0/%2e%2e/secret.json",
+        "/files//etc/passwd",
+        "/files/0//etc/passwd",
+        "/files/0/%2Fetc%2Fpasswd",
+        "/files/9/avg.json",
+    ):
         assert _request(base, "GET", path)[0] == 404, path
 
 
@@ -188,7 +239,10 @@ def test_a_task_named_script_shows_as_text(server, page) -> None:
     assert EVIL_TASK in headers
     page.wait_for_selector("#bars .main-svg")
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
-    assert page.evaluate("[...document.scripts].map(s => s.src.replace(location.origin, ''))") == ["/static/app.js", "/static/plotly.min.js"]
+    assert page.evaluate("[...document.scripts].map(s => s.src.replace(location.origin, ''))") == [
+        "/static/app.js",
+        "/static/plotly.min.js",
+    ]
 
 
 def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> None:
@@ -196,9 +250,16 @@ def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> Non
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-results-ready]")
     table = page.locator('table[data-table="methods"]')
+
     def lambdas() -> list[str]:  # λ of this module's reports, in row order (a run started by another test may be there)
         labels = table.locator("tbody tr td:first-child").all_inner_texts()
-        return [m.group(1) for m in (re.match(r"task_arithmetic \(scaling_factor=(0\.\d)\)", t) for t in labels if "report.json" not in t) if m]
+        return [
+            m.group(1)
+            for m in (
+                re.match(r"task_arithmetic \(scaling_factor=(0\.\d)\)", t) for t in labels if "report.json" not in t
+            )
+            if m
+        ]
 
     table.locator("th button", has_text="avg").click()  # a number column: best first
     assert lambdas() == ["0.5", "0.3", "0.1"]
@@ -241,21 +302,31 @@ def test_queue_and_cancel(server) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--host", "0.0.0.0"], "fusion_bench_webui: error: --host '0.0.0.0' is not a loopback address; add --allow-remote to serve other machines"),
+        (
+            ["--host", "0.0.0.0"],
+            "fusion_bench_webui: error: --host '0.0.0.0' is not a loopback address; add --allow-remote to serve other machines",
+        ),
         (["--port", "http"], "fusion_bench_webui: error: argument --port: invalid int value: 'http'"),
-        (["--results", "/nonexistent/results"], "fusion_bench_webui: error: --results '/nonexistent/results': no such folder"),
+        (
+            ["--results", "/nonexistent/results"],
+            "fusion_bench_webui: error: --results '/nonexistent/results': no such folder",
+        ),
         (["--colour"], "fusion_bench_webui: error: unrecognized arguments: --colour"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fusion_bench.webui", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusion_bench.webui", *args], capture_output=True, text=True, timeout=60
+    )
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", message + "\n")
 
 
 def test_start_up_imports_no_heavy_library(tmp_path: Path) -> None:
-    code = ("import sys; from pathlib import Path; from fusion_bench.webui.server import parse_args; import uvicorn; "
-            "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
-            "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from pathlib import Path; from fusion_bench.webui.server import parse_args; import uvicorn; "
+        "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "[]\n"
@@ -270,8 +341,10 @@ def test_a_foreign_host_name_is_refused(server) -> None:
 def test_options_with_their_defaults_and_comments() -> None:
     from fusion_bench.webui.configs import parse_options
 
-    text = "# Header line one.\n# two.\n_target_: x.Y\nalpha: 0.5   # λ, '#' not a comment start\nname: 'a # b'  # quoted\n" \
-           "nested:\n  k: 1\nlong: null  # first part\n  # second part\n"  # fmt: skip
+    text = (
+        "# Header line one.\n# two.\n_target_: x.Y\nalpha: 0.5   # λ, '#' not a comment start\nname: 'a # b'  # quoted\n"
+        "nested:\n  k: 1\nlong: null  # first part\n  # second part\n"
+    )
     header, options = parse_options(text)
     assert header == "Header line one. two."
     assert [o.as_dict() for o in options] == [
@@ -287,10 +360,15 @@ def test_an_extra_config_dir_is_offered_and_validated(tmp_path: Path) -> None:
     from fusion_bench.webui.configs import ConfigTree
 
     (tmp_path / "method").mkdir()
-    (tmp_path / "method" / "my_average.yaml").write_text("# My average.\n_target_: fusion_bench.method.SimpleAverageAlgorithm\nweight: 2  # unused\n")
+    (tmp_path / "method" / "my_average.yaml").write_text(
+        "# My average.\n_target_: fusion_bench.method.SimpleAverageAlgorithm\nweight: 2  # unused\n"
+    )
     tree = ConfigTree(tmp_path)
     assert "my_average" in tree.choices("method") and "task_arithmetic" in tree.choices("method")
-    assert tree.options("method", "my_average") == {"description": "My average.", "options": [{"key": "weight", "default": "2", "comment": "unused", "nested": False}]}
+    assert tree.options("method", "my_average") == {
+        "description": "My average.",
+        "options": [{"key": "weight", "default": "2", "comment": "unused", "nested": False}],
+    }
     assert validate_overrides(["method=my_average"], str(tmp_path)) is None
     assert compose_config(["method=my_average"], str(tmp_path)).method.weight == 2
     assert "unknown method 'my_average'" in validate_overrides(["method=my_average"])

@@ -23,14 +23,23 @@ from fusion_bench.method import (
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import is_clip_vision_model, vision_encoder_layers
-from fusion_bench.models.wemoe import MLPExperts, WEMoERouter, WeightEnsemblingMLP, magnitude_quantile, prune_task_vector
+from fusion_bench.models.wemoe import (
+    MLPExperts,
+    WEMoERouter,
+    WeightEnsemblingMLP,
+    magnitude_quantile,
+    prune_task_vector,
+)
 
 TASKS = ["mnist", "eurosat", "svhn"]
 OPTS = {"max_steps": 4, "batch_size": 8, "lr": 0.05, "seed": 0}
 
 
 def make_pool(example, tasks=TASKS, test_tasks=TASKS, base=None, finetuned=None):
-    models = {"_pretrained_": str(base or example.base_model), **{t: str((finetuned or example.finetuned)[t]) for t in tasks}}
+    models = {
+        "_pretrained_": str(base or example.base_model),
+        **{t: str((finetuned or example.finetuned)[t]) for t in tasks},
+    }
     test = {t: {"path": str(example.datasets[t]), "split": "test"} for t in test_tasks}
     return CLIPVisionModelPool(models, test_datasets=test)
 
@@ -100,7 +109,12 @@ def _hand_mlp(x, r, base, tvs):
 def test_routed_mlp_matches_hand_merged_weights_per_sample_and_batch_averaged(monkeypatch):
     mlp, base, tvs, router = _toy_mlp()
     x = torch.randn(3, 5, 4)
-    r = torch.stack([(F.relu(x[b] @ router.fc1.weight.T + router.fc1.bias) @ router.fc2.weight.T + router.fc2.bias).mean(0) for b in range(3)])
+    r = torch.stack(
+        [
+            (F.relu(x[b] @ router.fc1.weight.T + router.fc1.bias) @ router.fc2.weight.T + router.fc2.bias).mean(0)
+            for b in range(3)
+        ]
+    )
     expected = torch.stack([_hand_mlp(x[b], r[b], base, tvs) for b in range(3)])
     with torch.no_grad():
         assert torch.allclose(mlp(x), expected, atol=1e-5)
@@ -148,7 +162,9 @@ def test_untrained_constant_routing_is_task_arithmetic(pool):
     assert is_clip_vision_model(moe)
     mlp = vision_encoder_layers(moe.vision_model)[1].mlp
     assert torch.equal(mlp.base["fc1_weight"], pool.get_tensor("_pretrained_", "encoder.layers.1.mlp.fc1.weight"))
-    tau = pool.get_tensor("eurosat", "encoder.layers.1.mlp.fc2.bias") - pool.get_tensor("_pretrained_", "encoder.layers.1.mlp.fc2.bias")
+    tau = pool.get_tensor("eurosat", "encoder.layers.1.mlp.fc2.bias") - pool.get_tensor(
+        "_pretrained_", "encoder.layers.1.mlp.fc2.bias"
+    )
     assert torch.equal(mlp.task_vectors["fc2_bias"][1], tau)
 
 
@@ -159,7 +175,9 @@ def test_training_lowers_the_entropy_and_changes_only_the_routers(pool, trained)
     before, after = objective(untrained, heads, batches), objective(model, heads, batches)
     assert after < before - 0.1, (before, after)
     report = method.extra_report()["clip_weight_ensembling_moe"]
-    assert report["steps_run"] == 4 and report["entropy_last"] < report["entropy_first"] and report["seconds_per_step"] > 0
+    assert (
+        report["steps_run"] == 4 and report["entropy_last"] < report["entropy_first"] and report["seconds_per_step"] > 0
+    )
     trained_params, initial_params = dict(model.named_parameters()), dict(untrained.named_parameters())
     for name, p in trained_params.items():
         same = torch.equal(p, initial_params[name])
@@ -207,7 +225,9 @@ def test_checkpoint_round_trip_skips_training(pool, trained, tmp_path):
 def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(pool, trained, tmp_path):
     _, model, _ = trained
     state = tmp_path / "state.ckpt"
-    interrupted = interrupt_at(CLIPWeightEnsemblingMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)), 3)
+    interrupted = interrupt_at(
+        CLIPWeightEnsemblingMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)), 3
+    )
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(pool)
     assert torch.load(state, weights_only=True)["step"] == 2
@@ -220,12 +240,18 @@ def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(poo
 
 def test_stale_training_state_is_refused(pool, tmp_path):
     state = tmp_path / "state.ckpt"
-    method = interrupt_at(CLIPWeightEnsemblingMoEAlgorithm(**{**OPTS, "max_steps": 3}, save_interval=1, train_state_path=str(state)), 1)
+    method = interrupt_at(
+        CLIPWeightEnsemblingMoEAlgorithm(**{**OPTS, "max_steps": 3}, save_interval=1, train_state_path=str(state)), 1
+    )
     with pytest.raises(KeyboardInterrupt):
         method.run(pool)
-    with pytest.raises(ConfigError, match=r"train state: '.*state\.ckpt' was made for lr 0\.05, not 0\.02; delete it to start over"):
+    with pytest.raises(
+        ConfigError, match=r"train state: '.*state\.ckpt' was made for lr 0\.05, not 0\.02; delete it to start over"
+    ):
         CLIPWeightEnsemblingMoEAlgorithm(**{**OPTS, "lr": 0.02}, train_state_path=str(state)).run(pool)
-    with pytest.raises(ConfigError, match=r"checkpoint: '.*state\.ckpt' was made for kind 'wemoe_train_state', not 'wemoe_routers'"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoint: '.*state\.ckpt' was made for kind 'wemoe_train_state', not 'wemoe_routers'"
+    ):
         CLIPWeightEnsemblingMoEAlgorithm(checkpoint=str(state)).run(pool)
 
 
@@ -233,13 +259,18 @@ def test_checkpoint_for_another_pool_or_architecture_is_refused(tiny_example, po
     from fusion_bench.testing.tiny_clip import build_tiny_clip, make_finetuned_variant
 
     path = str(trained[2])
-    with pytest.raises(ConfigError, match=r"checkpoint: '.*routers\.ckpt' was made for models \['mnist', 'eurosat', 'svhn'\], not \['mnist', 'eurosat'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint: '.*routers\.ckpt' was made for models \['mnist', 'eurosat', 'svhn'\], not \['mnist', 'eurosat'\]",
+    ):
         CLIPWeightEnsemblingMoEAlgorithm(checkpoint=path).run(make_pool(tiny_example, tasks=TASKS[:2]))
     with pytest.raises(ConfigError, match=r"was made for upscaled_layers \[0, 1\], not \[1\]"):
         CLIPWeightEnsemblingMoEAlgorithm(checkpoint=path, num_upscaled_layers=1).run(pool)
     with pytest.raises(ConfigError, match=r"was made for shared_gate False, not True"):
         SparseCLIPWeightEnsemblingMoEAlgorithm(checkpoint=path, tv_prune_ratio=0.0).run(pool)
-    small = build_tiny_clip(tmp_path / "small", corpus=["a photo of a cat.", "a photo of a dog."], hidden_size=16, intermediate_size=24)
+    small = build_tiny_clip(
+        tmp_path / "small", corpus=["a photo of a cat.", "a photo of a dog."], hidden_size=16, intermediate_size=24
+    )
     variants = {t: make_finetuned_variant(small, tmp_path / t, seed=i) for i, t in enumerate(TASKS)}
     with pytest.raises(ConfigError, match=r"was made for hidden_size 32, not 16"):
         CLIPWeightEnsemblingMoEAlgorithm(checkpoint=path).run(make_pool(tiny_example, base=small, finetuned=variants))
@@ -282,7 +313,9 @@ def test_bad_options(options, message):
 
 
 def test_bad_pool(tiny_example, pool):
-    with pytest.raises(ConfigError, match=r"clip_weight_ensembling_moe: model\(s\) \['svhn'\] have no test dataset in the pool"):
+    with pytest.raises(
+        ConfigError, match=r"clip_weight_ensembling_moe: model\(s\) \['svhn'\] have no test dataset in the pool"
+    ):
         CLIPWeightEnsemblingMoEAlgorithm().run(make_pool(tiny_example, test_tasks=TASKS[:2]))
     with pytest.raises(ConfigError, match=r"option 'num_upscaled_layers' is 3 but the model has 2 encoder layers"):
         CLIPWeightEnsemblingMoEAlgorithm(num_upscaled_layers=3).run(pool)
@@ -292,9 +325,18 @@ def test_bad_pool(tiny_example, pool):
 def test_cli_trains_saves_and_reevaluates_the_checkpoint(tiny_example, tmp_path):
     tiny = ["modelpool=CLIPVisionModelPool/tiny-clip_example", "taskpool=CLIPVisionModelTaskPool/tiny-clip_example"]
     ckpt, logs = tmp_path / "c.ckpt", tmp_path / "logs"
-    train = ["method=weight_ensembling_moe", "method.name=clip_weight_ensembling_moe", "method.use_grad_accumulate=false",
-             f"method.save_checkpoint={ckpt}", "method.max_steps=3", "method.batch_size=8", "method.lr=0.05",
-             f"fabric.loggers.root_dir={logs}", *tiny, f"report_save_path={tmp_path / 'train.json'}"]  # fmt: skip
+    train = [
+        "method=weight_ensembling_moe",
+        "method.name=clip_weight_ensembling_moe",
+        "method.use_grad_accumulate=false",
+        f"method.save_checkpoint={ckpt}",
+        "method.max_steps=3",
+        "method.batch_size=8",
+        "method.lr=0.05",
+        f"fabric.loggers.root_dir={logs}",
+        *tiny,
+        f"report_save_path={tmp_path / 'train.json'}",
+    ]
     proc = run_cli(train, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     first = json.loads((tmp_path / "train.json").read_text())
@@ -305,7 +347,15 @@ def test_cli_trains_saves_and_reevaluates_the_checkpoint(tiny_example, tmp_path)
     assert float(rows[0]["entropy/total"]) == pytest.approx(summary["entropy_first"])  # 3 steps: windows of 1
     assert float(rows[-1]["entropy/total"]) == pytest.approx(summary["entropy_last"])
     assert all(float(r["entropy/total"]) == pytest.approx(sum(float(r[f"entropy/{t}"]) for t in TASKS)) for r in rows)
-    proc = run_cli(["method=weight_ensembling_moe", f"method.checkpoint={ckpt}", *tiny, f"report_save_path={tmp_path / 'eval.json'}"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "method=weight_ensembling_moe",
+            f"method.checkpoint={ckpt}",
+            *tiny,
+            f"report_save_path={tmp_path / 'eval.json'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     second = json.loads((tmp_path / "eval.json").read_text())
     assert second["clip_weight_ensembling_moe"] == {"checkpoint": str(ckpt), "trained": False}
@@ -314,8 +364,12 @@ def test_cli_trains_saves_and_reevaluates_the_checkpoint(tiny_example, tmp_path)
     pool = make_pool(tiny_example)
     from fusion_bench.taskpool import CLIPVisionModelTaskPool
 
-    taskpool = CLIPVisionModelTaskPool({t: str(p) for t, p in tiny_example.datasets.items()}, clip_model=str(tiny_example.base_model),
-                                       head_cache_dir=None, dataloader_kwargs={"batch_size": 7})  # fmt: skip
+    taskpool = CLIPVisionModelTaskPool(
+        {t: str(p) for t, p in tiny_example.datasets.items()},
+        clip_model=str(tiny_example.base_model),
+        head_cache_dir=None,
+        dataloader_kwargs={"batch_size": 7},
+    )
     expected = taskpool.evaluate(CLIPWeightEnsemblingMoEAlgorithm(checkpoint=str(ckpt)).run(pool))
     for task in TASKS:  # another batch size, the same numbers: routing is per sample
         assert first[task]["accuracy"] == pytest.approx(expected[task]["accuracy"])

@@ -47,8 +47,13 @@ TABLES: dict[str, dict[str, tuple[Any, ...]]] = {
         "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),  # (radius, sigma) in pixels
         "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),  # down-scaling factor
         # (mean, std, blur sigma, threshold, intensity / mud sigma, 0 = water | 1 = mud)
-        "spatter": ((0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0), (0.65, 0.3, 2, 0.68, 0.5, 0),
-                    (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)),  # fmt: skip
+        "spatter": (
+            (0.65, 0.3, 4, 0.69, 0.6, 0),
+            (0.65, 0.3, 3, 0.68, 0.6, 0),
+            (0.65, 0.3, 2, 0.68, 0.5, 0),
+            (0.65, 0.3, 1, 0.65, 1.5, 1),
+            (0.67, 0.4, 1, 0.65, 1.5, 1),
+        ),
     },
     "cifar": {
         "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
@@ -57,8 +62,13 @@ TABLES: dict[str, dict[str, tuple[Any, ...]]] = {
         "jpeg_compression": (80, 65, 58, 50, 40),
         "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
         "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-        "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
-                    (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),  # fmt: skip
+        "spatter": (
+            (0.62, 0.1, 0.7, 0.7, 0.5, 0),
+            (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+            (0.65, 0.3, 1, 0.69, 0.5, 0),
+            (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+            (0.65, 0.1, 0.5, 0.68, 0.6, 1),
+        ),
     },
 }
 CORRUPTIONS: tuple[str, ...] = tuple(TABLES["imagenet"])
@@ -159,9 +169,10 @@ def _canny(img: np.ndarray, low: float, high: float) -> np.ndarray:
     diag_a = np.where(s > 0, shift(-1, -1), shift(-1, 1))  # the neighbours along the gradient
     diag_b = np.where(s > 0, shift(1, 1), shift(1, -1))
     keep = np.where(
-        horizontal, (mag > shift(0, -1)) & (mag >= shift(0, 1)),
+        horizontal,
+        (mag > shift(0, -1)) & (mag >= shift(0, 1)),
         np.where(vertical, (mag > shift(-1, 0)) & (mag >= shift(1, 0)), (mag > diag_a) & (mag > diag_b)),
-    )  # fmt: skip
+    )
     candidates = keep & (mag > low)
     labels, _ = ndimage.label(candidates, structure=np.ones((3, 3)))
     strong = np.unique(labels[candidates & (mag > high)])

@@ -22,7 +22,13 @@ from fusion_bench.data.corruptions import CorruptedImageDataset, CorruptionSpec
 from fusion_bench.errors import DatasetError
 from fusion_bench.utils.instantiate import call_with_options, resolve_target, to_container
 
-__all__ = ["load_dataset_from_config", "split_corruption_options", "is_saved_to_disk", "check_image_classification_columns", "ImageClassificationCollate"]
+__all__ = [
+    "load_dataset_from_config",
+    "split_corruption_options",
+    "is_saved_to_disk",
+    "check_image_classification_columns",
+    "ImageClassificationCollate",
+]
 
 _DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -118,8 +124,10 @@ def _load_from_disk(path: str, *, what: str) -> Any:
         return datasets.load_from_disk(str(Path(path).expanduser()))
     except Exception as err:  # pyarrow.ArrowInvalid, OSError, JSONDecodeError...: the files are damaged
         first = (str(err).splitlines() or [""])[0][:200]
-        raise DatasetError(f"{what}: cannot read the saved dataset {path!r} ({err.__class__.__name__}: {first}); "
-                           "delete it to have it generated again, or restore it") from None
+        raise DatasetError(
+            f"{what}: cannot read the saved dataset {path!r} ({err.__class__.__name__}: {first}); "
+            "delete it to have it generated again, or restore it"
+        ) from None
 
 
 def check_image_classification_columns(dataset: Any, *, what: str) -> None:
@@ -129,7 +137,9 @@ def check_image_classification_columns(dataset: Any, *, what: str) -> None:
         return  # a custom torch dataset: checked when a sample is read
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
-        raise DatasetError(f"{what}: missing column(s) {missing}; it has {list(columns)} (expected 'image' and 'label')")
+        raise DatasetError(
+            f"{what}: missing column(s) {missing}; it has {list(columns)} (expected 'image' and 'label')"
+        )
 
 
 class ImageClassificationCollate:

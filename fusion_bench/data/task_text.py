@@ -38,7 +38,9 @@ def task_classnames_and_templates(
         if not classnames or not templates:
             raise ConfigError(f"{what}: task {task!r}: give both 'classnames' and 'templates', or neither")
         if any(str(t).count("{}") != 1 for t in templates):
-            raise ConfigError(f"{what}: task {task!r}: every template needs exactly one '{{}}'; got {list(templates)!r}")
+            raise ConfigError(
+                f"{what}: task {task!r}: every template needs exactly one '{{}}'; got {list(templates)!r}"
+            )
         return [str(c) for c in classnames], [str(t) for t in templates]
     if task in mini_tasks.MINI_TASKS:
         text = mini_tasks.task_text(task)

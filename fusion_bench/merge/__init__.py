@@ -10,5 +10,12 @@ from fusion_bench.merge.streaming import (
     validate_pool,
 )
 
-__all__ = ["PerKeyMerge", "check_finite", "check_pool_compatible", "compute_dtype", "stream_merge", "stream_task_vectors",
-           "validate_pool"]
+__all__ = [
+    "PerKeyMerge",
+    "check_finite",
+    "check_pool_compatible",
+    "compute_dtype",
+    "stream_merge",
+    "stream_task_vectors",
+    "validate_pool",
+]

@@ -42,7 +42,9 @@ def pure_core(*, with_base: bool = True) -> Callable[[Core], Core]:
         if with_base:
 
             @functools.wraps(core)
-            def with_theta0(base: StateDict, finetuned: Sequence[StateDict], *args: Any, **options: Any) -> dict[str, Tensor]:
+            def with_theta0(
+                base: StateDict, finetuned: Sequence[StateDict], *args: Any, **options: Any
+            ) -> dict[str, Tensor]:
                 merged = core(upcast_floats(base), [upcast_floats(sd) for sd in finetuned], *args, **options)
                 return _with_non_floats(merged, base)
 

@@ -22,7 +22,16 @@ from fusion_bench.errors import IncompatibleModelsError, ModelPoolError
 from fusion_bench.modelpool.base_pool import PRETRAINED, BaseModelPool
 from fusion_bench.utils.progress import progress
 
-__all__ = ["PerKeyMerge", "validate_pool", "check_pool_compatible", "check_finite", "prefetched", "stream_merge", "stream_task_vectors", "compute_dtype"]
+__all__ = [
+    "PerKeyMerge",
+    "validate_pool",
+    "check_pool_compatible",
+    "check_finite",
+    "prefetched",
+    "stream_merge",
+    "stream_task_vectors",
+    "compute_dtype",
+]
 
 T = TypeVar("T")
 PerKeyMerge = Callable[[str, "torch.Tensor | None", list[torch.Tensor]], torch.Tensor]
@@ -50,7 +59,8 @@ def check_same_tensor_names(keys_by_model: dict[str, Sequence[str]]) -> None:
         unexpected, lacking = sorted(keys - expected), sorted(expected - keys)
         others = "the other models" if counts[expected] > 1 else repr(next(n for n, k in sets.items() if k == expected))
         parts = ([f"has unexpected tensor(s) {_shown(unexpected)} that {others} lack"] if unexpected else []) + (
-            [f"lacks tensor(s) {_shown(lacking)} that {others} have"] if lacking else [])
+            [f"lacks tensor(s) {_shown(lacking)} that {others} have"] if lacking else []
+        )
         raise IncompatibleModelsError(f"model {name!r} {' and '.join(parts)}")
 
 
@@ -64,7 +74,9 @@ def check_pool_compatible(modelpool: BaseModelPool, names: Sequence[str]) -> lis
     ref_source = modelpool.tensor_source(ref_name)
     ref_keys = ref_source.keys()
     ref_meta = {k: ref_source.shape_dtype(k) for k in ref_keys}
-    check_same_tensor_names({name: list(modelpool.tensor_source(name).keys()) for name in progress(names, desc="opening models")})
+    check_same_tensor_names(
+        {name: list(modelpool.tensor_source(name).keys()) for name in progress(names, desc="opening models")}
+    )
     for name in names[1:]:
         source = modelpool.tensor_source(name)
         for key in ref_keys:
@@ -118,7 +130,9 @@ def validate_pool(
     if len(names) < min_models:
         raise ModelPoolError(f"this method needs at least {min_models} fine-tuned model(s); the pool has {names}")
     if with_base and not modelpool.has_pretrained:
-        raise ModelPoolError(f"this method needs a {PRETRAINED!r} model in the pool; models: {modelpool.all_model_names}")
+        raise ModelPoolError(
+            f"this method needs a {PRETRAINED!r} model in the pool; models: {modelpool.all_model_names}"
+        )
     buffer_name = PRETRAINED if with_base else names[0]
     return names, check_pool_compatible(modelpool, [buffer_name, *[n for n in names if n != buffer_name]])
 
@@ -195,10 +209,14 @@ def prefetched(read: Callable[[str], T], keys: Sequence[str]) -> Iterator[tuple[
             yield key, value
 
 
-def _check_equal_non_float(key: str, names: Sequence[str], tensors: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+def _check_equal_non_float(
+    key: str, names: Sequence[str], tensors: Sequence[torch.Tensor], target: torch.Tensor
+) -> None:
     for n, t in zip(names, tensors):
         if not torch.equal(t, target):
-            raise IncompatibleModelsError(f"model {n!r}, non-float tensor {key!r} differs from the base; cannot merge it")
+            raise IncompatibleModelsError(
+                f"model {n!r}, non-float tensor {key!r} differs from the base; cannot merge it"
+            )
 
 
 def stream_task_vectors(

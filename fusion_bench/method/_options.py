@@ -11,16 +11,32 @@ from typing import Any, Sequence
 
 from fusion_bench.errors import ConfigError
 
-__all__ = ["check_range", "check_int", "check_choice", "check_bool", "check_number_list", "check_arguments",
-           "check_finite_values"]  # fmt: skip
+__all__ = [
+    "check_range",
+    "check_int",
+    "check_choice",
+    "check_bool",
+    "check_number_list",
+    "check_arguments",
+    "check_finite_values",
+]
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
     return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def check_range(method: str, option: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
-                low_open: bool = False, high_open: bool = False, hint: str = "") -> float:  # fmt: skip
+def check_range(
+    method: str,
+    option: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
     """``value`` as a float if it lies in the interval, else a ConfigError.
 
     Args:
@@ -38,7 +54,9 @@ def check_range(method: str, option: str, value: Any, *, low: float = -math.inf,
         raise ConfigError(f"{method}: option {option!r} must be a finite number; got {value!r}")
     inside = (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
     if not inside:
-        where = f"in {_interval(low, high, low_open, high_open)}" if math.isfinite(low) or math.isfinite(high) else "finite"
+        where = (
+            f"in {_interval(low, high, low_open, high_open)}" if math.isfinite(low) or math.isfinite(high) else "finite"
+        )
         raise ConfigError(f"{method}: option {option!r} must be {where}{hint}; got {value!r}")
     return number
 

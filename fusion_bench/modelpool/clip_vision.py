@@ -144,8 +144,11 @@ class CLIPVisionModelPool(BaseModelPool):
     def checkpoint_sources(self) -> dict[str, dict[str, Any]]:
         """See :meth:`BaseModelPool.checkpoint_sources` (``files`` empty for ``.bin``-only checkpoints)."""
         return {
-            name: {"location": ckpt.location, "revision": self.get_model_config(name).get("revision"),
-                   "files": list(ckpt.files or [])}  # fmt: skip
+            name: {
+                "location": ckpt.location,
+                "revision": self.get_model_config(name).get("revision"),
+                "files": list(ckpt.files or []),
+            }
             for name, ckpt in self._checkpoints.items()
         }
 
@@ -197,7 +200,9 @@ class CLIPVisionModelPool(BaseModelPool):
         from transformers import CLIPVisionModel
 
         try:
-            return CLIPVisionModel.from_pretrained(entry["pretrained_model_name_or_path"], revision=entry.get("revision"))
+            return CLIPVisionModel.from_pretrained(
+                entry["pretrained_model_name_or_path"], revision=entry.get("revision")
+            )
         except OSError as err:
             raise ModelLoadError(f"{what}: {err}") from None
 
@@ -247,9 +252,9 @@ LIST_FORM_TYPES = ("huggingface_clip_vision", "HuggingFaceClipVisionPool")
 class HuggingFaceClipVisionPool(CLIPVisionModelPool):
     """The older list form of a CLIP pool::
 
-        type: huggingface_clip_vision
-        models: [{name: _pretrained_, path: openai/clip-vit-base-patch32}, {name: sun397, path: ...}]
-        train_datasets / test_datasets / tta_datasets: [{name: sun397, dataset: {name: tanganke/sun397, split: test}}]
+    type: huggingface_clip_vision
+    models: [{name: _pretrained_, path: openai/clip-vit-base-patch32}, {name: sun397, path: ...}]
+    train_datasets / test_datasets / tta_datasets: [{name: sun397, dataset: {name: tanganke/sun397, split: test}}]
     """
 
     def __init__(
@@ -265,7 +270,9 @@ class HuggingFaceClipVisionPool(CLIPVisionModelPool):
         tta_datasets: Any = None,
     ) -> None:
         if type is not None and type not in LIST_FORM_TYPES:  # the YAML's registry key, accepted here too
-            raise ModelPoolError(f"HuggingFaceClipVisionPool: type {type!r} is not this pool's; use one of {', '.join(LIST_FORM_TYPES)}")
+            raise ModelPoolError(
+                f"HuggingFaceClipVisionPool: type {type!r} is not this pool's; use one of {', '.join(LIST_FORM_TYPES)}"
+            )
         super().__init__(
             _list_to_mapping(models, "models", value=lambda e: {k: v for k, v in e.items() if k != "name"}),
             processor=processor,

@@ -73,13 +73,25 @@ class CLIPVisionLoRAModelPool(CLIPVisionModelPool):
         train_datasets / val_datasets / test_datasets: ``{task: dataset entry}``.
     """
 
-    def __init__(self, models: Mapping[str, Any], *, processor: Any = None, train_datasets: Mapping[str, Any] | None = None,
-                 val_datasets: Mapping[str, Any] | None = None, test_datasets: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        *,
+        processor: Any = None,
+        train_datasets: Mapping[str, Any] | None = None,
+        val_datasets: Mapping[str, Any] | None = None,
+        test_datasets: Mapping[str, Any] | None = None,
+    ) -> None:
         self._adapter_entries: dict[str, dict[str, Any]] = {}
         self._adapters: dict[str, LoRAAdapter] = {}
         self._bases: dict[str, CLIPVisionModelPool] = {}
-        super().__init__(models, processor=processor, train_datasets=train_datasets, val_datasets=val_datasets,
-                         test_datasets=test_datasets)  # fmt: skip
+        super().__init__(
+            models,
+            processor=processor,
+            train_datasets=train_datasets,
+            val_datasets=val_datasets,
+            test_datasets=test_datasets,
+        )
 
     # ---- config --------------------------------------------------------------------------------
     def _normalise_entry(self, name: str, entry: Any) -> Any:  # type: ignore[override]
@@ -91,7 +103,9 @@ class CLIPVisionLoRAModelPool(CLIPVisionModelPool):
         entry = dict(entry)
         unknown = sorted(set(entry) - _ADAPTER_KEYS)
         if unknown:
-            raise ModelPoolError(f"{what}: an adapter entry accepts {sorted(_ADAPTER_KEYS)}; got unknown keys {unknown}")
+            raise ModelPoolError(
+                f"{what}: an adapter entry accepts {sorted(_ADAPTER_KEYS)}; got unknown keys {unknown}"
+            )
         if entry.get("kind") is not None and entry["kind"] not in KINDS:
             raise ModelPoolError(f"{what}: unknown adapter kind {entry['kind']!r}; choose one of {', '.join(KINDS)}")
         adapter = str(entry["adapter"])
@@ -119,13 +133,19 @@ class CLIPVisionLoRAModelPool(CLIPVisionModelPool):
         if name not in self._bases:
             base = self._adapter_entries[name].get("base") or self.adapter(name).base_model_name_or_path
             if not base:
-                raise ModelPoolError(f"model {name!r}: the adapter records no base_model_name_or_path; give 'base' in its entry")
+                raise ModelPoolError(
+                    f"model {name!r}: the adapter records no base_model_name_or_path; give 'base' in its entry"
+                )
             self._bases[name] = CLIPVisionModelPool({BASE: base})
         return self._bases[name]
 
     def _base_label(self, name: str) -> str:
         entry = self._base(name).get_model_config(BASE)
-        return str(entry.get("pretrained_model_name_or_path", entry)) if isinstance(entry, Mapping) else type(entry).__name__
+        return (
+            str(entry.get("pretrained_model_name_or_path", entry))
+            if isinstance(entry, Mapping)
+            else type(entry).__name__
+        )
 
     # ---- tensors and models ------------------------------------------------------------------------
     def tensor_source(self, name: str) -> TensorSource:

@@ -46,7 +46,12 @@ from fusion_bench.tasks.classification.processor import (
 )
 from fusion_bench.utils.instantiate import to_container
 
-__all__ = ["HFImageClassificationModelPool", "canonical_classifier_keys", "checkpoint_layout_state_dict", "is_image_classifier"]
+__all__ = [
+    "HFImageClassificationModelPool",
+    "canonical_classifier_keys",
+    "checkpoint_layout_state_dict",
+    "is_image_classifier",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +96,10 @@ def checkpoint_layout_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     renamed = revert_weight_conversion(model, state)
     pointers = {t.data_ptr() for t in state.values()}
     if len(renamed) != len(state) or any(t.data_ptr() not in pointers for t in renamed.values()):
-        raise ModelLoadError(f"{type(model).__name__}: this transformers version converts its weights on save "
-                             f"beyond renaming; per-tensor merging is not supported for it")  # fmt: skip
+        raise ModelLoadError(
+            f"{type(model).__name__}: this transformers version converts its weights on save "
+            f"beyond renaming; per-tensor merging is not supported for it"
+        )
     return renamed
 
 
@@ -128,9 +135,14 @@ class HFImageClassificationModelPool(BaseModelPool):
         test_datasets: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(models, train_datasets=train_datasets, val_datasets=val_datasets, test_datasets=test_datasets)
-        for option, value, choices in (("heads", heads, HEAD_CHOICES), ("batchnorm_statistics", batchnorm_statistics, BATCHNORM_CHOICES)):
+        for option, value, choices in (
+            ("heads", heads, HEAD_CHOICES),
+            ("batchnorm_statistics", batchnorm_statistics, BATCHNORM_CHOICES),
+        ):
             if value not in choices:
-                raise ConfigError(f"modelpool: option {option!r} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+                raise ConfigError(
+                    f"modelpool: option {option!r} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+                )
         self.heads, self.batchnorm_statistics = heads, batchnorm_statistics
         self._models = {name: CLIPVisionModelPool._normalise_entry(name, entry) for name, entry in self._models.items()}
         self._processor_cfg = to_container(processor)
@@ -154,8 +166,10 @@ class HFImageClassificationModelPool(BaseModelPool):
         try:
             return processor_class_for(str(model_type))
         except UnknownNameError:
-            raise ModelLoadError(f"{what} is a {model_type!r} model; image classifier pools take "
-                                 f"{', '.join(map(repr, PROCESSORS.names()))}") from None  # fmt: skip
+            raise ModelLoadError(
+                f"{what} is a {model_type!r} model; image classifier pools take "
+                f"{', '.join(map(repr, PROCESSORS.names()))}"
+            ) from None
 
     def processor_class(self, name: str) -> type[ClassificationProcessor]:
         """The processor class (model family) of model ``name``."""
@@ -184,6 +198,7 @@ class HFImageClassificationModelPool(BaseModelPool):
             ckpt = self._checkpoint(name) if self._is_file_entry(name) else None
             what = f"model {name!r}" + (f" ({ckpt.location})" if ckpt else "")
             if ckpt is not None and ckpt.files is not None:
+
                 def rename(raw: list[str]) -> dict[str, str]:
                     keys = canonical_classifier_keys(raw, prefix=prefix, head_prefix=head_prefix)
                     return {k: v for k, v in keys.items() if keep(k)}
@@ -203,7 +218,9 @@ class HFImageClassificationModelPool(BaseModelPool):
         source = self._source(name, "head")
         head = {k: source.get(k) for k in source.keys()}
         if not head:
-            raise ModelLoadError(f"model {name!r} has no classification head tensors ({self.processor_class(name).head_prefix}*)")
+            raise ModelLoadError(
+                f"model {name!r} has no classification head tensors ({self.processor_class(name).head_prefix}*)"
+            )
         return head
 
     def num_classes(self, name: str) -> int:

@@ -71,7 +71,9 @@ def _architecture(model_name: Any, model_config: Any, *, what: str) -> OpenCLIPA
         raise ModelPoolError(f"{what}: give model_name or model_config, not both")
     if model_config is not None:
         if not isinstance(model_config, Mapping):
-            raise ModelPoolError(f"{what}: model_config must be a mapping {{embed_dim, vision_cfg}}, got {model_config!r}")
+            raise ModelPoolError(
+                f"{what}: model_config must be a mapping {{embed_dim, vision_cfg}}, got {model_config!r}"
+            )
         return OpenCLIPArchitecture.from_config(model_config, what=what)
     return OpenCLIPArchitecture.from_name(str(model_name), what=what) if model_name is not None else None
 
@@ -156,7 +158,9 @@ class OpenCLIPVisionModelPool(BaseModelPool):
             if entry.kind == "folder" or is_safetensors_file(entry.path):
                 if not files[0].is_file():
                     raise ModelLoadError(f"{what}: file {str(files[0])!r} does not exist")
-                source: TensorSource = SafetensorsSource(files, rename=canonical_openclip_keys, what=f"{what} ({entry.path})")
+                source: TensorSource = SafetensorsSource(
+                    files, rename=canonical_openclip_keys, what=f"{what} ({entry.path})"
+                )
                 if not source.keys():
                     raise ModelLoadError(f"{what}: {str(files[0])!r} holds no OpenCLIP vision tower tensors")
             else:
@@ -193,7 +197,9 @@ class OpenCLIPVisionModelPool(BaseModelPool):
     # ---- models ------------------------------------------------------------------------------
     def _load_model(self, name: str, entry: Any) -> nn.Module:
         if self._entries[name] is None:
-            return self._load_checked_target(name, entry, lambda m: isinstance(m, ImageEncoder), "an OpenCLIP ImageEncoder")
+            return self._load_checked_target(
+                name, entry, lambda m: isinstance(m, ImageEncoder), "an OpenCLIP ImageEncoder"
+            )
         source = self.tensor_source(name)
         state = {k: source.get(k) for k in source.keys()}
         return build_image_encoder(self.architecture(name), state, what=f"model {name!r} ({self._entries[name].path})")
@@ -233,6 +239,8 @@ class OpenCLIPVisionModelPool(BaseModelPool):
             known = ", ".join(self._heads) or "none"
             raise UnknownNameError(f"no classification head for {task!r} in the pool; heads: {known}")
         return load_classification_head(
-            self._heads[task], what=f"classification head {task!r}", allow_pickle=self.allow_pickle, base_dir=self.model_dir
+            self._heads[task],
+            what=f"classification head {task!r}",
+            allow_pickle=self.allow_pickle,
+            base_dir=self.model_dir,
         )
-

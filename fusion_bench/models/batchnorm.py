@@ -28,7 +28,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["BATCHNORM_TYPES", "has_batchnorm", "batchnorm_layers", "recompute_batchnorm_statistics", "is_batchnorm_buffer"]
+__all__ = [
+    "BATCHNORM_TYPES",
+    "has_batchnorm",
+    "batchnorm_layers",
+    "recompute_batchnorm_statistics",
+    "is_batchnorm_buffer",
+]
 
 BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -51,7 +57,10 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def recompute_batchnorm_statistics(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, forward: Callable[[nn.Module, torch.Tensor], object] | None = None
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    forward: Callable[[nn.Module, torch.Tensor], object] | None = None,
 ) -> int:
     """Re-estimate every BatchNorm layer's running statistics on ``batches`` (in place).
 

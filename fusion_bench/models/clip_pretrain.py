@@ -44,7 +44,9 @@ class PretrainConfig:
     max_logit_scale: float = math.log(100.0)
 
 
-def clip_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over the batch's image–text similarity matrix.
 
     Args:
@@ -76,11 +78,15 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _embed(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _embed(
+    model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, captions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected image and text features of a batch, (B, D) each."""
     device = pixel_values.device
     text = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-    pooled_text = model.text_model(input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)).pooler_output
+    pooled_text = model.text_model(
+        input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)
+    ).pooler_output
     pooled_image = model.vision_model(pixel_values=pixel_values).pooler_output  # (B, H)
     return model.visual_projection(pooled_image), model.text_projection(pooled_text)
 

@@ -31,7 +31,9 @@ __all__ = [
 MASK_KINDS = ("continuous", "discrete", "threshold")
 
 
-def init_mask_logits(shapes: Mapping[str, torch.Size], value: float, *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def init_mask_logits(
+    shapes: Mapping[str, torch.Size], value: float, *, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """Mask logits ``{name: tensor filled with value}``, trainable leaves.
 
     Args:
@@ -39,7 +41,10 @@ def init_mask_logits(shapes: Mapping[str, torch.Size], value: float, *, device: 
         value: the initial logit (0: keep probability 0.5).
         device: where the logits live.
     """
-    return {name: torch.full(tuple(shape), float(value), device=device, requires_grad=True) for name, shape in shapes.items()}
+    return {
+        name: torch.full(tuple(shape), float(value), device=device, requires_grad=True)
+        for name, shape in shapes.items()
+    }
 
 
 def _uniform(logits: Tensor, generator: torch.Generator) -> Tensor:
@@ -48,7 +53,9 @@ def _uniform(logits: Tensor, generator: torch.Generator) -> Tensor:
     return u.clamp(eps, 1 - eps)
 
 
-def sample_concrete_mask(logits: Mapping[str, Tensor], temperature: float, generator: torch.Generator) -> dict[str, Tensor]:
+def sample_concrete_mask(
+    logits: Mapping[str, Tensor], temperature: float, generator: torch.Generator
+) -> dict[str, Tensor]:
     """One relaxed Bernoulli draw per entry (differentiable in ``logits``), values in (0, 1).
 
     Args:
@@ -76,7 +83,9 @@ def threshold_mask(logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def final_mask(logits: Mapping[str, Tensor], kind: str, *, temperature: float, generator: torch.Generator) -> dict[str, Tensor]:
+def final_mask(
+    logits: Mapping[str, Tensor], kind: str, *, temperature: float, generator: torch.Generator
+) -> dict[str, Tensor]:
     """The mask a trained run merges with: ``kind`` is one of :data:`MASK_KINDS`.
 
     ``continuous``: a relaxed draw (the reference's ``eval_mask_type``); ``discrete``: a hard

@@ -41,21 +41,35 @@ def batch_fisher_objective(logits: torch.Tensor) -> torch.Tensor:
     return (probs.sqrt() * torch.log_softmax(logits, dim=-1)).sum()
 
 
-def _add_squared(fisher: dict[str, torch.Tensor], names: list[str], grads: Iterable[torch.Tensor | None],
-                 weight: float | torch.Tensor = 1.0) -> None:  # fmt: skip
+def _add_squared(
+    fisher: dict[str, torch.Tensor],
+    names: list[str],
+    grads: Iterable[torch.Tensor | None],
+    weight: float | torch.Tensor = 1.0,
+) -> None:
     for name, grad in zip(names, grads):
         if grad is not None:
             fisher[name] += weight * grad.detach().float().square()
 
 
-def _batch_step(forward: Forward, inputs: torch.Tensor, names: list[str], params: list[nn.Parameter],
-                fisher: dict[str, torch.Tensor]) -> None:  # fmt: skip
+def _batch_step(
+    forward: Forward,
+    inputs: torch.Tensor,
+    names: list[str],
+    params: list[nn.Parameter],
+    fisher: dict[str, torch.Tensor],
+) -> None:
     objective = batch_fisher_objective(forward(inputs))
     _add_squared(fisher, names, torch.autograd.grad(objective, params, allow_unused=True))
 
 
-def _per_example_step(forward: Forward, inputs: torch.Tensor, names: list[str], params: list[nn.Parameter],
-                      fisher: dict[str, torch.Tensor]) -> None:  # fmt: skip
+def _per_example_step(
+    forward: Forward,
+    inputs: torch.Tensor,
+    names: list[str],
+    params: list[nn.Parameter],
+    fisher: dict[str, torch.Tensor],
+) -> None:
     for b in range(inputs.shape[0]):
         log_probs = torch.log_softmax(forward(inputs[b : b + 1]).float(), dim=-1)[0]  # (C,)
         probs = log_probs.detach().exp()  # (C,)

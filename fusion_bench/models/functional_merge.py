@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["TaskVectorStack", "merge_parameters", "detached_leaves", "backward_into_merge", "FunctionalMergedModel", "unload"]
+__all__ = [
+    "TaskVectorStack",
+    "merge_parameters",
+    "detached_leaves",
+    "backward_into_merge",
+    "FunctionalMergedModel",
+    "unload",
+]
 
 
 @dataclass
@@ -78,8 +85,13 @@ class TaskVectorStack:
         return TaskVectorStack(self.models, self.names, move(self.base), move(self.vectors))
 
 
-def merge_parameters(stack: TaskVectorStack, coefficients: Tensor, mask: Mapping[str, Tensor] | None = None,
-                     *, clamp: tuple[float, float] | None = None) -> dict[str, Tensor]:  # fmt: skip
+def merge_parameters(
+    stack: TaskVectorStack,
+    coefficients: Tensor,
+    mask: Mapping[str, Tensor] | None = None,
+    *,
+    clamp: tuple[float, float] | None = None,
+) -> dict[str, Tensor]:
     """The merged tensors ``θ0 + m ⊙ Σ_t λ[t] τ_t`` (differentiable in ``coefficients`` and ``mask``).
 
     Args:

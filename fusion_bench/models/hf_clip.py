@@ -126,7 +126,7 @@ def load_vision_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     for key, tensor in mapped.items():
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise ModelLoadError(
-                f"{what}: tensor {key[len(prefix):]!r} has shape {tuple(tensor.shape)}, "
+                f"{what}: tensor {key[len(prefix) :]!r} has shape {tuple(tensor.shape)}, "
                 f"the architecture expects {tuple(own[key].shape)}"
             )
     own_dtypes = {k: v.dtype for k, v in own.items()}
@@ -201,7 +201,9 @@ def load_clip_model(cfg: Any, *, what: str = "clip_model") -> nn.Module:
         try:
             model = CLIPModel.from_pretrained(path, revision=cfg.get("revision") if isinstance(cfg, Mapping) else None)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{what}: cannot load a CLIPModel from {path!r} ({err.__class__.__name__}: {err})") from None
+            raise ModelLoadError(
+                f"{what}: cannot load a CLIPModel from {path!r} ({err.__class__.__name__}: {err})"
+            ) from None
     if not isinstance(model, CLIPModel):
         raise ModelLoadError(f"{what}: expected a CLIPModel, got {type(model).__name__}")
     return model

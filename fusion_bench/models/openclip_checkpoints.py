@@ -74,7 +74,9 @@ def _canonical(state: Mapping[str, torch.Tensor], *, what: str, location: str) -
     return {canon: state[raw] for canon, raw in mapping.items()}
 
 
-def encoder_state_from_object(obj: Any, *, what: str, location: str) -> tuple[dict[str, torch.Tensor], OpenCLIPArchitecture | None]:
+def encoder_state_from_object(
+    obj: Any, *, what: str, location: str
+) -> tuple[dict[str, torch.Tensor], OpenCLIPArchitecture | None]:
     """``(model.visual.* tensors, architecture or None)`` of an unpickled checkpoint object.
 
     Accepts a task_vectors ``ImageEncoder`` (``.model.visual``), an open_clip ``CLIP``
@@ -131,7 +133,9 @@ def save_image_encoder(encoder: ImageEncoder, path: str | Path, *, description: 
 def _head_from_state(state: Mapping[str, torch.Tensor], normalize: bool, *, what: str) -> ClassificationHead:
     weight = state.get("weight")
     if weight is None or weight.ndim != 2 or set(state) - {"weight", "bias"}:
-        raise ModelLoadError(f"{what}: a head state dict needs 'weight' (C, D) and optionally 'bias' (C,); got {sorted(state)}")
+        raise ModelLoadError(
+            f"{what}: a head state dict needs 'weight' (C, D) and optionally 'bias' (C,); got {sorted(state)}"
+        )
     return ClassificationHead(normalize, weight, state.get("bias"))
 
 
@@ -143,7 +147,9 @@ def _read_head_file(path: Path, *, what: str, allow_pickle: bool, normalize: boo
             raise
         obj = load_pickle_file(path, what=what, redirect=task_vectors_redirect)
         if not isinstance(obj, nn.Module) or not isinstance(getattr(obj, "weight", None), torch.Tensor):
-            raise ModelLoadError(f"{what}: {str(path)!r} holds a {type(obj).__name__}, not a classification head") from None
+            raise ModelLoadError(
+                f"{what}: {str(path)!r} holds a {type(obj).__name__}, not a classification head"
+            ) from None
         flag = getattr(obj, "normalize", True) if normalize is None else normalize
         return ClassificationHead(flag, obj.weight.detach(), getattr(obj, "bias", None))
     if normalize is None:
@@ -188,7 +194,9 @@ def load_classification_head(
             path = Path(base_dir).expanduser() / path
         head = _read_head_file(path, what=what, allow_pickle=allow_pickle, normalize=entry.get("normalize"))
     if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ModelLoadError(f"{what}: expected a classification head (a module with a (C, D) weight), got {type(head).__name__}")
+        raise ModelLoadError(
+            f"{what}: expected a classification head (a module with a (C, D) weight), got {type(head).__name__}"
+        )
     return head.eval()
 
 

@@ -47,16 +47,39 @@ __all__ = [
 PROJECTION = "visual_projection.weight"
 _DEFAULT_EPS = 1e-5
 # vision_cfg fields and the only values a HF CLIP vision tower can express
-_PLAIN_VIT = {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
-              "final_ln_after_pool": False, "pool_type": "tok", "timm_model_name": None, "act_kwargs": None,
-              "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
-              "scale_attn_inner": False, "scale_attn": False, "scale_fc": False}  # fmt: skip
-_SIMPLE = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
-           "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
-           "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
-           "ln_post.bias": "post_layernorm.bias"}  # fmt: skip
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+_PLAIN_VIT = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "timm_model_name": None,
+    "act_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
+_SIMPLE = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 _BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_BLOCK_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -84,23 +107,33 @@ def hf_config_from_openclip(arch: OpenCLIPArchitecture) -> Any:
     cfg = arch.vision_cfg
     width = int(cfg.get("width", 768))
     return CLIPVisionConfig(
-        hidden_size=width, intermediate_size=int(width * float(cfg.get("mlp_ratio", 4.0))),
-        num_hidden_layers=int(cfg.get("layers", 12)), num_attention_heads=width // int(cfg.get("head_width", 64)),
-        image_size=arch.image_size, patch_size=int(cfg.get("patch_size", 16)), projection_dim=arch.embed_dim,
-        hidden_act="quick_gelu" if arch.quick_gelu else "gelu", layer_norm_eps=eps,
-    )  # fmt: skip
+        hidden_size=width,
+        intermediate_size=int(width * float(cfg.get("mlp_ratio", 4.0))),
+        num_hidden_layers=int(cfg.get("layers", 12)),
+        num_attention_heads=width // int(cfg.get("head_width", 64)),
+        image_size=arch.image_size,
+        patch_size=int(cfg.get("patch_size", 16)),
+        projection_dim=arch.embed_dim,
+        hidden_act="quick_gelu" if arch.quick_gelu else "gelu",
+        layer_norm_eps=eps,
+    )
 
 
 def openclip_architecture_from_hf(config: Any) -> OpenCLIPArchitecture:
     """The OpenCLIP architecture of a ``CLIPVisionConfig`` (or a ``CLIPConfig``'s vision part)."""
     config = getattr(config, "vision_config", config)
     if config.hidden_act not in ("quick_gelu", "gelu"):
-        raise ModelLoadError(f"HF CLIP vision config uses hidden_act {config.hidden_act!r}; open_clip has quick_gelu and gelu")
+        raise ModelLoadError(
+            f"HF CLIP vision config uses hidden_act {config.hidden_act!r}; open_clip has quick_gelu and gelu"
+        )
     vision_cfg: dict[str, Any] = {
-        "image_size": int(config.image_size), "layers": int(config.num_hidden_layers), "width": int(config.hidden_size),
-        "patch_size": int(config.patch_size), "head_width": config.hidden_size // config.num_attention_heads,
+        "image_size": int(config.image_size),
+        "layers": int(config.num_hidden_layers),
+        "width": int(config.hidden_size),
+        "patch_size": int(config.patch_size),
+        "head_width": config.hidden_size // config.num_attention_heads,
         "mlp_ratio": config.intermediate_size / config.hidden_size,
-    }  # fmt: skip
+    }
     if float(config.layer_norm_eps) != _DEFAULT_EPS:
         vision_cfg["norm_kwargs"] = {"eps": float(config.layer_norm_eps)}
     return OpenCLIPArchitecture(int(config.projection_dim), vision_cfg, quick_gelu=config.hidden_act == "quick_gelu")
@@ -144,7 +177,9 @@ def hf_to_openclip_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
     """
     state = _strip(state, VISION_PREFIX)
     if PROJECTION not in state:
-        raise ModelLoadError(f"HF CLIP vision state dict has no {PROJECTION!r}: pass the CLIP model's visual_projection")
+        raise ModelLoadError(
+            f"HF CLIP vision state dict has no {PROJECTION!r}: pass the CLIP model's visual_projection"
+        )
     simple = {hf: oc for oc, hf in _SIMPLE.items()}
     block = {hf: oc for oc, hf in _BLOCK.items()}
     out: dict[str, torch.Tensor] = {"proj": state[PROJECTION].T.contiguous()}

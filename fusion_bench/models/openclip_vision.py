@@ -97,16 +97,36 @@ class OpenCLIPArchitecture:
         config = dict(config)
         if "model_cfg" in config:  # an open_clip_config.json
             config = {**config.pop("model_cfg"), **config.pop("preprocess_cfg", {}), **config}
-        unknown = sorted(set(config) - {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "mean", "std", "model_name",
-                                         "custom_text", "size", "interpolation", "resize_mode", "fill_color"})  # fmt: skip
+        unknown = sorted(
+            set(config)
+            - {
+                "embed_dim",
+                "vision_cfg",
+                "text_cfg",
+                "quick_gelu",
+                "mean",
+                "std",
+                "model_name",
+                "custom_text",
+                "size",
+                "interpolation",
+                "resize_mode",
+                "fill_color",
+            }
+        )
         if unknown or "embed_dim" not in config or not isinstance(config.get("vision_cfg"), Mapping):
             raise ModelLoadError(
                 f"{what}: model_config needs 'embed_dim' and a 'vision_cfg' mapping (open_clip's format); "
                 f"got keys {sorted(config)}"
             )
         extra = {k: tuple(config[k]) for k in ("mean", "std") if config.get(k) is not None}
-        return cls(int(config["embed_dim"]), dict(config["vision_cfg"]), bool(config.get("quick_gelu", False)),
-                   model_name=config.get("model_name"), **extra)  # fmt: skip
+        return cls(
+            int(config["embed_dim"]),
+            dict(config["vision_cfg"]),
+            bool(config.get("quick_gelu", False)),
+            model_name=config.get("model_name"),
+            **extra,
+        )
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-able dict that :meth:`from_config` reads back."""
@@ -186,7 +206,9 @@ class ClassificationHead(nn.Linear):
         super().__init__(in_features, out_features, device="meta")
         self.normalize = bool(normalize)
         self.weight = nn.Parameter(weights.detach().clone())
-        self.bias = nn.Parameter(biases.detach().clone() if biases is not None else torch.zeros(out_features, dtype=weights.dtype))
+        self.bias = nn.Parameter(
+            biases.detach().clone() if biases is not None else torch.zeros(out_features, dtype=weights.dtype)
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.normalize:
@@ -223,8 +245,10 @@ def canonical_openclip_keys(raw_keys: list[str]) -> dict[str, str]:
 def _describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        return (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")  # fmt: skip
+        return (
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     for key, tensor in state.items():
         if tuple(own[key].shape) != tuple(tensor.shape):
             return f"tensor {key!r} has shape {tuple(tensor.shape)}, the architecture expects {tuple(own[key].shape)}"
@@ -273,8 +297,14 @@ def infer_architecture(visual: nn.Module, *, what: str) -> OpenCLIPArchitecture:
             f"{what}: unknown OpenCLIP architecture: the pickled {type(visual).__name__} is not a plain open_clip "
             f"ViT ({err.__class__.__name__}: {err}); give its model_name (e.g. 'ViT-B-32')"
         ) from None
-    vision_cfg = {"image_size": grid * patch, "layers": len(blocks), "width": width, "patch_size": patch,
-                  "head_width": width // heads, "mlp_ratio": mlp_width / width}  # fmt: skip
+    vision_cfg = {
+        "image_size": grid * patch,
+        "layers": len(blocks),
+        "width": width,
+        "patch_size": patch,
+        "head_width": width // heads,
+        "mlp_ratio": mlp_width / width,
+    }
     return OpenCLIPArchitecture(embed_dim, vision_cfg, quick_gelu=(act == "QuickGELU"))
 
 

@@ -95,7 +95,7 @@ def _pickle_reason(err: Exception) -> str:
     text = " ".join(_ANSI.sub("", str(err)).split())
     found = re.search(r"Unsupported (global|operand): (GLOBAL )?[\w.<>]+", text)
     if found:
-        return f"it needs {found.group(0)[len('Unsupported '):].replace('GLOBAL ', '')}"
+        return f"it needs {found.group(0)[len('Unsupported ') :].replace('GLOBAL ', '')}"
     sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
     return sentence.rstrip(".") or err.__class__.__name__
 
@@ -151,7 +151,9 @@ def load_pickle_file(path: str | Path, *, what: str, redirect: Redirect | None =
     path = Path(path).expanduser()
     _check_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_unpickler_module(redirect, path, what))
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_unpickler_module(redirect, path, what)
+        )
     except ModelLoadError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:

@@ -72,8 +72,15 @@ class WEMoERouter(nn.Module):
         generator: seeds the initialisation.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, *, depth: int = 2, init_lambda: float = 0.3,
-                 generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        *,
+        depth: int = 2,
+        init_lambda: float = 0.3,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.depth = depth
         if depth == 0:
@@ -96,8 +103,14 @@ class WEMoERouter(nn.Module):
         return self.fc2(hidden_states)  # (B, N, T)
 
 
-def _routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tv_weight: torch.Tensor,
-                   tv_bias: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _routed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    tv_weight: torch.Tensor,
+    tv_bias: torch.Tensor,
+    routing: torch.Tensor,
+) -> torch.Tensor:
     """``x @ (W + Σ_t r_t τW_t)ᵀ + (b + Σ_t r_t τb_t)`` with one routing row per sample (or one for all).
 
     Args:
@@ -170,8 +183,14 @@ class WEMoECLIPVisionModel(CLIPVisionModelWrapper):
         batch_reduce: training-mode routing granularity (see the module docstring).
     """
 
-    def __init__(self, vision_model: nn.Module, *, upscaled_layers: Sequence[int], meta: Mapping[str, Any],
-                 batch_reduce: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        *,
+        upscaled_layers: Sequence[int],
+        meta: Mapping[str, Any],
+        batch_reduce: bool = True,
+    ) -> None:
         super().__init__()
         self.vision_model = vision_model
         self.upscaled_layers = list(upscaled_layers)
@@ -201,7 +220,11 @@ class WEMoECLIPVisionModel(CLIPVisionModelWrapper):
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
         """The routers' tensors (CPU copies) under layout-independent names (``layers.3.fc2.bias``)."""
-        return {f"{name}.{k}": v.detach().cpu().clone() for name, r in self.routers().items() for k, v in r.state_dict().items()}
+        return {
+            f"{name}.{k}": v.detach().cpu().clone()
+            for name, r in self.routers().items()
+            for k, v in r.state_dict().items()
+        }
 
     def load_router_state_dict(self, state: Mapping[str, torch.Tensor], *, what: str) -> None:
         """Load what :meth:`router_state_dict` returned, strictly (a mismatch is a ModelLoadError)."""
@@ -278,8 +301,13 @@ def upscale_clip_vision_model(
     dtype = next(merged.parameters()).dtype
     first = experts[min(experts)]
     num_experts, hidden = first.task_vectors["fc1.weight"].shape[0], first.base["fc1.weight"].shape[1]
-    make_router = lambda: WEMoERouter(hidden, num_experts, depth=router_depth, init_lambda=init_lambda,  # noqa: E731
-                                      generator=generator).to(dtype)  # fmt: skip
+    make_router = lambda: WEMoERouter(
+        hidden,
+        num_experts,
+        depth=router_depth,
+        init_lambda=init_lambda,  # noqa: E731
+        generator=generator,
+    ).to(dtype)
     shared = make_router() if shared_gate else None
     for index in sorted(experts):
         activation = layers[index].mlp.activation_fn

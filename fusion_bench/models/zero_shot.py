@@ -94,7 +94,10 @@ def cached_zero_shot_classifier(
     from safetensors.torch import load_file, save
 
     fingerprint = fingerprint or text_tower_fingerprint(clip_model)
-    path = Path(cache_dir).expanduser() / f"{zero_shot_head_cache_key(fingerprint, tokenizer, classnames, templates)}.safetensors"
+    path = (
+        Path(cache_dir).expanduser()
+        / f"{zero_shot_head_cache_key(fingerprint, tokenizer, classnames, templates)}.safetensors"
+    )
     if path.is_file():
         return load_file(str(path))["head"]
     head = build_zero_shot_classifier(clip_model, tokenizer, classnames, templates)
@@ -113,7 +116,9 @@ class CLIPZeroShotClassifier(nn.Module):
         head: (C, D) normalised class embeddings.
     """
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, logit_scale: torch.Tensor, head: torch.Tensor):
+    def __init__(
+        self, vision_model: nn.Module, visual_projection: nn.Module, logit_scale: torch.Tensor, head: torch.Tensor
+    ):
         super().__init__()
         self.vision_model = vision_model
         self.visual_projection = visual_projection

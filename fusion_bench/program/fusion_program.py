@@ -19,7 +19,13 @@ import fusion_bench
 from fusion_bench.errors import ConfigError, FusionBenchError
 from fusion_bench.method import ALGORITHMS, BaseAlgorithm
 from fusion_bench.modelpool import MODELPOOLS, BaseModelPool
-from fusion_bench.program.hydra_job import check_process_launch, default_report_path, existing_report, hydra_job_meta, job_command_line
+from fusion_bench.program.hydra_job import (
+    check_process_launch,
+    default_report_path,
+    existing_report,
+    hydra_job_meta,
+    job_command_line,
+)
 from fusion_bench.taskpool import TASKPOOLS, BaseTaskPool
 from fusion_bench.utils.instantiate import instantiate_component
 from fusion_bench.program.preflight import check_fabric_options, check_outputs, check_run_options
@@ -79,7 +85,9 @@ class FabricModelFusionProgram:
         self.config = config
         check_run_options(config)
         self.report_save_path = default_report_path(config.get("report_save_path"))
-        self.merged_model_save_path = output_path_or_none(config.get("merged_model_save_path"), "merged_model_save_path")
+        self.merged_model_save_path = output_path_or_none(
+            config.get("merged_model_save_path"), "merged_model_save_path"
+        )
         self.overwrite = bool(config.get("overwrite", False))
         self.print_json = bool(config.get("print_json", False))
         check_fabric_options(config)
@@ -90,7 +98,9 @@ class FabricModelFusionProgram:
             raise ConfigError(f"skip_existing_report must be true or false, got {self.skip_existing_report!r}")
         self.checkpoint_hash = config.get("checkpoint_hash", "sampled")
         if self.checkpoint_hash not in (*HASH_MODES, False, None):
-            raise ConfigError(f"checkpoint_hash must be one of {', '.join(HASH_MODES)} or false, got {self.checkpoint_hash!r}")
+            raise ConfigError(
+                f"checkpoint_hash must be one of {', '.join(HASH_MODES)} or false, got {self.checkpoint_hash!r}"
+            )
 
     def fabric_config(self) -> DictConfig | None:
         """The ``fabric`` config; a method's ``devices`` option (when set) is its ``devices``."""
@@ -110,7 +120,9 @@ class FabricModelFusionProgram:
         except Exception as err:  # Lightning's own checks (unknown strategy, ...), wrapped by Hydra
             cause = err.__cause__ or err
             first = " ".join((str(cause).strip().splitlines() or [type(cause).__name__])[0].split())
-            raise ConfigError(f"fabric (strategy={cfg.get('strategy')!r}, accelerator={cfg.get('accelerator')!r}): {first}") from None
+            raise ConfigError(
+                f"fabric (strategy={cfg.get('strategy')!r}, accelerator={cfg.get('accelerator')!r}): {first}"
+            ) from None
         check_process_launch(fabric)
         with job_command_line():
             fabric.launch()
@@ -121,7 +133,9 @@ class FabricModelFusionProgram:
         cfg = self.config
         missing = missing_keys(cfg) if isinstance(cfg, DictConfig) else []
         if missing:  # '???' in a root config, e.g. corruption
-            raise ConfigError(f"missing mandatory option(s) {', '.join(map(repr, missing))}; set them, e.g. {missing[0]}=...")
+            raise ConfigError(
+                f"missing mandatory option(s) {', '.join(map(repr, missing))}; set them, e.g. {missing[0]}=..."
+            )
         modelpool = instantiate_component(cfg.get("modelpool"), MODELPOOLS, key="type", what="modelpool")
         method = instantiate_component(cfg.get("method"), ALGORITHMS, key="name", what="method")
         taskpool = None
@@ -135,7 +149,10 @@ class FabricModelFusionProgram:
             return None
         report = existing_report(self.report_save_path, fast_dev_run=self.config.get("fast_dev_run", False))
         if report is not None:
-            print(f"fusion_bench: {self.report_save_path} exists; run skipped (skip_existing_report=true)", file=sys.stderr)
+            print(
+                f"fusion_bench: {self.report_save_path} exists; run skipped (skip_existing_report=true)",
+                file=sys.stderr,
+            )
         return report
 
     def run(self) -> dict[str, Any]:
@@ -160,23 +177,34 @@ class FabricModelFusionProgram:
         finally:
             end_process_group(fabric, environment)
 
-    def _run_on_rank(self, fabric: Any, modelpool: BaseModelPool, method: BaseAlgorithm,
-                     taskpool: BaseTaskPool | None, started: float) -> dict[str, Any]:  # fmt: skip
+    def _run_on_rank(
+        self,
+        fabric: Any,
+        modelpool: BaseModelPool,
+        method: BaseAlgorithm,
+        taskpool: BaseTaskPool | None,
+        started: float,
+    ) -> dict[str, Any]:
         """Fuse, evaluate and report on this process (rank 0 prints and writes)."""
         method.fabric = fabric
         start = time.perf_counter()
         model = self.model = method.run(modelpool)
         fusion_seconds = time.perf_counter() - start
         if self.merged_model_save_path is not None and fabric.is_global_zero:
-            path = modelpool.save_model(model, self.merged_model_save_path, description=self._model_card(method, modelpool))
+            path = modelpool.save_model(
+                model, self.merged_model_save_path, description=self._model_card(method, modelpool)
+            )
             log.info("merged model saved to %s", path)
         report: dict[str, Any] = {"model_info": model_info(model)}
         if taskpool is not None:
             taskpool.fabric = fabric
             report.update({k: v for k, v in taskpool.evaluate(model).items() if k != "model_info"})
         report.update(method.extra_report())
-        times = {"fusion_seconds": fusion_seconds, "total_seconds": time.perf_counter() - start,
-                 "wall_seconds": time.perf_counter() - started}  # fmt: skip
+        times = {
+            "fusion_seconds": fusion_seconds,
+            "total_seconds": time.perf_counter() - start,
+            "wall_seconds": time.perf_counter() - started,
+        }
         report["meta"] = self._meta(taskpool, modelpool, fabric, times)
         try:
             check_finite_json(report)
@@ -213,8 +241,9 @@ class FabricModelFusionProgram:
             source["files"] = [file_fingerprint(f, mode=mode) if mode else {"file": str(f)} for f in source["files"]]
         return sources
 
-    def _meta(self, taskpool: BaseTaskPool | None, modelpool: BaseModelPool, fabric: Any,
-              times: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    def _meta(
+        self, taskpool: BaseTaskPool | None, modelpool: BaseModelPool, fabric: Any, times: dict[str, float]
+    ) -> dict[str, Any]:
         """What a reader needs to reproduce the report (README: "What a report records")."""
         import torch
         import transformers
@@ -232,9 +261,14 @@ class FabricModelFusionProgram:
             meta.update(taskpool.evaluation_meta())
         memory = peak_memory()
         meta["peak_memory"] = memory if world_size(fabric) == 1 else _per_rank(fabric, memory)
-        meta["device"] = {"accelerator": type(fabric.accelerator).__name__, "world_size": world_size(fabric),
-                          "precision": str(fabric.strategy.precision.precision)}  # fmt: skip
-        meta["checkpoint_hash"] = {"sampled": SAMPLED_HASH, "full": "sha256 of every byte"}.get(self.checkpoint_hash, "none")
+        meta["device"] = {
+            "accelerator": type(fabric.accelerator).__name__,
+            "world_size": world_size(fabric),
+            "precision": str(fabric.strategy.precision.precision),
+        }
+        meta["checkpoint_hash"] = {"sampled": SAMPLED_HASH, "full": "sha256 of every byte"}.get(
+            self.checkpoint_hash, "none"
+        )
         meta["checkpoints"] = self._checkpoints(modelpool) if fabric.is_global_zero else {}
         meta["packages"] = package_versions()
         meta["hydra"] = hydra_job_meta()

@@ -23,8 +23,16 @@ from typing import Any, Iterator
 from fusion_bench.errors import ConfigError
 from fusion_bench.utils.paths import optional_path
 
-__all__ = ["job_dir_name", "register_job_dir_resolver", "hydra_job_meta", "is_multirun", "default_report_path",
-           "existing_report", "job_command_line", "check_process_launch"]  # fmt: skip
+__all__ = [
+    "job_dir_name",
+    "register_job_dir_resolver",
+    "hydra_job_meta",
+    "is_multirun",
+    "default_report_path",
+    "existing_report",
+    "job_command_line",
+    "check_process_launch",
+]
 
 _SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher")
 

@@ -15,11 +15,26 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from fusion_bench.errors import ConfigError
 from fusion_bench.utils.io import check_output_path
 
-__all__ = ["check_run_options", "check_fabric_options", "output_options", "check_outputs", "check_existing_report",
-           "FILE_OPTIONS", "FOLDER_OPTIONS", "MODEL_FOLDER_OPTIONS"]  # fmt: skip
+__all__ = [
+    "check_run_options",
+    "check_fabric_options",
+    "output_options",
+    "check_outputs",
+    "check_existing_report",
+    "FILE_OPTIONS",
+    "FOLDER_OPTIONS",
+    "MODEL_FOLDER_OPTIONS",
+]
 
 # method options that name files the method writes
-FILE_OPTIONS = ("save_to_csv", "save_merging_weights", "save_mask", "save_checkpoint", "checkpoint_path", "train_state_path")
+FILE_OPTIONS = (
+    "save_to_csv",
+    "save_merging_weights",
+    "save_mask",
+    "save_checkpoint",
+    "checkpoint_path",
+    "train_state_path",
+)
 # method options that name folders written through the library (logs, checkpoints, figures)
 FOLDER_OPTIONS = ("checkpoint_dir", "log_dir", "output_dir")
 # options that name a saved model folder (checked like merged_model_save_path)
@@ -80,17 +95,26 @@ def check_fabric_options(config: DictConfig) -> None:
     if accelerator not in _ACCELERATORS:
         raise ConfigError(f"option 'fabric.accelerator' must be one of {', '.join(_ACCELERATORS)}; got {accelerator!r}")
     devices = OmegaConf.select(config, "method.devices", default=None) or fabric.get("devices", "auto")
-    ok = devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1)) or (
-        isinstance(devices, (list, ListConfig)) and len(devices) > 0 and all(_is_int(d) and d >= 0 for d in devices))
+    ok = (
+        devices == "auto"
+        or (_is_int(devices) and (devices >= 1 or devices == -1))
+        or (
+            isinstance(devices, (list, ListConfig)) and len(devices) > 0 and all(_is_int(d) and d >= 0 for d in devices)
+        )
+    )
     if not ok:
-        raise ConfigError(f"option 'fabric.devices' must be 'auto', an integer >= 1 (-1: all) or a list of device indices; got {devices!r}")
+        raise ConfigError(
+            f"option 'fabric.devices' must be 'auto', an integer >= 1 (-1: all) or a list of device indices; got {devices!r}"
+        )
     if accelerator in ("gpu", "cuda"):
         import torch
 
         count = torch.cuda.device_count()
         wanted = len(devices) if isinstance(devices, (list, ListConfig)) else devices
         if count == 0:
-            raise ConfigError(f"option 'fabric.accelerator={accelerator}': no CUDA GPU is available on this machine; use fabric.accelerator=cpu or auto")
+            raise ConfigError(
+                f"option 'fabric.accelerator={accelerator}': no CUDA GPU is available on this machine; use fabric.accelerator=cpu or auto"
+            )
         if _is_int(wanted) and wanted > count:
             raise ConfigError(f"option 'fabric.devices={wanted}': only {count} GPU(s) are available")
 
@@ -153,7 +177,9 @@ def check_outputs(config: DictConfig, *, report_path: str | None, model_path: st
 def _check_model_folder(path: str, option: str, overwrite: bool) -> None:
     from pathlib import Path
 
-    check_output_path(path, option=option, kind="folder" if Path(path).expanduser().exists() else "file", overwrite=overwrite)
+    check_output_path(
+        path, option=option, kind="folder" if Path(path).expanduser().exists() else "file", overwrite=overwrite
+    )
 
 
 def _check_folder(path: str, option: str) -> None:
@@ -189,8 +215,12 @@ def _set_offline_constants() -> None:
     """Tell already-imported Hugging Face modules (they read the variable at import)."""
     import sys
 
-    for name, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                       ("datasets.config", "HF_DATASETS_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode")):  # fmt: skip
+    for name, attr in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+        ("transformers.utils.hub", "_is_offline_mode"),
+    ):
         module = sys.modules.get(name)
         if module is not None and hasattr(module, attr):
             setattr(module, attr, True)

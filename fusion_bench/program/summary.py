@@ -20,7 +20,11 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, float, Any]]:
     for section, value in report.items():
         if section in _NOT_TASKS or not isinstance(value, Mapping) or _is_metrics(value):
             continue
-        rows += [(f"{section}/{k}", v["accuracy"], v.get("loss")) for k, v in value.items() if k != "average" and _is_metrics(v)]
+        rows += [
+            (f"{section}/{k}", v["accuracy"], v.get("loss"))
+            for k, v in value.items()
+            if k != "average" and _is_metrics(v)
+        ]
         if _is_metrics(value.get("average")):
             rows.append((f"{section}/average", value["average"]["accuracy"], value["average"].get("loss")))
     if _is_metrics(report.get("average")):

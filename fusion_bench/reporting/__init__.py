@@ -4,4 +4,15 @@ from fusion_bench.reporting.collect import Run, load_report, load_runs, lookup
 from fusion_bench.reporting.render import to_csv, to_latex, to_markdown
 from fusion_bench.reporting.tables import Row, Table, build_tables
 
-__all__ = ["Run", "Row", "Table", "build_tables", "load_report", "load_runs", "lookup", "to_csv", "to_latex", "to_markdown"]
+__all__ = [
+    "Run",
+    "Row",
+    "Table",
+    "build_tables",
+    "load_report",
+    "load_runs",
+    "lookup",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+]

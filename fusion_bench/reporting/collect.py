@@ -99,7 +99,11 @@ def _single_model(method: Mapping[str, Any], modelpool: Mapping[str, Any]) -> st
     """The evaluated model's name when the run evaluates one model alone."""
     target = str(method.get("_target_") or method.get("name") or "")
     models = modelpool.get("models")
-    if not (target.endswith("DummyAlgorithm") or target == "dummy") or not isinstance(models, Mapping) or len(models) != 1:
+    if (
+        not (target.endswith("DummyAlgorithm") or target == "dummy")
+        or not isinstance(models, Mapping)
+        or len(models) != 1
+    ):
         return None
     entry = next(iter(models.values()))
     path = entry.get("pretrained_model_name_or_path") if isinstance(entry, Mapping) else entry
@@ -146,7 +150,9 @@ def find_report_files(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*.json") if not any(part.startswith(".") for part in q.relative_to(p).parts))
+            files += sorted(
+                q for q in p.rglob("*.json") if not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -163,7 +169,9 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     """
     runs = [run for run in map(load_report, find_report_files(paths)) if run is not None]
     if not runs:
-        raise ConfigError(f"no fusion_bench JSON report (an object with task accuracies) in {', '.join(map(str, paths))}")
+        raise ConfigError(
+            f"no fusion_bench JSON report (an object with task accuracies) in {', '.join(map(str, paths))}"
+        )
     return runs
 
 

@@ -41,8 +41,14 @@ def bar_chart(table: Table) -> "Figure":
     width = 0.8 / n_rows
     for i, row in enumerate(table.rows):
         xs = [j + (i - (n_rows - 1) / 2) * width for j, v in enumerate(row.values) if v is not None]
-        ax.bar(xs, [v for v in row.values if v is not None], width, color=COLORS[i % 10], linewidth=0,
-               label=row.label + (f" {row.flags}" if row.flags else ""))  # fmt: skip
+        ax.bar(
+            xs,
+            [v for v in row.values if v is not None],
+            width,
+            color=COLORS[i % 10],
+            linewidth=0,
+            label=row.label + (f" {row.flags}" if row.flags else ""),
+        )
     ax.set_xticks(range(n_cols), table.columns, rotation=30, ha="right")
     ax.set_ylabel(table.title.split(" of ")[0])
     ax.set_title(table.title)
@@ -55,7 +61,9 @@ def heatmap(table: Table, *, cmap: str = "viridis") -> "Figure":
     import numpy as np
 
     cols = [i for i, c in enumerate(table.columns) if c != "avg"]
-    grid = np.array([[np.nan if row.values[j] is None else row.values[j] for j in cols] for row in table.rows], dtype=float)
+    grid = np.array(
+        [[np.nan if row.values[j] is None else row.values[j] for j in cols] for row in table.rows], dtype=float
+    )
     fig = _figure(max(4.0, 0.7 * len(cols) + 3), max(3.0, 0.45 * len(table.rows) + 1.5))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap=cmap, aspect="auto")
@@ -65,7 +73,15 @@ def heatmap(table: Table, *, cmap: str = "viridis") -> "Figure":
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize="small", color="black" if value > middle else "white")
+            ax.text(
+                j,
+                i,
+                f"{value:.1f}",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="black" if value > middle else "white",
+            )
     fig.colorbar(image, ax=ax)
     ax.set_title(table.title)
     return fig
@@ -77,8 +93,13 @@ def sweep_plot(table: Table) -> "Figure":
     ax = fig.add_subplot()
     for i, row in enumerate(table.rows):
         points = [(x, v) for x, v in zip(table.x or [], row.values) if v is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=COLORS[i % 10],
-                label=row.label + (f" {row.flags}" if row.flags else ""))  # fmt: skip
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            color=COLORS[i % 10],
+            label=row.label + (f" {row.flags}" if row.flags else ""),
+        )
     ax.set_xlabel(table.name.removeprefix("sweep_"))
     ax.set_ylabel(table.title.split(" against ")[0])
     ax.set_title(table.title)

@@ -22,7 +22,12 @@ def _cell(value: float | None, digits: int) -> str:
 
 def to_markdown(table: Table, *, digits: int = 1) -> str:
     """A titled GitHub-flavoured Markdown table, notes below."""
-    lines = [f"### {table.title}", "", "| | " + " | ".join(table.columns) + " |", "|---|" + "---:|" * len(table.columns)]
+    lines = [
+        f"### {table.title}",
+        "",
+        "| | " + " | ".join(table.columns) + " |",
+        "|---|" + "---:|" * len(table.columns),
+    ]
     for row in table.rows:
         label = row.label.replace("|", "\\|") + (f" {row.flags}" if row.flags else "")
         lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in row.values) + " |")
@@ -49,8 +54,13 @@ def _latex(text: str) -> str:
 def to_latex(table: Table, *, digits: int = 1) -> str:
     """A ``tabular`` with booktabs rules (``\\usepackage{booktabs}``), the notes as footer rows."""
     spec = "l" + "r" * len(table.columns)
-    lines = [f"% {table.title}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-             " & ".join(["Method", *map(_latex, table.columns)]) + " \\\\", "\\midrule"]  # fmt: skip
+    lines = [
+        f"% {table.title}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(["Method", *map(_latex, table.columns)]) + " \\\\",
+        "\\midrule",
+    ]
     for row in table.rows:
         cells = [_latex(row.label + row.flags), *("--" if v is None else f"{v:.{digits}f}" for v in row.values)]
         lines.append(" & ".join(cells) + " \\\\")

@@ -24,7 +24,16 @@ from typing import Any, Sequence
 from fusion_bench.errors import ConfigError
 from fusion_bench.reporting.collect import MISSING, Run, lookup
 
-__all__ = ["Row", "Table", "FLAG_NOTES", "build_tables", "methods_table", "cross_task_table", "sweep_table", "row_labels"]
+__all__ = [
+    "Row",
+    "Table",
+    "FLAG_NOTES",
+    "build_tables",
+    "methods_table",
+    "cross_task_table",
+    "sweep_table",
+    "row_labels",
+]
 
 FAST, PARTIAL = "†", "‡"
 FLAG_NOTES = {
@@ -63,9 +72,15 @@ def _tell_apart(runs: Sequence[Run], exclude: Sequence[str] = ()) -> list[str]:
         same = [r for r in runs if r.method == run.method]
         keys = sorted({k for r in same for k in r.params} - set(exclude))
         extras = [(f"{k}", lambda r, k=k: r.params.get(k, MISSING)) for k in keys]
-        extras += [(k, lambda r, k=k: lookup(r, k)) for k in ("seed", "meta.hydra.choices.modelpool", "meta.hydra.choices.taskpool")]
-        parts = [f"{name.rsplit('.', 1)[-1]}={_short(get(run))}" for name, get in extras
-                 if len({_dumps(get(r) if get(r) is not MISSING else None) for r in same}) > 1]  # fmt: skip
+        extras += [
+            (k, lambda r, k=k: lookup(r, k))
+            for k in ("seed", "meta.hydra.choices.modelpool", "meta.hydra.choices.taskpool")
+        ]
+        parts = [
+            f"{name.rsplit('.', 1)[-1]}={_short(get(run))}"
+            for name, get in extras
+            if len({_dumps(get(r) if get(r) is not MISSING else None) for r in same}) > 1
+        ]
         labels.append(f"{run.method} ({', '.join(parts)})" if parts else run.method)
     return labels
 
@@ -119,8 +134,16 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     return [f"{flag} {note}" for flag, note in FLAG_NOTES.items() if any(flag in r.flags for r in rows)]
 
 
-def methods_table(runs: Sequence[Run], *, section: str = "", metric: str = "accuracy", scale: float = 100.0,
-                  name: str = "methods", title: str | None = None, all_runs: Sequence[Run] | None = None) -> Table:  # fmt: skip
+def methods_table(
+    runs: Sequence[Run],
+    *,
+    section: str = "",
+    metric: str = "accuracy",
+    scale: float = 100.0,
+    name: str = "methods",
+    title: str | None = None,
+    all_runs: Sequence[Run] | None = None,
+) -> Table:
     """Method × task (+ average) over the runs that have ``section``."""
     runs = [r for r in runs if section in r.sections]
     tasks, max_samples = _columns(runs, section), _max_samples(all_runs or runs)
@@ -138,7 +161,9 @@ def _own_task_order(model: str, tasks: Sequence[str]) -> int:
     return 0  # the pre-trained model (no task suffix) first
 
 
-def cross_task_table(runs: Sequence[Run], *, metric: str = "accuracy", scale: float = 100.0, all_runs: Sequence[Run] | None = None) -> Table:
+def cross_task_table(
+    runs: Sequence[Run], *, metric: str = "accuracy", scale: float = 100.0, all_runs: Sequence[Run] | None = None
+) -> Table:
     """Every single-model run (expert or pre-trained) × task; the diagonal is each expert's own task."""
     tasks, max_samples = _columns(runs, ""), _max_samples(all_runs or runs)
     ordered = sorted(runs, key=lambda r: (_own_task_order(r.model or "", tasks), r.model or ""))
@@ -150,7 +175,9 @@ def cross_task_table(runs: Sequence[Run], *, metric: str = "accuracy", scale: fl
 
 def sweep_table(runs: Sequence[Run], param: str, *, metric: str = "accuracy", scale: float = 100.0) -> Table | None:
     """Average ``metric`` per value of the method option ``param``; None if fewer than 2 values."""
-    swept = [r for r in runs if isinstance(r.params.get(param), (int, float)) and not isinstance(r.params.get(param), bool)]
+    swept = [
+        r for r in runs if isinstance(r.params.get(param), (int, float)) and not isinstance(r.params.get(param), bool)
+    ]
     values = sorted({float(r.params[param]) for r in swept})
     if len(values) < 2:
         return None
@@ -174,13 +201,25 @@ def _group_tables(runs: Sequence[Run], group_by: str, metric: str, scale: float)
     tables, summary = [], {}
     for group in groups:
         members = [r for r, v in zip(runs, values) if v is not MISSING and _short(v) == group]
-        table = methods_table(members, metric=metric, scale=scale, name=f"by_{group_by}_{group}",
-                              title=f"{metric} (%) with {group_by} = {group}", all_runs=runs)  # fmt: skip
+        table = methods_table(
+            members,
+            metric=metric,
+            scale=scale,
+            name=f"by_{group_by}_{group}",
+            title=f"{metric} (%) with {group_by} = {group}",
+            all_runs=runs,
+        )
         tables.append(table)
         for row in table.rows:
             summary.setdefault(row.label, {})[group] = (row.values[-1], row.flags)
-    rows = [Row(label, [cells.get(g, (None, ""))[0] for g in groups], "".join(sorted({f for _, fl in cells.values() for f in fl})))
-            for label, cells in summary.items()]  # fmt: skip
+    rows = [
+        Row(
+            label,
+            [cells.get(g, (None, ""))[0] for g in groups],
+            "".join(sorted({f for _, fl in cells.values() for f in fl})),
+        )
+        for label, cells in summary.items()
+    ]
     tables.insert(0, Table(f"by_{group_by}", f"average {metric} (%) per {group_by}", groups, rows, _notes(rows)))
     return tables
 
@@ -190,14 +229,23 @@ def _in_reading_order(runs: Sequence[Run]) -> list[Run]:
     first = {m: i for i, m in reversed(list(enumerate(r.method for r in runs)))}
 
     def key(run: Run) -> tuple:
-        values = [(0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, _dumps(v)) for _, v in sorted(run.params.items())]
+        values = [
+            (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, _dumps(v))
+            for _, v in sorted(run.params.items())
+        ]
         return first[run.method], values
 
     return sorted(runs, key=key)
 
 
-def build_tables(runs: Sequence[Run], *, group_by: str | None = None, sweep_param: str | None = "scaling_factor",
-                 metric: str = "accuracy", scale: float = 100.0) -> list[Table]:  # fmt: skip
+def build_tables(
+    runs: Sequence[Run],
+    *,
+    group_by: str | None = None,
+    sweep_param: str | None = "scaling_factor",
+    metric: str = "accuracy",
+    scale: float = 100.0,
+) -> list[Table]:
     """All the tables the runs support (see the module docstring), in reading order."""
     merges, singles = _in_reading_order([r for r in runs if r.model is None]), [r for r in runs if r.model is not None]
     tables: list[Table] = []
@@ -205,8 +253,12 @@ def build_tables(runs: Sequence[Run], *, group_by: str | None = None, sweep_para
         tables += _group_tables(merges or runs, group_by, metric, scale)
     elif merges:
         sections = list(dict.fromkeys(s for r in merges for s in r.sections))
-        tables += [methods_table(merges, section=s, metric=metric, scale=scale, name="methods" + (f"_{s}" if s else ""),
-                                 all_runs=runs) for s in sections]  # fmt: skip
+        tables += [
+            methods_table(
+                merges, section=s, metric=metric, scale=scale, name="methods" + (f"_{s}" if s else ""), all_runs=runs
+            )
+            for s in sections
+        ]
     if singles:
         tables.append(cross_task_table(singles, metric=metric, scale=scale, all_runs=runs))
     sweep = sweep_table(merges, sweep_param, metric=metric, scale=scale) if sweep_param else None

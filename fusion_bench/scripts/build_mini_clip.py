@@ -115,20 +115,36 @@ def _init_clip(out: Path, recipe: Any, corpus: Sequence[str] | None = None) -> N
     from fusion_bench.testing import train_tiny_clip_tokenizer
 
     tokenizer = train_tiny_clip_tokenizer(out, corpus or tokenizer_corpus(), vocab_size=recipe.vocab_size)
-    layers = dict(hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-                  num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads)  # fmt: skip
+    layers = dict(
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+    )
     text_layers = getattr(recipe, "text_num_layers", recipe.num_layers)
-    text = dict(layers, num_hidden_layers=text_layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    config = CLIPConfig(text_config=text, vision_config=dict(layers, image_size=IMAGE_SIZE, patch_size=recipe.patch_size),
-                        projection_dim=recipe.projection_dim)  # fmt: skip
+    text = dict(
+        layers,
+        num_hidden_layers=text_layers,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(
+        text_config=text,
+        vision_config=dict(layers, image_size=IMAGE_SIZE, patch_size=recipe.patch_size),
+        projection_dim=recipe.projection_dim,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = CLIPModel(config).eval()
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-    )  # fmt: skip
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
     model.save_pretrained(str(out))
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))
     image_processor.save_pretrained(str(out))  # also the standalone preprocessor_config.json
@@ -162,12 +178,18 @@ def _finetune(clip_dir: Path, task: str, out: Path, recipe: MiniClipRecipe) -> d
     from fusion_bench.modelpool import CLIPVisionModelPool
 
     pool = CLIPVisionModelPool(
-        {"_pretrained_": str(clip_dir)}, train_datasets={task: {"path": mini_tasks.mini_path(f"datasets/{task}"), "split": "train"}}
+        {"_pretrained_": str(clip_dir)},
+        train_datasets={task: {"path": mini_tasks.mini_path(f"datasets/{task}"), "split": "train"}},
     )
     algorithm = CLIPFinetuneAlgorithm(
-        task=task, learning_rate=recipe.finetune_learning_rate, lr_scheduler="fixed", num_steps=recipe.finetune_steps,
-        batch_size=recipe.finetune_batch_size, seed=recipe.seed, save_path=str(out),
-    )  # fmt: skip
+        task=task,
+        learning_rate=recipe.finetune_learning_rate,
+        lr_scheduler="fixed",
+        num_steps=recipe.finetune_steps,
+        batch_size=recipe.finetune_batch_size,
+        seed=recipe.seed,
+        save_path=str(out),
+    )
     algorithm.fabric = lightning.Fabric(accelerator="cpu", devices=1)
     algorithm.run(pool)
     return algorithm.extra_report()["clip_finetune"]
@@ -191,7 +213,9 @@ def _build_into(tmp: Path, recipe: MiniClipRecipe, tasks: Sequence[str], start: 
     _init_clip(clip_dir, recipe)
     losses = _pretrain(clip_dir, recipe)
     _log(f"pre-trained: loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}", start)
-    record: dict[str, Any] = {"pretrain_loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))}}
+    record: dict[str, Any] = {
+        "pretrain_loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))}
+    }
     for task in tasks:
         record[task] = _finetune(clip_dir, task, tmp / f"{BASE_NAME}_{task}", recipe)
         _log(f"expert {task!r}: loss {record[task]['loss_first']:.3f} -> {record[task]['loss_last']:.3f}", start)
@@ -220,11 +244,14 @@ def build_mini_clip(
     with atomic_directory(out, overwrite=True) as tmp:  # rebuilding the shipped folder in place
         record = _build_into(tmp, recipe, tasks, start)
         build = {
-            "format": BUILD_FORMAT, "recipe": dataclasses.asdict(recipe), "tasks": tasks, "training": record,
-            "torch_threads": torch.get_num_threads(), "versions": {"torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__},
+            "format": BUILD_FORMAT,
+            "recipe": dataclasses.asdict(recipe),
+            "tasks": tasks,
+            "training": record,
+            "torch_threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
             "files": _digests(tmp),
-        }  # fmt: skip
+        }
         (tmp / "BUILD.json").write_text(json.dumps(build, indent=1) + "\n")
     _log(f"done: {out}", start)
     return Path(out)
@@ -238,10 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     design.add_argument("--design", choices=("v1", "v2"), default="v1")
     chosen, _ = design.parse_known_args(argv)
     recipe_type = MiniClipRecipeV2 if chosen.design == "v2" else MiniClipRecipe
-    parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.build_mini_clip", description=__doc__.split("\n")[0],
-                                     parents=[design])
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_bench.scripts.build_mini_clip", description=__doc__.split("\n")[0], parents=[design]
+    )
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (bytes are reproducible per thread count)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (bytes are reproducible per thread count)"
+    )
     parser.add_argument("--tasks", nargs="*", default=None, help="fine-tune only these tasks (default: all eight)")
     defaults = recipe_type()
     for field in dataclasses.fields(recipe_type):

@@ -77,8 +77,9 @@ def datasets_root_v2(n_train: int, n_test: int) -> Path:
 
     base = mini_tasks_root()
     suffix = "" if (n_train, n_test) == (2000, 500) else f"-{n_train}-{n_test}"
-    return v2.build_mini_task_datasets_v2(base.parent / f"mini_tasks-design2-v{v2.DATASET_FORMAT_V2}{suffix}",
-                                          n_train=n_train, n_test=n_test)
+    return v2.build_mini_task_datasets_v2(
+        base.parent / f"mini_tasks-design2-v{v2.DATASET_FORMAT_V2}{suffix}", n_train=n_train, n_test=n_test
+    )
 
 
 def _pretrain_v2(clip_dir: Path, recipe: MiniClipRecipeV2) -> list[float]:
@@ -110,18 +111,28 @@ def _finetune_v2(clip_dir: Path, task: str, data_root: Path, out: Path, recipe: 
     from fusion_bench.method.clip_finetune import CLIPFinetuneAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
 
-    pool = CLIPVisionModelPool({"_pretrained_": str(clip_dir)}, train_datasets={task: {"path": str(data_root / task), "split": "train"}})
+    pool = CLIPVisionModelPool(
+        {"_pretrained_": str(clip_dir)}, train_datasets={task: {"path": str(data_root / task), "split": "train"}}
+    )
     algorithm = CLIPFinetuneAlgorithm(
-        task=task, classnames=list(DOMAINS[task].classnames), templates=list(DOMAINS[task].templates),
-        learning_rate=recipe.finetune_learning_rate, lr_scheduler="fixed", num_steps=recipe.finetune_steps,
-        batch_size=recipe.finetune_batch_size, seed=recipe.seed, save_path=str(out),
+        task=task,
+        classnames=list(DOMAINS[task].classnames),
+        templates=list(DOMAINS[task].templates),
+        learning_rate=recipe.finetune_learning_rate,
+        lr_scheduler="fixed",
+        num_steps=recipe.finetune_steps,
+        batch_size=recipe.finetune_batch_size,
+        seed=recipe.seed,
+        save_path=str(out),
     )
     algorithm.fabric = lightning.Fabric(accelerator="cpu", devices=1)
     algorithm.run(pool)
     return algorithm.extra_report()["clip_finetune"]
 
 
-def build_mini_clip_v2(out: str | Path, recipe: MiniClipRecipeV2 = MiniClipRecipeV2(), *, tasks: Sequence[str] | None = None) -> Path:
+def build_mini_clip_v2(
+    out: str | Path, recipe: MiniClipRecipeV2 = MiniClipRecipeV2(), *, tasks: Sequence[str] | None = None
+) -> Path:
     """Build the second design's pre-trained mini CLIP and its experts into ``out`` (replaced atomically).
 
     Writes ``clip-mini``, ``clip-mini_<task>`` and ``BUILD.json`` (``"design": 2``, the recipe,
@@ -149,12 +160,18 @@ def build_mini_clip_v2(out: str | Path, recipe: MiniClipRecipeV2 = MiniClipRecip
         _init_clip(clip_dir, recipe, v2.tokenizer_corpus_v2())
         losses = _pretrain_v2(clip_dir, recipe)
         _log(f"pre-trained: loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}", start)
-        record: dict[str, Any] = {"pretrain_loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))}}
+        record: dict[str, Any] = {
+            "pretrain_loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))}
+        }
         for task in tasks:
             record[task] = _finetune_v2(clip_dir, task, data_root, tmp / f"{BASE_NAME}_{task}", recipe)
             _log(f"expert {task!r}: loss {record[task]['loss_first']:.3f} -> {record[task]['loss_last']:.3f}", start)
         build = {
-            "format": BUILD_FORMAT, "design": 2, "recipe": dataclasses.asdict(recipe), "tasks": tasks, "training": record,
+            "format": BUILD_FORMAT,
+            "design": 2,
+            "recipe": dataclasses.asdict(recipe),
+            "tasks": tasks,
+            "training": record,
             "torch_threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
             "files": _digests(tmp),

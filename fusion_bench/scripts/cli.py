@@ -33,10 +33,35 @@ CONFIG_DIR = Path(str(resources.files("fusion_bench") / "config"))
 GROUPS = ("method", "modelpool", "taskpool", "fabric")
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
-_FLAGS_WITH_VALUE = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p",
-                     "--experimental-rerun", "--shell-completion", "-sc")  # fmt: skip
-_PASS_THROUGH = ("--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--version", "--shell-completion", "-sc",
-                 "--experimental-rerun", "--config-dir", "-cd", "--config-path", "-cp")  # fmt: skip
+_FLAGS_WITH_VALUE = (
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+)
+_PASS_THROUGH = (
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--resolve",
+    "--version",
+    "--shell-completion",
+    "-sc",
+    "--experimental-rerun",
+    "--config-dir",
+    "-cd",
+    "--config-path",
+    "-cp",
+)
 
 
 class InputError(FusionBenchError):
@@ -46,9 +71,7 @@ class InputError(FusionBenchError):
 def config_choices(group: str) -> list[str]:
     """The config names of ``group`` shipped in the package (``a/b`` for nested folders)."""
     root = CONFIG_DIR / group
-    return sorted(
-        str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_")
-    )
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
@@ -98,7 +121,7 @@ options that matter:
   fabric.accelerator=cpu|gpu   where to run; fabric.devices=N for N devices
   --json                       print the JSON report on stdout (the summary goes to stderr)
   -m, --multirun               run every combination of comma-separated values
-  --config-name NAME           another root config: {', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.yaml')))}
+  --config-name NAME           another root config: {", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))}
 
 Errors in the input are one line on stderr with exit status 2; Ctrl-C exits with 130.
 Hydra's own help: fusion_bench --hydra-help.  Full config: fusion_bench --cfg job
@@ -160,7 +183,11 @@ def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     for key in cfg.keys():
         name = f"{prefix}{key}"
         keys.append(name)
-        if not OmegaConf.is_interpolation(cfg, key) and not OmegaConf.is_missing(cfg, key) and isinstance(cfg[key], DictConfig):
+        if (
+            not OmegaConf.is_interpolation(cfg, key)
+            and not OmegaConf.is_missing(cfg, key)
+            and isinstance(cfg[key], DictConfig)
+        ):
             keys += _dotted_keys(cfg[key], f"{name}.")
     return keys
 
@@ -177,10 +204,14 @@ def _unknown_key(cfg: DictConfig, key: str) -> str | None:
         return None  # lists and the like: let the composer judge
     siblings = [f"{parent}.{k}" if parent else str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     hint = _did_you_mean(key, siblings) or _did_you_mean(key, _dotted_keys(cfg))
-    where = f"{parent!r} has: {', '.join(str(k) for k in node.keys())}" if isinstance(node, DictConfig) and parent else ""
+    where = (
+        f"{parent!r} has: {', '.join(str(k) for k in node.keys())}" if isinstance(node, DictConfig) and parent else ""
+    )
     if hint:
         return f"unknown option {key!r}{hint}?"
-    return f"unknown option {key!r}: the config has no such key" + (f" ({where})" if where else " (see fusion_bench --help)")
+    return f"unknown option {key!r}: the config has no such key" + (
+        f" ({where})" if where else " (see fusion_bench --help)"
+    )
 
 
 def _compose(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:

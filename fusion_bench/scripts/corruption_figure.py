@@ -21,8 +21,15 @@ from fusion_bench.data.corruptions import CORRUPTIONS, CorruptionSpec, resize_ce
 __all__ = ["corruption_grid", "save_corruption_grid", "main"]
 
 
-def corruption_grid(image: Any, *, index: int = 0, seed: int = 0, table: str = "imagenet",
-                    crop_size: int | None = None, severities: Sequence[int] = (1, 2, 3, 4, 5)) -> Any:  # fmt: skip
+def corruption_grid(
+    image: Any,
+    *,
+    index: int = 0,
+    seed: int = 0,
+    table: str = "imagenet",
+    crop_size: int | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+) -> Any:
     """A matplotlib figure: ``image`` clean and under each corruption at each severity.
 
     Args:
@@ -71,7 +78,9 @@ def _load_image(args: argparse.Namespace) -> Any:
         from fusion_bench.data.mini_tasks import mini_path
 
         entry = mini_path(f"datasets/{args.mini_task}")
-    dataset = load_dataset_from_config({"path": entry, "split": args.split}, split=args.split, what=f"dataset {entry!r}")
+    dataset = load_dataset_from_config(
+        {"path": entry, "split": args.split}, split=args.split, what=f"dataset {entry!r}"
+    )
     return dataset[args.index]["image"]
 
 
@@ -88,8 +97,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--crop-size", type=int, default=None, help="resize + centre-crop first (e.g. 224)")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
-    path = save_corruption_grid(_load_image(args), args.out, index=args.index, seed=args.seed, table=args.table,
-                                crop_size=args.crop_size)  # fmt: skip
+    path = save_corruption_grid(
+        _load_image(args), args.out, index=args.index, seed=args.seed, table=args.table, crop_size=args.crop_size
+    )
     print(path)
     return path
 

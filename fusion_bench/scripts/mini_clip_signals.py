@@ -68,7 +68,9 @@ class MiniClipSignals:
         domain = DOMAINS[task]
         rows = []
         for name in domain.classnames:
-            text = self.processor.tokenizer([t.format(name) for t in domain.templates], padding=True, return_tensors="pt")
+            text = self.processor.tokenizer(
+                [t.format(name) for t in domain.templates], padding=True, return_tensors="pt"
+            )
             embeds = F.normalize(self.model.text_projection(self.model.text_model(**text).pooler_output), dim=-1)
             rows.append(F.normalize(embeds.mean(0), dim=-1))
         return torch.stack(rows)
@@ -112,7 +114,10 @@ class MiniClipSignals:
 
 def task_arithmetic(pretrained: State, experts: Mapping[str, State], scaling: float) -> State:
     """``θ0 + λ Σ_t (θ_t − θ0)``."""
-    return {k: v + scaling * sum(e[k] - v for e in experts.values()) if v.is_floating_point() else v for k, v in pretrained.items()}
+    return {
+        k: v + scaling * sum(e[k] - v for e in experts.values()) if v.is_floating_point() else v
+        for k, v in pretrained.items()
+    }
 
 
 def ties(pretrained: State, experts: Mapping[str, State], scaling: float = 0.3, keep: float = 0.2) -> State:
@@ -148,14 +153,18 @@ def measure_signals(signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] =
     result["pairs"] = {}
     for a, b in pairs:
         two = {a: s.experts[a], b: s.experts[b]}
-        result["pairs"][f"{a}+{b}"] = {str(lam): s.evaluate(task_arithmetic(s.pretrained, two, lam), [a, b]) for lam in (0.5, 1.0)}
+        result["pairs"][f"{a}+{b}"] = {
+            str(lam): s.evaluate(task_arithmetic(s.pretrained, two, lam), [a, b]) for lam in (0.5, 1.0)
+        }
     result["task_probe"] = s.task_probe()
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (see module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m fusion_bench.scripts.mini_clip_signals", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_bench.scripts.mini_clip_signals", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--build", required=True, help="a build_mini_clip --design v2 output folder")
     parser.add_argument("--pairs", nargs="*", default=[], help="task pairs as a+b")
     parser.add_argument("--n-test", type=int, default=500)

@@ -44,6 +44,8 @@ def list_index_override_error(args: list[str], compose) -> str | None:
     name = names[index] if index < len(names) else (names[0] if names else "_pretrained_")
     field = "pretrained_model_name_or_path" if match.group(2) in (None, "path") else match.group(2)
     key = arg.partition("=")[0]
-    return (f"{key!r}: this modelpool names its models ({', '.join(names)}), it is not a list; "
-            f"use modelpool.models.{name}.{field}=... ({key.split('.', 2)[0]}.models.<i>.path= works on the "
-            f"list form, type: huggingface_clip_vision)")
+    return (
+        f"{key!r}: this modelpool names its models ({', '.join(names)}), it is not a list; "
+        f"use modelpool.models.{name}.{field}=... ({key.split('.', 2)[0]}.models.<i>.path= works on the "
+        f"list form, type: huggingface_clip_vision)"
+    )

@@ -22,12 +22,24 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command's options (see ``fusion_bench_report --help``)."""
-    parser = argparse.ArgumentParser(prog="fusion_bench_report", description="Gather fusion_bench JSON reports into tables and figures.")
+    parser = argparse.ArgumentParser(
+        prog="fusion_bench_report", description="Gather fusion_bench JSON reports into tables and figures."
+    )
     parser.add_argument("paths", nargs="+", help="report files, or folders searched recursively for *.json")
-    parser.add_argument("--out", default=None, help="folder for tables.md, <table>.csv/.tex and figures/ (default: print only)")
+    parser.add_argument(
+        "--out", default=None, help="folder for tables.md, <table>.csv/.tex and figures/ (default: print only)"
+    )
     parser.add_argument("--formats", default="md,csv,tex", help="comma-separated: md, csv, tex (default: all)")
-    parser.add_argument("--group-by", default=None, help="a meta/config field (e.g. corruption, meta.corruption, config.seed): one table per value")
-    parser.add_argument("--sweep-param", default="scaling_factor", help="method option whose sweep is tabulated and plotted (default: scaling_factor)")
+    parser.add_argument(
+        "--group-by",
+        default=None,
+        help="a meta/config field (e.g. corruption, meta.corruption, config.seed): one table per value",
+    )
+    parser.add_argument(
+        "--sweep-param",
+        default="scaling_factor",
+        help="method option whose sweep is tabulated and plotted (default: scaling_factor)",
+    )
     parser.add_argument("--metric", default="accuracy", help="the per-task metric (default: accuracy)")
     parser.add_argument("--scale", type=float, default=100.0, help="multiply values by this (default: 100, percent)")
     parser.add_argument("--digits", type=int, default=1, help="decimals in Markdown and LaTeX (default: 1)")
@@ -73,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         runs = load_runs(args.paths)
-        tables = build_tables(runs, group_by=args.group_by, sweep_param=args.sweep_param, metric=args.metric, scale=args.scale)
+        tables = build_tables(
+            runs, group_by=args.group_by, sweep_param=args.sweep_param, metric=args.metric, scale=args.scale
+        )
         document = markdown_document(tables, digits=args.digits, sources=[str(r.path) for r in runs])
         if args.out is not None:
             _write(args, tables, document)

@@ -6,5 +6,12 @@ from fusion_bench.taskpool.dummy import DummyTaskPool
 from fusion_bench.taskpool.image_classification import ImageClassificationTaskPool
 from fusion_bench.taskpool.openclip_vision import OpenCLIPVisionModelTaskPool
 
-__all__ = ["TASKPOOLS", "BaseTaskPool", "register_taskpool", "CLIPVisionModelTaskPool", "DummyTaskPool",
-           "ImageClassificationTaskPool", "OpenCLIPVisionModelTaskPool"]
+__all__ = [
+    "TASKPOOLS",
+    "BaseTaskPool",
+    "register_taskpool",
+    "CLIPVisionModelTaskPool",
+    "DummyTaskPool",
+    "ImageClassificationTaskPool",
+    "OpenCLIPVisionModelTaskPool",
+]

@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 from fusion_bench.errors import DatasetError
 from fusion_bench.utils.distributed import ShardSampler, global_rank, is_global_zero, sum_across_ranks, world_size
 
-__all__ = ["fast_dev_run_limit", "sharded_test_loader", "evaluate_classifier", "dataset_num_classes", "check_num_classes"]
+__all__ = [
+    "fast_dev_run_limit",
+    "sharded_test_loader",
+    "evaluate_classifier",
+    "dataset_num_classes",
+    "check_num_classes",
+]
 
 
 def fast_dev_run_limit(fast_dev_run: bool | int, batch_size: int) -> int | None:
@@ -28,8 +34,12 @@ def fast_dev_run_limit(fast_dev_run: bool | int, batch_size: int) -> int | None:
 
 
 def sharded_test_loader(
-    dataset: Any, collate: Callable[[list[Any]], Any], dataloader_kwargs: Mapping[str, Any], *, fabric: Any = None,
-    limit: int | None = None
+    dataset: Any,
+    collate: Callable[[list[Any]], Any],
+    dataloader_kwargs: Mapping[str, Any],
+    *,
+    fabric: Any = None,
+    limit: int | None = None,
 ) -> DataLoader:
     """A test loader over the first ``limit`` samples (None: all), in order, this rank's shard only.
 

@@ -26,7 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
+from fusion_bench.data.loading import (
+    ImageClassificationCollate,
+    check_image_classification_columns,
+    load_dataset_from_config,
+)
 from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError
 from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool, is_image_classifier
 from fusion_bench.models.batchnorm import has_batchnorm, recompute_batchnorm_statistics
@@ -35,7 +39,11 @@ from fusion_bench.taskpool.classification import evaluate_classifier, fast_dev_r
 from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
 from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.tasks.classification.datamodule import label_info
-from fusion_bench.tasks.classification.processor import ClassificationProcessor, load_image_processor, processor_class_for
+from fusion_bench.tasks.classification.processor import (
+    ClassificationProcessor,
+    load_image_processor,
+    processor_class_for,
+)
 from fusion_bench.utils.instantiate import to_container
 
 __all__ = ["ImageClassificationTaskPool", "BATCHNORM_MODES"]
@@ -48,7 +56,9 @@ def _mapping(value: Any, option: str, *, required: bool = False) -> dict[str, An
     if value is None and not required:
         return {}
     if not isinstance(value, Mapping) or (required and not value):
-        raise ConfigError(f"taskpool: {option!r} must be a {'non-empty ' if required else ''}mapping of task -> entry, got {value!r}")
+        raise ConfigError(
+            f"taskpool: {option!r} must be a {'non-empty ' if required else ''}mapping of task -> entry, got {value!r}"
+        )
     return {str(k): v for k, v in value.items()}
 
 
@@ -85,16 +95,26 @@ class ImageClassificationTaskPool(BaseTaskPool):
         heads = _mapping(classification_heads, "classification_heads")
         missing = [t for t in self._test_cfgs if heads and t not in heads]
         if missing:
-            raise ConfigError(f"taskpool: no classification_heads entry for task(s) {missing}; heads given: {sorted(heads)}")
+            raise ConfigError(
+                f"taskpool: no classification_heads entry for task(s) {missing}; heads given: {sorted(heads)}"
+            )
         self.head_pool = HFImageClassificationModelPool(heads) if heads else None
         self._train_cfgs = _mapping(train_datasets, "train_datasets")
         if processor is None and self.head_pool is None:
             raise ConfigError("taskpool: give 'processor' (the image processor) when there are no classification_heads")
         self._processor_cfg = to_container(processor)
         if batchnorm not in BATCHNORM_MODES:
-            raise ConfigError(f"taskpool: option 'batchnorm' must be one of {', '.join(map(repr, BATCHNORM_MODES))}; got {batchnorm!r}")
-        if isinstance(batchnorm_num_samples, bool) or not isinstance(batchnorm_num_samples, int) or batchnorm_num_samples < 1:
-            raise ConfigError(f"taskpool: option 'batchnorm_num_samples' must be an integer >= 1; got {batchnorm_num_samples!r}")
+            raise ConfigError(
+                f"taskpool: option 'batchnorm' must be one of {', '.join(map(repr, BATCHNORM_MODES))}; got {batchnorm!r}"
+            )
+        if (
+            isinstance(batchnorm_num_samples, bool)
+            or not isinstance(batchnorm_num_samples, int)
+            or batchnorm_num_samples < 1
+        ):
+            raise ConfigError(
+                f"taskpool: option 'batchnorm_num_samples' must be an integer >= 1; got {batchnorm_num_samples!r}"
+            )
         self.batchnorm, self.batchnorm_num_samples = batchnorm, batchnorm_num_samples
         self.dataloader_kwargs = {"batch_size": 128, **dict(to_container(dataloader_kwargs) or {})}
         self.dataloader_kwargs.pop("shuffle", None)
@@ -137,8 +157,10 @@ class ImageClassificationTaskPool(BaseTaskPool):
         """The first ``batchnorm_num_samples`` training images of each task, as pixel batches."""
         for task in tasks:
             if task not in self._train_cfgs:
-                raise ConfigError(f"taskpool: batchnorm={self.batchnorm!r} needs a train dataset for task {task!r} "
-                                  f"(train_datasets); or set batchnorm=keep")  # fmt: skip
+                raise ConfigError(
+                    f"taskpool: batchnorm={self.batchnorm!r} needs a train dataset for task {task!r} "
+                    f"(train_datasets); or set batchnorm=keep"
+                )
             train = self._dataset("train", task)
             subset = Subset(train, range(min(self.batchnorm_num_samples, len(train))))
             for pixels, _ in self._loader(subset, task):
@@ -189,10 +211,17 @@ class ImageClassificationTaskPool(BaseTaskPool):
         self._check_labels(task, int(model.config.num_labels))
         limit = fast_dev_run_limit(self.fast_dev_run, int(self.dataloader_kwargs["batch_size"]))
         collate = ImageClassificationCollate(self.image_processor(task))
-        loader = sharded_test_loader(self._dataset("test", task), collate, self.dataloader_kwargs, fabric=self.fabric, limit=limit)
+        loader = sharded_test_loader(
+            self._dataset("test", task), collate, self.dataloader_kwargs, fabric=self.fabric, limit=limit
+        )
         metrics, self._num_samples[task] = evaluate_classifier(
-            lambda pixels: model(pixel_values=pixels).logits, loader, device=device, dtype=next(model.parameters()).dtype,
-            fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}",
+            lambda pixels: model(pixel_values=pixels).logits,
+            loader,
+            device=device,
+            dtype=next(model.parameters()).dtype,
+            fabric=self.fabric,
+            desc=f"eval {task}",
+            what=f"test dataset {task!r}",
         )
         return metrics
 

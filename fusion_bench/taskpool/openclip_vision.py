@@ -16,12 +16,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fusion_bench.data.loading import ImageClassificationCollate, check_image_classification_columns, load_dataset_from_config
+from fusion_bench.data.loading import (
+    ImageClassificationCollate,
+    check_image_classification_columns,
+    load_dataset_from_config,
+)
 from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.openclip_checkpoints import load_classification_head
 from fusion_bench.models.openclip_vision import ImageEncoder, TransformImageProcessor
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
-from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier, fast_dev_run_limit, sharded_test_loader
+from fusion_bench.taskpool.classification import (
+    check_num_classes,
+    evaluate_classifier,
+    fast_dev_run_limit,
+    sharded_test_loader,
+)
 from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
 from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.utils.instantiate import to_container
@@ -91,8 +100,12 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
         if self._is_setup:
             return
         self.classification_heads = {
-            task: load_classification_head(self._head_cfgs[task], what=f"classification head {task!r}",
-                                           allow_pickle=self.allow_pickle, base_dir=self.model_dir)  # fmt: skip
+            task: load_classification_head(
+                self._head_cfgs[task],
+                what=f"classification head {task!r}",
+                allow_pickle=self.allow_pickle,
+                base_dir=self.model_dir,
+            )
             for task in self.task_names
         }
         self.test_datasets = {}
@@ -138,12 +151,21 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
         for task in self.task_names:
             classifier = OpenCLIPImageClassifier(model, self.classification_heads[task].to(device=device, dtype=dtype))
             report[task], self._num_samples[task] = evaluate_classifier(
-                classifier, self.get_dataloader(task, transform, limit=limit), device=device, dtype=dtype,
-                fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}",
-            )  # fmt: skip
+                classifier,
+                self.get_dataloader(task, transform, limit=limit),
+                device=device,
+                dtype=dtype,
+                fabric=self.fabric,
+                desc=f"eval {task}",
+                what=f"test dataset {task!r}",
+            )
         report["average"] = mean_over_tasks(report, self.task_names)
         return report
 
     def evaluation_meta(self) -> dict[str, Any]:
         """Samples per task, the loss reduction and whether the run was partial."""
-        return {"loss_reduction": LOSS_REDUCTION, "num_samples": dict(self._num_samples), "fast_dev_run": bool(self.fast_dev_run)}
+        return {
+            "loss_reduction": LOSS_REDUCTION,
+            "num_samples": dict(self._num_samples),
+            "fast_dev_run": bool(self.fast_dev_run),
+        }

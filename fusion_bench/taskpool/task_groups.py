@@ -46,7 +46,9 @@ def check_task_groups(groups: Any, task_names: Sequence[str], *, what: str = "ta
             raise ConfigError(f"{what}: task group {name!r} must be a non-empty list of tasks, got {tasks!r}")
         unknown = [t for t in tasks if t not in task_names]
         if unknown:
-            raise ConfigError(f"{what}: task group {name!r} names unknown task(s) {unknown}; tasks: {', '.join(task_names)}")
+            raise ConfigError(
+                f"{what}: task group {name!r} names unknown task(s) {unknown}; tasks: {', '.join(task_names)}"
+            )
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"{what}: task group {name!r} lists a task twice: {list(tasks)}")
         checked[name] = [str(t) for t in tasks]

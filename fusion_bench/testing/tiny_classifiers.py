@@ -52,7 +52,9 @@ CLASSIFICATION_TASKS: dict[str, list[str]] = {
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_tiny_vit(out_dir: str | Path, *, num_labels: int, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+def build_tiny_vit(
+    out_dir: str | Path, *, num_labels: int, seed: int = 0, image_size: int = 32, patch_size: int = 8
+) -> Path:
     """Save a random tiny ``ViTForImageClassification`` (hidden 32, 2 layers) and its ``ViTImageProcessor``.
 
     Args:
@@ -66,13 +68,22 @@ def build_tiny_vit(out_dir: str | Path, *, num_labels: int, seed: int = 0, image
     """
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=image_size, patch_size=patch_size, num_labels=num_labels)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_labels=num_labels,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ViTForImageClassification(config)
     model.save_pretrained(str(out_dir))
-    processor = ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = ViTImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     processor.save_pretrained(str(out_dir))
     return Path(out_dir)
 
@@ -92,12 +103,16 @@ def build_tiny_resnet(out_dir: str | Path, *, num_labels: int, seed: int = 0, im
     """
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=num_labels)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=num_labels
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ResNetForImageClassification(config)
     model.save_pretrained(str(out_dir))
-    processor = ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=0.875, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    processor = ConvNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_pct=0.875, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
     processor.save_pretrained(str(out_dir))
     return Path(out_dir)
 
@@ -110,7 +125,12 @@ def _quiet_lightning() -> Iterator[None]:
     logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            for hint in ("does not have many workers", "number of training batches", "across ranks is zero", "LeafSpec"):
+            for hint in (
+                "does not have many workers",
+                "number of training batches",
+                "across ranks is zero",
+                "LeafSpec",
+            ):
                 warnings.filterwarnings("ignore", message=f".*{hint}.*")
             with _quiet_progress():
                 yield
@@ -119,9 +139,16 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 def finetune_tiny_classifier(
-    model_dir: str | Path, dataset: Any, out_dir: str | Path, *, max_epochs: int = 3, learning_rate: float = 3e-3,
-    batch_size: int = 8, seed: int = 0, scratch_dir: str | Path,
-) -> Path:  # fmt: skip
+    model_dir: str | Path,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    max_epochs: int = 3,
+    learning_rate: float = 3e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+    scratch_dir: str | Path,
+) -> Path:
     """Fine-tune a saved classifier on ``dataset`` with the framework and save it.
 
     Args:
@@ -136,21 +163,41 @@ def finetune_tiny_classifier(
     """
     import lightning as L
 
-    from fusion_bench.tasks.classification import ClassificationModule, ImageClassificationDataModule, processor_class_for
+    from fusion_bench.tasks.classification import (
+        ClassificationModule,
+        ImageClassificationDataModule,
+        processor_class_for,
+    )
     from fusion_bench.tasks.classification.datamodule import label_info, load_splits
     from fusion_bench.tasks.common.base_module import BaseConfig
 
     splits = load_splits(dataset)
     num_classes, names = label_info(splits["train"], what="train split")
-    config = BaseConfig(model_name=str(model_dir), num_classes=num_classes, class_names=names, learning_rate=learning_rate,
-                        batch_size=batch_size, scheduler="constant", seed=seed, val_fraction=0.0)  # fmt: skip
+    config = BaseConfig(
+        model_name=str(model_dir),
+        num_classes=num_classes,
+        class_names=names,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        scheduler="constant",
+        seed=seed,
+        val_fraction=0.0,
+    )
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     processor = processor_class_for(model_type)(config)
     module = ClassificationModule(model_ckpt=str(model_dir), config=config, processor=processor)
     with _quiet_lightning():
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=str(scratch_dir))  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=max_epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=str(scratch_dir),
+        )
         trainer.fit(module, ImageClassificationDataModule(splits, processor=processor, config=config))
         module.save_pretrained(out_dir)
     return Path(out_dir)
@@ -197,7 +244,9 @@ def _union_dataset(paths: Mapping[str, Path]) -> Any:
         labels += [len(names) + int(label) for label in train["label"]]
         names += [f"{task}:{n}" for n in train.features["label"].names]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)})
+    return datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)}
+    )
 
 
 def _build_into(root: Path, tasks: Mapping[str, Sequence[str]], seed: int) -> None:
@@ -208,16 +257,32 @@ def _build_into(root: Path, tasks: Mapping[str, Sequence[str]], seed: int) -> No
 def _build_parts(root: Path, tasks: Mapping[str, Sequence[str]], seed: int) -> None:
     paths, scratch = _layout(root, tasks), root / "_scratch"
     for i, (task, names) in enumerate(tasks.items()):
-        build_tiny_image_dataset(paths.datasets[task], classnames=names, n_train_per_class=8, n_test_per_class=4,
-                                 seed=seed + 101 + i, mode="L" if task in GRAYSCALE else "RGB")  # fmt: skip
+        build_tiny_image_dataset(
+            paths.datasets[task],
+            classnames=names,
+            n_train_per_class=8,
+            n_test_per_class=4,
+            seed=seed + 101 + i,
+            mode="L" if task in GRAYSCALE else "RGB",
+        )
     union = _union_dataset(paths.datasets)
     builders = {"vit": build_tiny_vit, "resnet": build_tiny_resnet}
     for arch in ARCHITECTURES:
-        random_init = builders[arch](scratch / f"{arch}-random", num_labels=union["train"].features["label"].num_classes, seed=seed)
-        finetune_tiny_classifier(random_init, union, paths.pretrained[arch], max_epochs=4, seed=seed, scratch_dir=scratch)
+        random_init = builders[arch](
+            scratch / f"{arch}-random", num_labels=union["train"].features["label"].num_classes, seed=seed
+        )
+        finetune_tiny_classifier(
+            random_init, union, paths.pretrained[arch], max_epochs=4, seed=seed, scratch_dir=scratch
+        )
         for i, task in enumerate(tasks):
-            finetune_tiny_classifier(paths.pretrained[arch], str(paths.datasets[task]), paths.finetuned[arch][task],
-                                     max_epochs=6, seed=seed + 1 + i, scratch_dir=scratch)  # fmt: skip
+            finetune_tiny_classifier(
+                paths.pretrained[arch],
+                str(paths.datasets[task]),
+                paths.finetuned[arch][task],
+                max_epochs=6,
+                seed=seed + 1 + i,
+                scratch_dir=scratch,
+            )
     shutil.rmtree(scratch, ignore_errors=True)
 
 

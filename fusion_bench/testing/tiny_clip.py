@@ -41,13 +41,28 @@ __all__ = [
 
 FORMAT_VERSION = 1
 DIGITS = [str(i) for i in range(10)]
-EUROSAT = ["annual crop land", "forest", "brushland or shrubland", "highway or road",
-           "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
-           "residential buildings or homes or apartments", "river", "lake or sea"]  # fmt: skip
+EUROSAT = [
+    "annual crop land",
+    "forest",
+    "brushland or shrubland",
+    "highway or road",
+    "industrial buildings or commercial buildings",
+    "pasture land",
+    "permanent crop land",
+    "residential buildings or homes or apartments",
+    "river",
+    "lake or sea",
+]
 DEFAULT_TASKS: dict[str, list[str]] = {"mnist": DIGITS, "eurosat": EUROSAT, "svhn": DIGITS}
-TEMPLATES = ["a photo of a {}.", "a photo of the {}.", 'a photo of the number: "{}".', "an image of {}.",
-             "a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-             "a centered satellite photo of the {}."]  # fmt: skip
+TEMPLATES = [
+    "a photo of a {}.",
+    "a photo of the {}.",
+    'a photo of the number: "{}".',
+    "an image of {}.",
+    "a centered satellite photo of {}.",
+    "a centered satellite photo of a {}.",
+    "a centered satellite photo of the {}.",
+]
 GENERIC_TEXT = ["a photo of a dog.", "a photo of a cat.", "a picture of an object.", "this is a photo of something."]
 
 
@@ -100,7 +115,10 @@ def _build_into(root: Path, tasks: Mapping[str, Sequence[str]], seed: int, layou
     build_tiny_clip(paths.base_model, corpus=_example_corpus(tasks), seed=seed)
     for i, (task, classnames) in enumerate(tasks.items()):
         make_finetuned_variant(
-            paths.base_model, paths.finetuned[task], seed=seed + 1 + i, key_layout=layouts[task]  # type: ignore[arg-type]
+            paths.base_model,
+            paths.finetuned[task],
+            seed=seed + 1 + i,
+            key_layout=layouts[task],  # type: ignore[arg-type]
         )
         mode = "L" if task in GRAYSCALE_TASKS else "RGB"
         build_tiny_image_dataset(paths.datasets[task], classnames=classnames, seed=seed + 101 + i, mode=mode)

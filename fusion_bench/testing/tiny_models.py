@@ -36,8 +36,14 @@ def _clip_config(tokenizer: CLIPTokenizer, image_size: int, patch_size: int, pro
     """
     from transformers import CLIPConfig
 
-    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text = dict(
+        layers,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     vision = dict(layers, image_size=image_size, patch_size=patch_size)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
@@ -88,9 +94,16 @@ def build_tiny_clip(
 
     out_dir = Path(out_dir)
     tokenizer = train_tiny_clip_tokenizer(out_dir, corpus)
-    config = _clip_config(tokenizer, image_size, patch_size, projection_dim, hidden_size=hidden_size,
-                          intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                          num_attention_heads=num_heads)  # fmt: skip
+    config = _clip_config(
+        tokenizer,
+        image_size,
+        patch_size,
+        projection_dim,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()

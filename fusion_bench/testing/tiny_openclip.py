@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from fusion_bench.testing.build_cache import build_once
 from fusion_bench.testing.tiny_models import _perturb_
 
-__all__ = ["TINY_OPENCLIP_CONFIG", "ARCH_DIR", "TASK_VECTORS_NAMES", "TinyOpenCLIPExample", "build_tiny_openclip_example", "tiny_openclip_encoder"]
+__all__ = [
+    "TINY_OPENCLIP_CONFIG",
+    "ARCH_DIR",
+    "TASK_VECTORS_NAMES",
+    "TinyOpenCLIPExample",
+    "build_tiny_openclip_example",
+    "tiny_openclip_encoder",
+]
 
 TINY_OPENCLIP_CONFIG = {
     "embed_dim": 16,
@@ -60,8 +67,16 @@ class TinyOpenCLIPExample:
 
 
 # task_vectors' folder names of the eight tasks
-TASK_VECTORS_NAMES = {"sun397": "SUN397", "stanford_cars": "Cars", "resisc45": "RESISC45", "eurosat": "EuroSAT",
-                      "svhn": "SVHN", "gtsrb": "GTSRB", "mnist": "MNIST", "dtd": "DTD"}  # fmt: skip
+TASK_VECTORS_NAMES = {
+    "sun397": "SUN397",
+    "stanford_cars": "Cars",
+    "resisc45": "RESISC45",
+    "eurosat": "EuroSAT",
+    "svhn": "SVHN",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "dtd": "DTD",
+}
 
 
 def _folder_name(task: str) -> str:
@@ -98,10 +113,14 @@ def tiny_openclip_encoder(seed: int = 0):
 def _text_leftovers() -> dict[str, torch.Tensor]:
     """What task_vectors' ImageEncoder keeps of the text side after deleting its transformer."""
     gen = torch.Generator().manual_seed(7)
-    return {"model.positional_embedding": torch.randn(77, 32, generator=gen),
-            "model.token_embedding.weight": torch.randn(64, 32, generator=gen),
-            "model.ln_final.weight": torch.ones(32), "model.ln_final.bias": torch.zeros(32),
-            "model.text_projection": torch.randn(32, 16, generator=gen), "model.logit_scale": torch.tensor(4.6052)}  # fmt: skip
+    return {
+        "model.positional_embedding": torch.randn(77, 32, generator=gen),
+        "model.token_embedding.weight": torch.randn(64, 32, generator=gen),
+        "model.ln_final.weight": torch.ones(32),
+        "model.ln_final.bias": torch.zeros(32),
+        "model.text_projection": torch.randn(32, 16, generator=gen),
+        "model.logit_scale": torch.tensor(4.6052),
+    }
 
 
 def _save_expert(encoder, path: Path, fmt: str) -> None:
@@ -148,7 +167,9 @@ def _build_into(tmp: Path, datasets: Mapping[str, Path], seed: int) -> None:
         save_classification_head(_class_mean_head(base, paths.datasets[task]), paths.heads[task])
 
 
-def build_tiny_openclip_example(root: str | Path, *, datasets: Mapping[str, str | Path], seed: int = 0) -> TinyOpenCLIPExample:
+def build_tiny_openclip_example(
+    root: str | Path, *, datasets: Mapping[str, str | Path], seed: int = 0
+) -> TinyOpenCLIPExample:
     """Build (once) the tiny OpenCLIP example under ``root`` for ``datasets`` (task -> ``DatasetDict`` folder).
 
     A complete example with the same marker is returned as is; else it is built in a temporary

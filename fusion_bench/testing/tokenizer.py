@@ -56,8 +56,14 @@ def _clip_backend(vocab: dict[str, int] | None = None, merges: list[tuple[str, s
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    bpe = models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=EOW,
-                     unk_token=EOS if vocab else None, fuse_unk=False)  # fmt: skip
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=merges,
+        continuing_subword_prefix="",
+        end_of_word_suffix=EOW,
+        unk_token=EOS if vocab else None,
+        fuse_unk=False,
+    )
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -97,9 +103,13 @@ def _train_merges(corpus: Sequence[str], vocab_size: int) -> list[tuple[str, str
     alphabet = _byte_alphabet()
     fixed = [BOS, EOS, *(c + EOW for c in alphabet)]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size + len(fixed), min_frequency=2, special_tokens=fixed, initial_alphabet=alphabet,
-        end_of_word_suffix=EOW, show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size + len(fixed),
+        min_frequency=2,
+        special_tokens=fixed,
+        initial_alphabet=alphabet,
+        end_of_word_suffix=EOW,
+        show_progress=False,
+    )
     tokenizer = _clip_backend()
     tokenizer.train_from_iterator(list(corpus), trainer)
     merges = json.loads(tokenizer.to_str())["model"]["merges"]

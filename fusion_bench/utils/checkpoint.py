@@ -27,10 +27,14 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
@@ -58,7 +62,9 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], *, meta: Mapping
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, *, expect: Mapping[str, Any] | None = None, what: str = "checkpoint") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, *, expect: Mapping[str, Any] | None = None, what: str = "checkpoint"
+) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors only: no code runs).
 
     Args:
@@ -76,7 +82,9 @@ def load_checkpoint(path: str | Path, *, expect: Mapping[str, Any] | None = None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, arbitrary objects refused by weights_only
-        raise ModelLoadError(f"{what}: {str(path)!r} is not a FusionBench checkpoint ({err.__class__.__name__})") from None
+        raise ModelLoadError(
+            f"{what}: {str(path)!r} is not a FusionBench checkpoint ({err.__class__.__name__})"
+        ) from None
     if not isinstance(data, dict) or "meta" not in data:
         raise ModelLoadError(f"{what}: {str(path)!r} is not a FusionBench checkpoint (no 'meta' entry)")
     for key, value in (expect or {}).items():

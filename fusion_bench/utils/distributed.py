@@ -24,8 +24,19 @@ from torch.utils.data import Sampler
 if TYPE_CHECKING:
     import lightning
 
-__all__ = ["ShardSampler", "RankShard", "world_size", "global_rank", "is_global_zero", "started_as_rank_zero",
-           "shard_batch", "sum_across_ranks", "end_process_group", "launch_environment", "LAUNCH_VARIABLES"]
+__all__ = [
+    "ShardSampler",
+    "RankShard",
+    "world_size",
+    "global_rank",
+    "is_global_zero",
+    "started_as_rank_zero",
+    "shard_batch",
+    "sum_across_ranks",
+    "end_process_group",
+    "launch_environment",
+    "LAUNCH_VARIABLES",
+]
 
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 

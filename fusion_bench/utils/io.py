@@ -32,8 +32,17 @@ from typing import Any, Iterable, Iterator
 
 from fusion_bench.errors import ConfigError
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_directory", "check_output_path", "check_finite_json",
-           "clean_stale_temporaries", "overwrite_allowed", "read_json_file", "MARKER"]  # fmt: skip
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_directory",
+    "check_output_path",
+    "check_finite_json",
+    "clean_stale_temporaries",
+    "overwrite_allowed",
+    "read_json_file",
+    "MARKER",
+]
 
 MARKER = ".fusion_bench_output.json"  # lists what a FusionBench save wrote into its folder
 _OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("fusion_bench_overwrite", default=False)
@@ -263,7 +272,9 @@ def _write_marker(folder: Path, entries: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool | None = None, option: str = "output folder") -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, *, overwrite: bool | None = None, option: str = "output folder"
+) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it becomes ``path`` (see module docstring).
 
     Args:

@@ -36,7 +36,9 @@ def quiet_unless_terminal() -> None:
         pass
 
 
-def progress(items: Iterable[T], *, desc: str, total: int | None = None, leave: bool = False, **kwargs: Any) -> Iterator[T]:
+def progress(
+    items: Iterable[T], *, desc: str, total: int | None = None, leave: bool = False, **kwargs: Any
+) -> Iterator[T]:
     """``tqdm(items)`` on a terminal, ``items`` as they are otherwise."""
     if not on_terminal():
         yield from items

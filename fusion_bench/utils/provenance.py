@@ -24,8 +24,18 @@ from typing import Any, Literal
 
 __all__ = ["HASH_MODES", "PACKAGES", "SAMPLED_HASH", "file_fingerprint", "package_versions", "peak_memory"]
 
-PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "datasets", "safetensors",
-            "huggingface_hub", "tokenizers", "numpy")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "transformers",
+    "lightning",
+    "hydra-core",
+    "omegaconf",
+    "datasets",
+    "safetensors",
+    "huggingface_hub",
+    "tokenizers",
+    "numpy",
+)
 HASH_MODES = ("sampled", "full")
 SAMPLED_HASH = "sha256 of size + first 1 MiB + 16 evenly spaced 64 KiB blocks (ending with the last)"
 _HEAD, _BLOCK, _NUM_BLOCKS = 1 << 20, 1 << 16, 16

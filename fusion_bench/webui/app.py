@@ -160,13 +160,21 @@ def create_app(settings: Settings) -> Starlette:
         return FileResponse(path, media_type=media, headers={**SECURITY_HEADERS, "Content-Disposition": "inline"})
 
     routes = [
-        Route("/", page), Route("/run", page), Route("/results", page),
+        Route("/", page),
+        Route("/run", page),
+        Route("/results", page),
         Route("/static/{name}", static),
-        Route("/api/config", config), Route("/api/options", options), Route("/api/compose", compose),
-        Route("/api/runs", start_run, methods=["POST"]), Route("/api/runs", list_runs),
-        Route("/api/runs/{run_id}", get_run), Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
-        Route("/api/results", results), Route("/files/{link:path}", files),
-    ]  # fmt: skip
+        Route("/api/config", config),
+        Route("/api/options", options),
+        Route("/api/compose", compose),
+        Route("/api/runs", start_run, methods=["POST"]),
+        Route("/api/runs", list_runs),
+        Route("/api/runs/{run_id}", get_run),
+        Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/api/results", results),
+        Route("/files/{link:path}", files),
+    ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield

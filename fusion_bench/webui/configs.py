@@ -83,7 +83,11 @@ class ConfigTree:
         for root in self.roots:
             folder = root / group
             if folder.is_dir():
-                names |= {str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml") if not p.name.startswith("_")}
+                names |= {
+                    str(p.relative_to(folder).with_suffix(""))
+                    for p in folder.rglob("*.yaml")
+                    if not p.name.startswith("_")
+                }
         return sorted(names)
 
     def defaults(self) -> dict[str, str]:

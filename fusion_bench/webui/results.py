@@ -7,7 +7,15 @@ from typing import Any, Sequence
 
 __all__ = ["results_payload", "safe_file"]
 
-PROVENANCE_KEYS = ("fusion_bench_version", "torch_version", "transformers_version", "seed", "fast_dev_run", "device", "packages")
+PROVENANCE_KEYS = (
+    "fusion_bench_version",
+    "torch_version",
+    "transformers_version",
+    "seed",
+    "fast_dev_run",
+    "device",
+    "packages",
+)
 
 
 def _run_entry(run: Any, label: str, roots: Sequence[Path]) -> dict[str, Any]:
@@ -23,7 +31,7 @@ def _run_entry(run: Any, label: str, roots: Sequence[Path]) -> dict[str, Any]:
         "provenance": {k: meta[k] for k in PROVENANCE_KEYS if k in meta},
         "choices": ((meta.get("hydra") or {}).get("choices")) or {},
         "config": config,
-    }  # fmt: skip
+    }
 
 
 def _relative_link(path: Path, roots: Sequence[Path]) -> str | None:
@@ -41,10 +49,18 @@ def _table_entry(table: Any, digits: int) -> dict[str, Any]:
     from fusion_bench.reporting.render import to_csv, to_latex, to_markdown
 
     return {
-        "name": table.name, "title": table.title, "columns": table.columns, "notes": table.notes, "x": table.x,
+        "name": table.name,
+        "title": table.title,
+        "columns": table.columns,
+        "notes": table.notes,
+        "x": table.x,
         "rows": [{"label": r.label, "values": r.values, "flags": r.flags} for r in table.rows],
-        "exports": {"md": to_markdown(table, digits=digits), "csv": to_csv(table), "tex": to_latex(table, digits=digits)},
-    }  # fmt: skip
+        "exports": {
+            "md": to_markdown(table, digits=digits),
+            "csv": to_csv(table),
+            "tex": to_latex(table, digits=digits),
+        },
+    }
 
 
 def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor", digits: int = 1) -> dict[str, Any]:
@@ -56,7 +72,13 @@ def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor
     from fusion_bench.reporting.tables import row_labels
 
     existing = [r for r in roots if r.exists()]
-    payload: dict[str, Any] = {"roots": [str(r) for r in roots], "runs": [], "tables": [], "markdown": "", "error": None}
+    payload: dict[str, Any] = {
+        "roots": [str(r) for r in roots],
+        "runs": [],
+        "tables": [],
+        "markdown": "",
+        "error": None,
+    }
     if not existing:
         payload["error"] = "no results folder yet"
         return payload

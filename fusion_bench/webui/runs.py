@@ -41,11 +41,16 @@ class Run:
         """The run for the page; ``log`` holds the lines from ``since`` on."""
         end = self.ended or time.time()
         return {
-            "id": self.id, "argv": self.argv[1:], "state": self.state, "returncode": self.returncode,
+            "id": self.id,
+            "argv": self.argv[1:],
+            "state": self.state,
+            "returncode": self.returncode,
             "report": str(self.report_path) if self.report_path.is_file() else None,
             "elapsed": round(end - self.started, 1) if self.started else None,
-            "log_start": since, "log": self.log[since:], "log_end": len(self.log),
-        }  # fmt: skip
+            "log_start": since,
+            "log": self.log[since:],
+            "log_end": len(self.log),
+        }
 
 
 class RunQueue:
@@ -118,8 +123,17 @@ class RunQueue:
         run.report_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            process = subprocess.Popen(run.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       text=True, errors="replace", bufsize=1, env=env, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                run.argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                env=env,
+                start_new_session=True,
+            )
         except OSError as err:
             run.log.append(f"fusion_bench_webui: error: cannot start the run: {err}")
             run.state, run.ended = "failed", time.time()

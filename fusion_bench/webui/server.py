@@ -42,13 +42,23 @@ def _is_loopback(host: str) -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command's options; every check that needs no server is done here."""
-    parser = _Parser(prog=PROG, description="A web page to compose fusion_bench runs, watch them, and compare their results.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; another needs --allow-remote)")
+    parser = _Parser(
+        prog=PROG, description="A web page to compose fusion_bench runs, watch them, and compare their results."
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; another needs --allow-remote)"
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow --host to be a non-loopback address")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: a free one)")
-    parser.add_argument("--config-dir", default=None, help="an extra config folder, searched before the shipped configs")
-    parser.add_argument("--results", nargs="+", default=[], metavar="DIR", help="folders of JSON reports for the Results view")
-    parser.add_argument("--runs-dir", default="outputs/webui", help="where runs started from the page write (default: outputs/webui)")
+    parser.add_argument(
+        "--config-dir", default=None, help="an extra config folder, searched before the shipped configs"
+    )
+    parser.add_argument(
+        "--results", nargs="+", default=[], metavar="DIR", help="folders of JSON reports for the Results view"
+    )
+    parser.add_argument(
+        "--runs-dir", default="outputs/webui", help="where runs started from the page write (default: outputs/webui)"
+    )
     args = parser.parse_args(argv)
     if not _is_loopback(args.host) and not args.allow_remote:
         _fail(f"--host {args.host!r} is not a loopback address; add --allow-remote to serve other machines")
@@ -87,11 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     token = secrets.token_urlsafe(24)
     hosts = ("127.0.0.1", "localhost", "::1") if _is_loopback(args.host) else ("*",)
-    settings = Settings(token, [Path(r).resolve() for r in args.results], Path(args.runs_dir).resolve(), args.config_dir, hosts)
+    settings = Settings(
+        token, [Path(r).resolve() for r in args.results], Path(args.runs_dir).resolve(), args.config_dir, hosts
+    )
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on")
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on"
+    )
     server = uvicorn.Server(config)
     print(f"{PROG}: serving on http://{shown}:{port}/?token={token}", flush=True)
     try:

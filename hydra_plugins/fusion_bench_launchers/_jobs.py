@@ -15,8 +15,15 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobFailure", "failure_of_return", "last_line", "exit_if_failed", "print_job_error",
-           "report_path_of", "split_finished"]
+__all__ = [
+    "JobFailure",
+    "failure_of_return",
+    "last_line",
+    "exit_if_failed",
+    "print_job_error",
+    "report_path_of",
+    "split_finished",
+]
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,10 @@ def exit_if_failed(failures: Sequence[JobFailure], num_jobs: int) -> None:
     if not failures:
         return
     sys.stdout.flush()
-    print(f"fusion_bench: error: {len(failures)} of {num_jobs} sweep jobs failed "
-          f"(the other jobs' reports are kept):", file=sys.stderr)  # fmt: skip
+    print(
+        f"fusion_bench: error: {len(failures)} of {num_jobs} sweep jobs failed (the other jobs' reports are kept):",
+        file=sys.stderr,
+    )
     for failure in sorted(failures, key=lambda f: f.num):
         print(failure.line(), file=sys.stderr)
     sys.stderr.flush()
@@ -96,8 +105,9 @@ def report_path_of(sweep_config: DictConfig) -> Path | None:
     return Path(value) if isinstance(value, str) and value not in NO_PATH_VALUES else None
 
 
-def split_finished(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-                   initial_job_idx: int) -> tuple[list[tuple[int, list[str]]], list[JobReturn]]:  # fmt: skip
+def split_finished(
+    hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> tuple[list[tuple[int, list[str]]], list[JobReturn]]:
     """With ``skip_existing_report=true``: the jobs to submit ``(number, overrides)`` and the
     returns of the jobs whose report already exists (same ``fast_dev_run``), which are not
     submitted at all. Without it every job is submitted."""
@@ -112,8 +122,18 @@ def split_finished(hydra_context: HydraContext, config: DictConfig, job_override
         if report is None:
             to_run.append((num, overrides))
             continue
-        log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}: {path} exists; not submitted (skip_existing_report=true)")
-        finished.append(JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, working_dir=str(Path.cwd()),
-                                  task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
-                                  _return_value=report))  # fmt: skip
+        log.info(
+            f"\t#{num} : {' '.join(filter_overrides(overrides))}: {path} exists; not submitted (skip_existing_report=true)"
+        )
+        finished.append(
+            JobReturn(
+                overrides=overrides,
+                cfg=sweep_config,
+                hydra_cfg=sweep_config,
+                working_dir=str(Path.cwd()),
+                task_name=str(sweep_config.hydra.job.name),
+                status=JobStatus.COMPLETED,
+                _return_value=report,
+            )
+        )
     return to_run, finished

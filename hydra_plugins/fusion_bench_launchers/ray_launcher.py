@@ -52,8 +52,13 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def run_job_on_worker(hydra_context: HydraContext, sweep_config: DictConfig, task_function: TaskFunction,
-                      singleton_state: dict[Any, Any], log_path: str) -> JobReturn | str:  # fmt: skip
+def run_job_on_worker(
+    hydra_context: HydraContext,
+    sweep_config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+    log_path: str,
+) -> JobReturn | str:
     """Run one job in a Ray worker (Hydra's ``run_job``); its output goes to ``log_path``.
 
     Returns the job's :class:`JobReturn` (an exception raised inside the job is in it), or, when
@@ -71,8 +76,15 @@ def run_job_on_worker(hydra_context: HydraContext, sweep_config: DictConfig, tas
             sweep_config.hydra.job.id = ray.get_runtime_context().get_task_id()
         HydraConfig.instance().set_config(sweep_config)
         try:
-            return print_job_error(run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
+            return print_job_error(
+                run_job(
+                    hydra_context=hydra_context,
+                    task_function=task_function,
+                    config=sweep_config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
         except SystemExit as stop:
             if stop.code in (None, 0):
                 return "the job exited (status 0) before returning"
@@ -115,7 +127,9 @@ class RayLauncher(Launcher):
             with open_dict(sweep_config):
                 sweep_config.hydra.job.num = num
             log_path = sweep_dir / ".ray" / f"{num}.log"
-            ref = task.remote(self.hydra_context, sweep_config, self.task_function, Singleton.get_state(), str(log_path))
+            ref = task.remote(
+                self.hydra_context, sweep_config, self.task_function, Singleton.get_state(), str(log_path)
+            )
             submitted.append((num, overrides, log_path, ref))
         log.info("submitted Ray tasks: %s", " ".join(ref.task_id().hex() for *_, ref in submitted))
         ray.wait([ref for *_, ref in submitted], num_returns=len(submitted))  # every job, failed or not
@@ -128,8 +142,11 @@ class RayLauncher(Launcher):
                 reason = f"{type(error).__name__}: {last_line(log_path, (str(error).strip().splitlines() or ['no output'])[0])}"
                 failures.append(JobFailure(num, overrides, reason, where, log_path))
                 continue
-            failure = (JobFailure(num, overrides, ret, where, log_path) if isinstance(ret, str)
-                       else failure_of_return(ret, num, overrides, where, log_path))  # fmt: skip
+            failure = (
+                JobFailure(num, overrides, ret, where, log_path)
+                if isinstance(ret, str)
+                else failure_of_return(ret, num, overrides, where, log_path)
+            )
             if failure is not None:
                 failures.append(failure)
             else:

@@ -34,8 +34,22 @@ from ._jobs import JobFailure, exit_if_failed, failure_of_return, last_line, pri
 log = logging.getLogger(__name__)
 
 # a job in one of these states may still write its result; any other state is final
-LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-               "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED", "RESV_DEL_HOLD"}  # fmt: skip
+LIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "PREEMPTED",
+    "RESV_DEL_HOLD",
+}
 POLL_SECONDS = float(os.environ.get("FUSION_BENCH_SLURM_POLL_S", "5"))
 
 
@@ -121,8 +135,11 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
         assert self.config is not None
         init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
-                                         **{f"{self._EXECUTOR}_max_num_timeout": self.params["max_num_timeout"]})  # fmt: skip
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=self.params["submitit_folder"],
+            **{f"{self._EXECUTOR}_max_num_timeout": self.params["max_num_timeout"]},
+        )
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(
             **{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k not in init_keys}

@@ -100,8 +100,7 @@ def load_classnames_and_templates(task: str) -> tuple[list[str], list[str]]:
     canonical = canonical_task_name(task)
     if canonical not in TASK_NAMES:
         raise UnknownNameError(
-            f"unknown CLIP task {task!r}; known tasks: {', '.join(TASK_NAMES)} "
-            f"(aliases: {', '.join(sorted(ALIASES))})"
+            f"unknown CLIP task {task!r}; known tasks: {', '.join(TASK_NAMES)} (aliases: {', '.join(sorted(ALIASES))})"
         )
     classnames, templates = _load(canonical)
     return list(classnames), list(templates)

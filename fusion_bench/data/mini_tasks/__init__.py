@@ -97,7 +97,9 @@ def mini_path(relative: str) -> str:
         path = mini_clip_dir() / name
         if not path.is_dir():
             known = sorted(p.name for p in mini_clip_dir().glob("*") if p.is_dir())
-            raise ConfigError(f"${{{RESOLVER}:{relative}}}: no model {name!r} in {str(mini_clip_dir())!r}; models: {known}")
+            raise ConfigError(
+                f"${{{RESOLVER}:{relative}}}: no model {name!r} in {str(mini_clip_dir())!r}; models: {known}"
+            )
         return str(path)
     if kind == "datasets" and name in MINI_TASKS:
         return str(build_mini_task_datasets(mini_tasks_root()) / name)

@@ -22,12 +22,21 @@ CAPTION_KEEP_PROBABILITY = 0.8
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _SYNONYMS = {
-    "large": ("large", "big"), "small": ("small", "little"), "medium": ("medium", "medium-sized"),
-    "center": ("center", "middle"), "gray": ("gray", "grey"), "spots": ("spots", "a spotted pattern"),
-    "checkerboard": ("a checkerboard", "checks"), "grid": ("a grid", "grid lines"), "zigzag": ("zigzags", "a zigzag pattern"),
-    "plain": ("nothing", "a plain surface"), "sharp": ("sharp", "clear", "crisp"), "blurry": ("blurry", "blurred"),
-    "noisy": ("noisy", "grainy"), "pixelated": ("pixelated", "blocky"),
-}  # fmt: skip
+    "large": ("large", "big"),
+    "small": ("small", "little"),
+    "medium": ("medium", "medium-sized"),
+    "center": ("center", "middle"),
+    "gray": ("gray", "grey"),
+    "spots": ("spots", "a spotted pattern"),
+    "checkerboard": ("a checkerboard", "checks"),
+    "grid": ("a grid", "grid lines"),
+    "zigzag": ("zigzags", "a zigzag pattern"),
+    "plain": ("nothing", "a plain surface"),
+    "sharp": ("sharp", "clear", "crisp"),
+    "blurry": ("blurry", "blurred"),
+    "noisy": ("noisy", "grainy"),
+    "pixelated": ("pixelated", "blocky"),
+}
 _PREFIXES = ("a photo of", "an image of", "a picture of", "a drawing of", "there is", "")
 _QUALITY_PREFIXES = ("a {} photo of", "a {} image of", "a {} picture of")
 
@@ -118,8 +127,15 @@ def caption_vocabulary_corpus(n_captions: int = 2000, seed: int = 0) -> list[str
     """
     from fusion_bench.data.mini_tasks import scenes
 
-    words = [*scenes.SHAPES, *scenes.COLORS, *scenes.BACKGROUNDS, *scenes.TEXTURES, *scenes.POSITIONS, *scenes.SIZES,
-             *scenes.QUALITIES]
+    words = [
+        *scenes.SHAPES,
+        *scenes.COLORS,
+        *scenes.BACKGROUNDS,
+        *scenes.TEXTURES,
+        *scenes.POSITIONS,
+        *scenes.SIZES,
+        *scenes.QUALITIES,
+    ]
     words += [*scenes.DIGITS, *_NUMBER_WORDS, "dot", "dots", "digit", "number", "handwritten"]
     words += [s for synonyms in _SYNONYMS.values() for s in synonyms]
     frames = ["{}", *(f"{p} {{}}." for p in _PREFIXES if p), "on a {} background", "at the {} of the image"]

@@ -145,9 +145,16 @@ def _draw_scene(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
         sky_top = sky_low = _jitter(rng, (0.7, 0.72, 0.75))
     t = np.clip(y / horizon, 0, 1)[..., None]
     img = sky_top * (1 - t) + sky_low * t
-    ground = {"beach": (0.9, 0.8, 0.55), "forest": (0.1, 0.35, 0.1), "desert": (0.85, 0.65, 0.35),
-              "mountain": (0.35, 0.45, 0.3), "city": (0.4, 0.4, 0.42), "lake": (0.2, 0.45, 0.2),
-              "field": (0.4, 0.7, 0.2), "snowfield": (0.95, 0.95, 0.97)}[name]
+    ground = {
+        "beach": (0.9, 0.8, 0.55),
+        "forest": (0.1, 0.35, 0.1),
+        "desert": (0.85, 0.65, 0.35),
+        "mountain": (0.35, 0.45, 0.3),
+        "city": (0.4, 0.4, 0.42),
+        "lake": (0.2, 0.45, 0.2),
+        "field": (0.4, 0.7, 0.2),
+        "snowfield": (0.95, 0.95, 0.97),
+    }[name]
     below = _soft(horizon - y)
     img = _paint(img, below, _jitter(rng, ground))
     if name == "beach":
@@ -156,7 +163,9 @@ def _draw_scene(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
         for _ in range(int(rng.integers(5, 9))):
             cx, h = rng.uniform(0, 32), rng.uniform(8, 14)
             base = horizon + rng.uniform(0, 4)
-            img = _paint(img, _poly([(cx, base - h), (cx + h / 3, base), (cx - h / 3, base)]), _jitter(rng, (0.05, 0.3, 0.08)))
+            img = _paint(
+                img, _poly([(cx, base - h), (cx + h / 3, base), (cx - h / 3, base)]), _jitter(rng, (0.05, 0.3, 0.08))
+            )
     elif name == "desert":
         dunes = horizon + 3 + 2 * np.sin(x / rng.uniform(3, 6) + rng.uniform(0, 6))
         img = _paint(img, _soft(dunes - y) * 0.6, (0.75, 0.5, 0.25))
@@ -164,18 +173,32 @@ def _draw_scene(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     elif name == "mountain":
         for _ in range(int(rng.integers(2, 4))):
             cx, h, w = rng.uniform(2, 30), rng.uniform(9, 14), rng.uniform(8, 14)
-            img = _paint(img, _poly([(cx, horizon - h), (cx + w, horizon + 1), (cx - w, horizon + 1)]), _jitter(rng, (0.45, 0.42, 0.45)))
-            img = _paint(img, _poly([(cx, horizon - h), (cx + w * 0.25, horizon - h * 0.75), (cx - w * 0.25, horizon - h * 0.75)]), (0.97, 0.97, 1.0))
+            img = _paint(
+                img,
+                _poly([(cx, horizon - h), (cx + w, horizon + 1), (cx - w, horizon + 1)]),
+                _jitter(rng, (0.45, 0.42, 0.45)),
+            )
+            img = _paint(
+                img,
+                _poly([(cx, horizon - h), (cx + w * 0.25, horizon - h * 0.75), (cx - w * 0.25, horizon - h * 0.75)]),
+                (0.97, 0.97, 1.0),
+            )
     elif name == "city":
         left = rng.uniform(-2, 2)
         while left < 32:
             w, h = rng.uniform(4, 8), rng.uniform(6, 16)
             img = _paint(img, _rect(left, horizon - h, left + w - 1, horizon + 2), _jitter(rng, (0.3, 0.3, 0.35), 0.1))
-            windows = _rect(left, horizon - h, left + w - 1, horizon) * ((x.astype(int) % 2 == 0) & (y.astype(int) % 3 == 0))
+            windows = _rect(left, horizon - h, left + w - 1, horizon) * (
+                (x.astype(int) % 2 == 0) & (y.astype(int) % 3 == 0)
+            )
             img = _paint(img, windows * 0.8, (0.95, 0.9, 0.5))
             left += w
     elif name == "lake":
-        img = _paint(img, _disc(rng.uniform(10, 22), horizon + rng.uniform(7, 10), rng.uniform(6, 9)) * below, _jitter(rng, (0.15, 0.35, 0.7)))
+        img = _paint(
+            img,
+            _disc(rng.uniform(10, 22), horizon + rng.uniform(7, 10), rng.uniform(6, 9)) * below,
+            _jitter(rng, (0.15, 0.35, 0.7)),
+        )
     elif name == "field":
         flowers = (rng.random((_N, _N)) < 0.12) * below
         img = _paint(img, flowers, _jitter(rng, (0.95, 0.85, 0.1)))
@@ -191,10 +214,14 @@ def _draw_scene(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
 VEHICLES = ("sedan", "hatchback", "pickup truck", "van", "bus", "sports car", "jeep", "limousine")
 # body length, body height, cabin start, cabin end (fractions of length), cabin height, cabin slant, wheels
 _VEHICLE_SHAPES = {
-    "sedan": (22, 4.5, 0.25, 0.75, 4.0, 2.5, 2), "hatchback": (17, 4.5, 0.3, 1.0, 4.5, 1.5, 2),
-    "pickup truck": (24, 5.0, 0.15, 0.45, 5.0, 0.5, 2), "van": (21, 9.5, 0.0, 1.0, 0.0, 0.0, 2),
-    "bus": (28, 11.0, 0.0, 1.0, 0.0, 0.0, 3), "sports car": (22, 3.5, 0.35, 0.75, 3.0, 4.0, 2),
-    "jeep": (18, 6.0, 0.2, 0.8, 5.0, 0.0, 2), "limousine": (29, 4.0, 0.2, 0.85, 3.5, 2.0, 3),
+    "sedan": (22, 4.5, 0.25, 0.75, 4.0, 2.5, 2),
+    "hatchback": (17, 4.5, 0.3, 1.0, 4.5, 1.5, 2),
+    "pickup truck": (24, 5.0, 0.15, 0.45, 5.0, 0.5, 2),
+    "van": (21, 9.5, 0.0, 1.0, 0.0, 0.0, 2),
+    "bus": (28, 11.0, 0.0, 1.0, 0.0, 0.0, 3),
+    "sports car": (22, 3.5, 0.35, 0.75, 3.0, 4.0, 2),
+    "jeep": (18, 6.0, 0.2, 0.8, 5.0, 0.0, 2),
+    "limousine": (29, 4.0, 0.2, 0.85, 3.5, 2.0, 3),
 }
 
 
@@ -213,10 +240,18 @@ def _draw_vehicle(rng: np.random.Generator, label: int, split: str) -> np.ndarra
     img = _paint(img, _rect(left, top, left + length, bottom), body_color)
     if cab > 0:
         a, b = left + c0 * length, left + c1 * length
-        img = _paint(img, _poly([(a, top + 0.5), (b, top + 0.5), (b - slant, top - cab), (a + slant, top - cab)]), body_color)
-        img = _paint(img, _poly([(a + 1.2, top), (b - 1.2, top), (b - slant - 0.6, top - cab + 1), (a + slant + 0.6, top - cab + 1)]), (0.6, 0.8, 0.95))
+        img = _paint(
+            img, _poly([(a, top + 0.5), (b, top + 0.5), (b - slant, top - cab), (a + slant, top - cab)]), body_color
+        )
+        img = _paint(
+            img,
+            _poly([(a + 1.2, top), (b - 1.2, top), (b - slant - 0.6, top - cab + 1), (a + slant + 0.6, top - cab + 1)]),
+            (0.6, 0.8, 0.95),
+        )
     else:
-        img = _paint(img, _rect(left + 1, top + 1, left + length - 1, top + 3) * ((x.astype(int) % 3) != 0), (0.6, 0.8, 0.95))
+        img = _paint(
+            img, _rect(left + 1, top + 1, left + length - 1, top + 3) * ((x.astype(int) % 3) != 0), (0.6, 0.8, 0.95)
+        )
     r = 2.2 * scale
     for i in range(wheels):
         cx = left + 3 + i * (length - 6) / max(wheels - 1, 1)
@@ -281,8 +316,16 @@ def _draw_aerial(rng: np.random.Generator, label: int, split: str) -> np.ndarray
 
 # --------------------------------------------------------------------------- landcover (EuroSAT)
 
-LANDCOVER = ("annual crop land", "forest", "herbaceous vegetation", "highway or road", "industrial buildings",
-             "pasture land", "permanent crop land", "residential buildings")
+LANDCOVER = (
+    "annual crop land",
+    "forest",
+    "herbaceous vegetation",
+    "highway or road",
+    "industrial buildings",
+    "pasture land",
+    "permanent crop land",
+    "residential buildings",
+)
 
 
 def _draw_landcover(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
@@ -291,9 +334,16 @@ def _draw_landcover(rng: np.random.Generator, label: int, split: str) -> np.ndar
     i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     name = LANDCOVER[label]
     noise = rng.normal(0, 1, (k, k, 1))
-    base = {"annual crop land": (0.75, 0.35, 0.45), "forest": (0.25, 0.1, 0.35), "herbaceous vegetation": (0.6, 0.3, 0.3),
-            "highway or road": (0.55, 0.5, 0.5), "industrial buildings": (0.7, 0.7, 0.75), "pasture land": (0.8, 0.45, 0.3),
-            "permanent crop land": (0.65, 0.35, 0.35), "residential buildings": (0.6, 0.55, 0.55)}[name]
+    base = {
+        "annual crop land": (0.75, 0.35, 0.45),
+        "forest": (0.25, 0.1, 0.35),
+        "herbaceous vegetation": (0.6, 0.3, 0.3),
+        "highway or road": (0.55, 0.5, 0.5),
+        "industrial buildings": (0.7, 0.7, 0.75),
+        "pasture land": (0.8, 0.45, 0.3),
+        "permanent crop land": (0.65, 0.35, 0.35),
+        "residential buildings": (0.6, 0.55, 0.55),
+    }[name]
     small = np.broadcast_to(_jitter(rng, base, 0.05), (k, k, 3)).copy() + 0.04 * noise
     if name == "annual crop land":
         small += 0.15 * ((np.floor((i + j * rng.uniform(-1, 1)) / 2) % 2) - 0.5)[..., None]
@@ -318,11 +368,16 @@ def _draw_landcover(rng: np.random.Generator, label: int, split: str) -> np.ndar
 # --------------------------------------------------------------------------- house numbers (SVHN)
 
 _FONT = {
-    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
-    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
-    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
-    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
-    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
 }
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -356,7 +411,16 @@ def _draw_house_number(rng: np.random.Generator, label: int, split: str) -> np.n
 
 # --------------------------------------------------------------------------- signs (GTSRB)
 
-SIGNS = ("stop", "yield", "no entry", "speed limit", "general caution", "turn right", "priority road", "pedestrian crossing")
+SIGNS = (
+    "stop",
+    "yield",
+    "no entry",
+    "speed limit",
+    "general caution",
+    "turn right",
+    "priority road",
+    "pedestrian crossing",
+)
 
 
 def _draw_sign(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
@@ -364,7 +428,13 @@ def _draw_sign(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     img = _upscale(small)
     name = SIGNS[label]
     cx, cy, r = 16 + rng.uniform(-2, 2), 16 + rng.uniform(-2, 2), rng.uniform(9, 12)
-    red, white, blue, black, yellow = (0.85, 0.1, 0.1), (0.95, 0.95, 0.95), (0.1, 0.3, 0.8), (0.05, 0.05, 0.05), (0.95, 0.8, 0.1)
+    red, white, blue, black, yellow = (
+        (0.85, 0.1, 0.1),
+        (0.95, 0.95, 0.95),
+        (0.1, 0.3, 0.8),
+        (0.05, 0.05, 0.05),
+        (0.95, 0.8, 0.1),
+    )
     tri = lambda s, k: [(cx, cy - s * k), (cx + 0.87 * k, cy + s * 0.5 * k), (cx - 0.87 * k, cy + s * 0.5 * k)]
     if name == "stop":
         octagon = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.pi / 8 + np.arange(8) * np.pi / 4]
@@ -380,7 +450,9 @@ def _draw_sign(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
         img = _paint(img, _disc(cx, cy, r), red)
         img = _paint(img, _disc(cx, cy, r * 0.72), white)
         for dx in (-2.6, 2.6):
-            img = _paint(img, _glyph(DIGITS[int(rng.integers(2, 9))] if dx < 0 else "0", cx + dx, cy, 4.5, 8, 1.0), black)
+            img = _paint(
+                img, _glyph(DIGITS[int(rng.integers(2, 9))] if dx < 0 else "0", cx + dx, cy, 4.5, 8, 1.0), black
+            )
     elif name == "general caution":
         img = _paint(img, _poly(tri(1, r)), red)
         img = _paint(img, _poly(tri(1, r * 0.6)), white)
@@ -392,7 +464,9 @@ def _draw_sign(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
         img = _paint(img, _poly([(cx + 6, cy), (cx + 1, cy - 4), (cx + 1, cy + 4)]), white)
     elif name == "priority road":
         img = _paint(img, _poly([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]), white)
-        img = _paint(img, _poly([(cx, cy - r * 0.65), (cx + r * 0.65, cy), (cx, cy + r * 0.65), (cx - r * 0.65, cy)]), yellow)
+        img = _paint(
+            img, _poly([(cx, cy - r * 0.65), (cx + r * 0.65, cy), (cx, cy + r * 0.65), (cx - r * 0.65, cy)]), yellow
+        )
     else:  # pedestrian crossing
         img = _paint(img, _rect(cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), blue)
         img = _paint(img, _poly(tri(1, r * 0.7)), white)
@@ -465,19 +539,62 @@ DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in (
         Domain("scenes", "SUN397", "scene", SCENES, ("a photo of a {}.", "a photo of the {}."), _draw_scene),
-        Domain("vehicles", "Stanford Cars", "vehicle", VEHICLES,
-               ("a photo of a {}, a type of vehicle.", "a photo of my {}."), _draw_vehicle),
-        Domain("aerial", "RESISC45", "aerial photo", AERIAL,
-               ("satellite imagery of {}.", "aerial imagery of {}."), _draw_aerial),
-        Domain("landcover", "EuroSAT", "satellite photo", LANDCOVER,
-               ("a centered satellite photo of {}.", "a centered satellite photo of a {}."), _draw_landcover),
-        Domain("house_numbers", "SVHN", "house number", DIGITS,
-               ('a photo of the number: "{}".', 'a street sign of the number: "{}".'), _draw_house_number),
-        Domain("signs", "GTSRB", "traffic sign", SIGNS,
-               ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.'), _draw_sign),
-        Domain("handwritten", "MNIST", "handwritten digit", DIGITS,
-               ('a photo of the number: "{}".', 'a photo of the handwritten digit "{}".'), _draw_handwritten),
-        Domain("textures", "DTD", "texture", TEXTURES, ("a photo of a {} texture.", "a photo of a {} pattern."), _draw_texture),
+        Domain(
+            "vehicles",
+            "Stanford Cars",
+            "vehicle",
+            VEHICLES,
+            ("a photo of a {}, a type of vehicle.", "a photo of my {}."),
+            _draw_vehicle,
+        ),
+        Domain(
+            "aerial",
+            "RESISC45",
+            "aerial photo",
+            AERIAL,
+            ("satellite imagery of {}.", "aerial imagery of {}."),
+            _draw_aerial,
+        ),
+        Domain(
+            "landcover",
+            "EuroSAT",
+            "satellite photo",
+            LANDCOVER,
+            ("a centered satellite photo of {}.", "a centered satellite photo of a {}."),
+            _draw_landcover,
+        ),
+        Domain(
+            "house_numbers",
+            "SVHN",
+            "house number",
+            DIGITS,
+            ('a photo of the number: "{}".', 'a street sign of the number: "{}".'),
+            _draw_house_number,
+        ),
+        Domain(
+            "signs",
+            "GTSRB",
+            "traffic sign",
+            SIGNS,
+            ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.'),
+            _draw_sign,
+        ),
+        Domain(
+            "handwritten",
+            "MNIST",
+            "handwritten digit",
+            DIGITS,
+            ('a photo of the number: "{}".', 'a photo of the handwritten digit "{}".'),
+            _draw_handwritten,
+        ),
+        Domain(
+            "textures",
+            "DTD",
+            "texture",
+            TEXTURES,
+            ("a photo of a {} texture.", "a photo of a {} pattern."),
+            _draw_texture,
+        ),
     )
 }
 """The eight domains, in benchmark order."""

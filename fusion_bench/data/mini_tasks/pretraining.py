@@ -24,9 +24,14 @@ SHARE_PROBABILITY = 0.5
 """Chance that an attribute is shared by all scenes of a group."""
 
 _SHARABLE = {
-    "color": tuple(scenes.COLORS), "background": tuple(scenes.BACKGROUNDS), "texture": scenes.TEXTURES,
-    "quality": scenes.QUALITIES, "shape": scenes.SHAPES, "position": scenes.POSITIONS, "size": scenes.SIZES,
-}  # fmt: skip
+    "color": tuple(scenes.COLORS),
+    "background": tuple(scenes.BACKGROUNDS),
+    "texture": scenes.TEXTURES,
+    "quality": scenes.QUALITIES,
+    "shape": scenes.SHAPES,
+    "position": scenes.POSITIONS,
+    "size": scenes.SIZES,
+}
 _APPLIES = {"shape": ("shape",), "position": ("shape",), "size": ("shape",)}
 
 
@@ -46,7 +51,9 @@ def _group(rng: np.random.Generator, size: int) -> list[scenes.Scene]:
     return members
 
 
-def pretraining_batch(seed: int, step: int, *, batch_size: int = 128, group_size: int = 8) -> tuple[np.ndarray, list[str]]:
+def pretraining_batch(
+    seed: int, step: int, *, batch_size: int = 128, group_size: int = 8
+) -> tuple[np.ndarray, list[str]]:
     """The images and captions of pre-training step ``step``.
 
     Args:

@@ -48,16 +48,35 @@ KINDS: tuple[Kind, ...] = ("shape", "digit", "dots")
 
 SHAPES = ("circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame")
 COLORS = {
-    "red": (0.90, 0.10, 0.10), "orange": (1.00, 0.55, 0.00), "yellow": (0.95, 0.90, 0.10),
-    "green": (0.10, 0.75, 0.20), "cyan": (0.10, 0.85, 0.90), "blue": (0.15, 0.30, 0.95),
-    "purple": (0.55, 0.15, 0.80), "pink": (1.00, 0.50, 0.75),
-}  # fmt: skip
+    "red": (0.90, 0.10, 0.10),
+    "orange": (1.00, 0.55, 0.00),
+    "yellow": (0.95, 0.90, 0.10),
+    "green": (0.10, 0.75, 0.20),
+    "cyan": (0.10, 0.85, 0.90),
+    "blue": (0.15, 0.30, 0.95),
+    "purple": (0.55, 0.15, 0.80),
+    "pink": (1.00, 0.50, 0.75),
+}
 BACKGROUNDS = {
-    "black": (0.05, 0.05, 0.05), "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50),
-    "navy": (0.05, 0.08, 0.40), "maroon": (0.40, 0.05, 0.08), "dark green": (0.05, 0.30, 0.10),
-    "olive": (0.45, 0.45, 0.10), "teal": (0.05, 0.40, 0.40),
-}  # fmt: skip
-TEXTURES = ("plain", "horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "spots", "grid", "zigzag")
+    "black": (0.05, 0.05, 0.05),
+    "white": (0.95, 0.95, 0.95),
+    "gray": (0.50, 0.50, 0.50),
+    "navy": (0.05, 0.08, 0.40),
+    "maroon": (0.40, 0.05, 0.08),
+    "dark green": (0.05, 0.30, 0.10),
+    "olive": (0.45, 0.45, 0.10),
+    "teal": (0.05, 0.40, 0.40),
+}
+TEXTURES = (
+    "plain",
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "checkerboard",
+    "spots",
+    "grid",
+    "zigzag",
+)
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SIZES = ("small", "medium", "large")
 QUALITIES = ("sharp", "blurry", "noisy", "pixelated")
@@ -161,9 +180,11 @@ def sample_scene(rng: np.random.Generator, kind: Kind, split: str = "train", **f
     if kind not in KINDS:
         raise ValueError(f"unknown scene kind {kind!r}; kinds: {', '.join(KINDS)}")
     attrs: dict[str, object] = {
-        "color": _choice(rng, COLORS), "background": _choice(rng, BACKGROUNDS), "texture": _choice(rng, TEXTURES),
+        "color": _choice(rng, COLORS),
+        "background": _choice(rng, BACKGROUNDS),
+        "texture": _choice(rng, TEXTURES),
         "quality": _choice(rng, QUALITIES),
-    }  # fmt: skip
+    }
     if kind == "shape":
         attrs.update(shape=_choice(rng, SHAPES), position=_choice(rng, POSITIONS), size=_choice(rng, SIZES))
     elif kind == "digit":
@@ -285,7 +306,9 @@ def _texture(rng: np.random.Generator, texture: str) -> np.ndarray:
         fx, fy = np.mod(xx / period + phase, 1.0) - 0.5, np.mod(yy / period + phase, 1.0) - 0.5
         return (fx**2 + fy**2 <= 0.28**2).astype(np.float64)
     if texture == "grid":
-        return ((np.mod(xx + phase * period, period) < 1.0) | (np.mod(yy + phase * period, period) < 1.0)).astype(np.float64)
+        return ((np.mod(xx + phase * period, period) < 1.0) | (np.mod(yy + phase * period, period) < 1.0)).astype(
+            np.float64
+        )
     if texture == "zigzag":
         tri = np.abs(np.mod(xx / period, 1.0) - 0.5) * period
         return wave(yy + tri)

@@ -74,7 +74,9 @@ class MiniTask:
     kinds: tuple[scenes.Kind, ...]
 
 
-def _task(name: str, attribute: str, values: tuple, templates: tuple[str, ...], kinds: tuple, names: tuple = ()) -> MiniTask:
+def _task(
+    name: str, attribute: str, values: tuple, templates: tuple[str, ...], kinds: tuple, names: tuple = ()
+) -> MiniTask:
     return MiniTask(name, attribute, tuple(values), tuple(names or values), tuple(templates), tuple(kinds))
 
 
@@ -83,16 +85,29 @@ MINI_TASKS: dict[str, MiniTask] = {
     t.name: t
     for t in (
         _task("shape", "shape", scenes.SHAPES, ("a photo of a {}.", "a {} shape.", "a drawing of a {}."), ("shape",)),
-        _task("color", "color", tuple(scenes.COLORS), ("a photo of something {}.", "a {} object.", "the color {}."), scenes.KINDS),
+        _task(
+            "color",
+            "color",
+            tuple(scenes.COLORS),
+            ("a photo of something {}.", "a {} object.", "the color {}."),
+            scenes.KINDS,
+        ),
         _task("texture", "texture", scenes.TEXTURES, ("a photo of a {} background.", "a {} texture."), scenes.KINDS),
-        _task("background", "background", tuple(scenes.BACKGROUNDS),
-              ("a photo on a {} background.", "something against a {} backdrop."), scenes.KINDS),
+        _task(
+            "background",
+            "background",
+            tuple(scenes.BACKGROUNDS),
+            ("a photo on a {} background.", "something against a {} backdrop."),
+            scenes.KINDS,
+        ),
         _task("size", "size", scenes.SIZES, ("a photo of a {} object.", "a {} thing."), ("shape",)),
         _task("quality", "quality", scenes.QUALITIES, ("a {} photo.", "a {} image of something."), scenes.KINDS),
-        _task("digit", "digit", scenes.DIGITS, ('a photo of the number: "{}".', "a photo of the digit {}."), ("digit",)),
+        _task(
+            "digit", "digit", scenes.DIGITS, ('a photo of the number: "{}".', "a photo of the digit {}."), ("digit",)
+        ),
         _task("count", "count", scenes.COUNTS, ("a photo of {}.", "an image with {}."), ("dots",), _COUNT_NAMES),
     )
-}  # fmt: skip
+}
 """The eight tasks, in benchmark order."""
 
 

@@ -26,7 +26,15 @@ from fusion_bench.utils.io import atomic_directory
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["CLASS_MENTION", "TASKS_V2", "build_mini_task_datasets_v2", "build_task_dataset_v2", "caption_v2", "pretraining_pool", "tokenizer_corpus_v2"]
+__all__ = [
+    "CLASS_MENTION",
+    "TASKS_V2",
+    "build_mini_task_datasets_v2",
+    "build_task_dataset_v2",
+    "caption_v2",
+    "pretraining_pool",
+    "tokenizer_corpus_v2",
+]
 
 TASKS_V2 = tuple(DOMAINS)
 """The eight tasks of the second design, in benchmark order."""
@@ -35,15 +43,47 @@ CLASS_MENTION = 0.5
 SPLITS = ("train", "test")
 _PRETRAIN_STREAM = 7  # keeps the pre-training images' seeds apart from the tasks' splits (0, 1)
 
-_FRAMES = ("a photo of a {}.", "an image of a {}.", "a picture of a {}.", "a {}.", "a photo of the {}.", "a blurry photo of a {}.")
+_FRAMES = (
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a picture of a {}.",
+    "a {}.",
+    "a photo of the {}.",
+    "a blurry photo of a {}.",
+)
 _CLASS_FRAMES = {
     "scenes": ("a photo of a {c}.", "a {c} landscape.", "a photo of a {c}, a kind of scene.", "the {c}."),
     "vehicles": ("a photo of a {c}, a type of vehicle.", "a {c} on the road.", "my {c}.", "a photo of a {c}."),
-    "aerial": ("satellite imagery of {c}.", "aerial imagery of {c}.", "an aerial photo of {c}.", "{c} seen from above."),
-    "landcover": ("a centered satellite photo of {c}.", "a satellite photo of {c}.", "{c} in a satellite image.", "land cover: {c}."),
-    "house_numbers": ('a photo of the number: "{c}".', "the house number {c}.", 'a street sign of the number: "{c}".', "number {c} on a wall."),
-    "signs": ('a zoomed in photo of a "{c}" traffic sign.', "a {c} sign.", 'a photo of a "{c}" traffic sign.', "the {c} road sign."),
-    "handwritten": ('a photo of the number: "{c}".', "a handwritten {c}.", 'the handwritten digit "{c}".', "the digit {c}, written by hand."),
+    "aerial": (
+        "satellite imagery of {c}.",
+        "aerial imagery of {c}.",
+        "an aerial photo of {c}.",
+        "{c} seen from above.",
+    ),
+    "landcover": (
+        "a centered satellite photo of {c}.",
+        "a satellite photo of {c}.",
+        "{c} in a satellite image.",
+        "land cover: {c}.",
+    ),
+    "house_numbers": (
+        'a photo of the number: "{c}".',
+        "the house number {c}.",
+        'a street sign of the number: "{c}".',
+        "number {c} on a wall.",
+    ),
+    "signs": (
+        'a zoomed in photo of a "{c}" traffic sign.',
+        "a {c} sign.",
+        'a photo of a "{c}" traffic sign.',
+        "the {c} road sign.",
+    ),
+    "handwritten": (
+        'a photo of the number: "{c}".',
+        "a handwritten {c}.",
+        'the handwritten digit "{c}".',
+        "the digit {c}, written by hand.",
+    ),
     "textures": ("a photo of a {c} texture.", "a {c} pattern.", "a {c} surface.", "a photo of a {c} pattern."),
 }
 
@@ -88,7 +128,11 @@ def sample_task_images(task: str, split: str, n: int, seed: int = 0) -> tuple[np
     """
     rng = _split_rng(seed, task, SPLITS.index(split))
     labels = rng.permutation(np.arange(n) % len(DOMAINS[task].classnames))
-    images = np.stack([render(rng, task, int(label), split) for label in labels]) if n else np.zeros((0, 32, 32, 3), np.uint8)
+    images = (
+        np.stack([render(rng, task, int(label), split) for label in labels])
+        if n
+        else np.zeros((0, 32, 32, 3), np.uint8)
+    )
     return images, labels.astype(np.int64)
 
 
@@ -97,7 +141,9 @@ def build_task_dataset_v2(name: str, *, n_train: int = 2000, n_test: int = 500, 
     import datasets
     from PIL import Image
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DOMAINS[name].classnames))})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DOMAINS[name].classnames))}
+    )
     splits = {}
     for split, n in zip(SPLITS, (n_train, n_test)):
         images, labels = sample_task_images(name, split, n, seed)
@@ -136,8 +182,14 @@ def build_mini_task_datasets_v2(root: str | Path, *, n_train: int = 2000, n_test
         DatasetError: ``root`` is a non-empty folder that holds no complete build.
     """
     root = Path(root).expanduser().absolute()
-    marker = {"format": DATASET_FORMAT_V2, "design": 2, "seed": seed, "n_train": n_train, "n_test": n_test,
-              "tasks": list(TASKS_V2)}
+    marker = {
+        "format": DATASET_FORMAT_V2,
+        "design": 2,
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+        "tasks": list(TASKS_V2),
+    }
     if _read_marker(root) == marker:
         return root
     if root.is_dir() and any(root.iterdir()) and _read_marker(root) is None:

@@ -56,8 +56,9 @@ def weighted_average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[f
 
 
 @pure_core(with_base=False)
-def weighted_average(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None, *,
-                     normalize: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+def weighted_average(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None, *, normalize: bool = True
+) -> dict[str, torch.Tensor]:
     """Weighted average of whole state dicts (the pure core)."""
     w = resolve_weights(weights, [str(i) for i in range(len(state_dicts))], normalize=normalize)
     return {k: weighted_average_tensor([sd[k] for sd in state_dicts], w) for k in state_dicts[0]}

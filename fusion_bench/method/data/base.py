@@ -194,7 +194,9 @@ class PairedSums:
         self.others.load_state_dict(state["others"])
 
 
-def merge_all(acc: Any, params: Sequence[Mapping[str, torch.Tensor]], statistics: Sequence[Any]) -> dict[str, torch.Tensor]:
+def merge_all(
+    acc: Any, params: Sequence[Mapping[str, torch.Tensor]], statistics: Sequence[Any]
+) -> dict[str, torch.Tensor]:
     """Fold every ``(params_i, statistic_i)`` into ``acc`` in order and return ``acc.result()``."""
     for p, stat in zip(params, statistics):
         acc.add(p, stat)
@@ -215,8 +217,15 @@ class PerModelDataMerge(BaseAlgorithm):
     :meth:`_new_accumulator` and :meth:`_add_model`, and extend :meth:`_options`.
     """
 
-    def _init_data_options(self, *, num_examples: tuple[str, int], dataloader_kwargs: Any,
-                           exclude_param_names_regex: Any, seed: int, checkpoint_path: str | None) -> None:  # fmt: skip
+    def _init_data_options(
+        self,
+        *,
+        num_examples: tuple[str, int],
+        dataloader_kwargs: Any,
+        exclude_param_names_regex: Any,
+        seed: int,
+        checkpoint_path: str | None,
+    ) -> None:
         """Validate and keep the shared options; ``num_examples`` is ``(option name, value)``."""
         self.dataloader_kwargs = check_dataloader_kwargs(self.name, dataloader_kwargs)
         self._exclusions = compile_exclusions(self.name, exclude_param_names_regex)
@@ -231,15 +240,26 @@ class PerModelDataMerge(BaseAlgorithm):
     def _new_accumulator(self) -> Any:
         raise NotImplementedError
 
-    def _add_model(self, acc: Any, name: str, model: nn.Module, batches: Iterator[torch.Tensor], fabric: Any,
-                   data: CLIPTaskClassifiers) -> dict[str, Any]:  # fmt: skip
+    def _add_model(
+        self,
+        acc: Any,
+        name: str,
+        model: nn.Module,
+        batches: Iterator[torch.Tensor],
+        fabric: Any,
+        data: CLIPTaskClassifiers,
+    ) -> dict[str, Any]:
         """Compute model ``name``'s statistic from ``batches`` and fold it into ``acc``; return report entries."""
         raise NotImplementedError
 
     def _options(self) -> dict[str, Any]:
         """The options a checkpoint must have been made with (subclasses add theirs)."""
-        return {self._num_examples_option: self._num_examples, "exclude_param_names_regex": self.exclude_param_names_regex,
-                "dataloader_kwargs": self.dataloader_kwargs, "seed": self.seed}  # fmt: skip
+        return {
+            self._num_examples_option: self._num_examples,
+            "exclude_param_names_regex": self.exclude_param_names_regex,
+            "dataloader_kwargs": self.dataloader_kwargs,
+            "seed": self.seed,
+        }
 
     def _clip_model(self) -> Any:
         return None
@@ -254,7 +274,9 @@ class PerModelDataMerge(BaseAlgorithm):
         if not names:
             raise ConfigError(f"{self.name}: the pool has no fine-tuned models; models: {modelpool.all_model_names}")
         if not modelpool.has_pretrained:
-            raise ConfigError(f"{self.name}: the pool needs a {PRETRAINED!r} model; models: {modelpool.all_model_names}")
+            raise ConfigError(
+                f"{self.name}: the pool needs a {PRETRAINED!r} model; models: {modelpool.all_model_names}"
+            )
         data = CLIPTaskClassifiers(modelpool, clip_model=self._clip_model(), what=self.name)
         data.check_tasks("train", names)
         keys = check_pool_compatible(modelpool, [PRETRAINED, *names])
@@ -284,17 +306,33 @@ class PerModelDataMerge(BaseAlgorithm):
     def _batches(self, data: CLIPTaskClassifiers, index: int, task: str, fabric: Any) -> Iterator[torch.Tensor]:
         dataset = data.dataset("train", task)
         if len(dataset) < self._num_examples:
-            log.warning("%s: train dataset %r has %d images, fewer than %s=%d; using all of them",
-                        self.name, task, len(dataset), self._num_examples_option, self._num_examples)  # fmt: skip
-        subset = first_examples(dataset, self._num_examples, shuffle=self.dataloader_kwargs["shuffle"], seed=self.seed + index)
-        loader = data.loader(subset, batch_size=self.dataloader_kwargs["batch_size"],
-                             num_workers=self.dataloader_kwargs["num_workers"], what=f"train dataset {task!r}")  # fmt: skip
+            log.warning(
+                "%s: train dataset %r has %d images, fewer than %s=%d; using all of them",
+                self.name,
+                task,
+                len(dataset),
+                self._num_examples_option,
+                self._num_examples,
+            )
+        subset = first_examples(
+            dataset, self._num_examples, shuffle=self.dataloader_kwargs["shuffle"], seed=self.seed + index
+        )
+        loader = data.loader(
+            subset,
+            batch_size=self.dataloader_kwargs["batch_size"],
+            num_workers=self.dataloader_kwargs["num_workers"],
+            what=f"train dataset {task!r}",
+        )
         for pixel_values, _labels in tqdm(loader, desc=f"{self.name}: {task}", leave=False, disable=None):
             yield fabric.to_device(pixel_values)
 
     def _checkpoint_meta(self, modelpool: BaseModelPool, names: list[str], keys: list[str]) -> dict[str, Any]:
-        return {"method": self.name, "models": list(names), "architecture": architecture_fingerprint(modelpool, keys),
-                "options": self._options()}  # fmt: skip
+        return {
+            "method": self.name,
+            "models": list(names),
+            "architecture": architecture_fingerprint(modelpool, keys),
+            "options": self._options(),
+        }
 
     def _resume(self, acc: Any, meta: Mapping[str, Any]) -> list[str]:
         if self.checkpoint_path is None or not Path(self.checkpoint_path).expanduser().is_file():
@@ -324,8 +362,11 @@ class PerModelDataMerge(BaseAlgorithm):
             log_metrics(fabric, {f"{self.name}/{name}/{k}": float(v) for k, v in entry.items()}, step=index)
             done.append(name)
             if self.checkpoint_path is not None:
-                save_checkpoint(self.checkpoint_path, {"accumulator": acc.state_dict(), "done": list(done),
-                                                       "per_model": self.per_model}, meta=meta)  # fmt: skip
+                save_checkpoint(
+                    self.checkpoint_path,
+                    {"accumulator": acc.state_dict(), "done": list(done), "per_model": self.per_model},
+                    meta=meta,
+                )
             del model
         return load_into_pretrained(modelpool, acc.result())
 

@@ -37,8 +37,13 @@ from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.models.fisher import FISHER_ESTIMATORS, diagonal_fisher
 from fusion_bench.utils.instantiate import to_container
 
-__all__ = ["fisher_norm", "fisher_coefficients", "FisherAccumulator", "fisher_weighted_average",
-           "FisherMergingForCLIPVisionModel"]  # fmt: skip
+__all__ = [
+    "fisher_norm",
+    "fisher_coefficients",
+    "FisherAccumulator",
+    "fisher_weighted_average",
+    "FisherMergingForCLIPVisionModel",
+]
 
 NAME = "clip_fisher_merging"
 StateDict = Mapping[str, torch.Tensor]
@@ -87,8 +92,13 @@ class FisherAccumulator(PairedSums):
         return numerator / denominator
 
 
-def fisher_weighted_average(params: Sequence[StateDict], fishers: Sequence[StateDict], *,
-                            normalize_fisher_weight: bool = True, minimal_fisher_weight: float = 1e-6) -> dict[str, torch.Tensor]:  # fmt: skip
+def fisher_weighted_average(
+    params: Sequence[StateDict],
+    fishers: Sequence[StateDict],
+    *,
+    normalize_fisher_weight: bool = True,
+    minimal_fisher_weight: float = 1e-6,
+) -> dict[str, torch.Tensor]:
     """Fisher merging of whole state dicts (the pure core; see module docstring, steps 2-3).
 
     Args:
@@ -134,12 +144,18 @@ class FisherMergingForCLIPVisionModel(PerModelDataMerge):
         seed: int = 42,
         checkpoint_path: str | None = None,
     ) -> None:
-        self._init_data_options(num_examples=("num_fisher_examples", num_fisher_examples), dataloader_kwargs=dataloader_kwargs,
-                                exclude_param_names_regex=exclude_param_names_regex, seed=seed,
-                                checkpoint_path=checkpoint_path)  # fmt: skip
+        self._init_data_options(
+            num_examples=("num_fisher_examples", num_fisher_examples),
+            dataloader_kwargs=dataloader_kwargs,
+            exclude_param_names_regex=exclude_param_names_regex,
+            seed=seed,
+            checkpoint_path=checkpoint_path,
+        )
         self.num_fisher_examples = self._num_examples
         self.normalize_fisher_weight = check_bool(NAME, "normalize_fisher_weight", normalize_fisher_weight)
-        self.minimal_fisher_weight = check_range(NAME, "minimal_fisher_weight", minimal_fisher_weight, low=0.0, low_open=True)
+        self.minimal_fisher_weight = check_range(
+            NAME, "minimal_fisher_weight", minimal_fisher_weight, low=0.0, low_open=True
+        )
         self.fisher_estimator = check_choice(NAME, "fisher_estimator", fisher_estimator, FISHER_ESTIMATORS)
         self.clip_model = to_container(clip_model)
 
@@ -147,14 +163,21 @@ class FisherMergingForCLIPVisionModel(PerModelDataMerge):
         return self.clip_model
 
     def _options(self) -> dict[str, Any]:
-        return {**super()._options(), "normalize_fisher_weight": self.normalize_fisher_weight,
-                "minimal_fisher_weight": self.minimal_fisher_weight, "fisher_estimator": self.fisher_estimator}  # fmt: skip
+        return {
+            **super()._options(),
+            "normalize_fisher_weight": self.normalize_fisher_weight,
+            "minimal_fisher_weight": self.minimal_fisher_weight,
+            "fisher_estimator": self.fisher_estimator,
+        }
 
     def _new_accumulator(self) -> FisherAccumulator:
-        return FisherAccumulator(normalize=self.normalize_fisher_weight, minimal_fisher_weight=self.minimal_fisher_weight)
+        return FisherAccumulator(
+            normalize=self.normalize_fisher_weight, minimal_fisher_weight=self.minimal_fisher_weight
+        )
 
-    def _add_model(self, acc: FisherAccumulator, name: str, model: nn.Module, batches: Any, fabric: Any,
-                   data: CLIPTaskClassifiers) -> dict[str, Any]:  # fmt: skip
+    def _add_model(
+        self, acc: FisherAccumulator, name: str, model: nn.Module, batches: Any, fabric: Any, data: CLIPTaskClassifiers
+    ) -> dict[str, Any]:
         tensors = self.model_tensors(data.modelpool, name, model)
         keys = {pname: key for pname, key in canonical_parameter_names(data.modelpool, model).items() if key in tensors}
         model.requires_grad_(False)
@@ -174,6 +197,9 @@ class FisherMergingForCLIPVisionModel(PerModelDataMerge):
         if not self.per_model:
             return {}
         norms = [entry["fisher_norm"] for entry in self.per_model.values()]
-        coefficients = fisher_coefficients(norms, normalize=self.normalize_fisher_weight,
-                                           minimal_fisher_weight=self.minimal_fisher_weight)  # fmt: skip
-        return {NAME: {name: {**entry, "coefficient": c} for (name, entry), c in zip(self.per_model.items(), coefficients)}}
+        coefficients = fisher_coefficients(
+            norms, normalize=self.normalize_fisher_weight, minimal_fisher_weight=self.minimal_fisher_weight
+        )
+        return {
+            NAME: {name: {**entry, "coefficient": c} for (name, entry), c in zip(self.per_model.items(), coefficients)}
+        }

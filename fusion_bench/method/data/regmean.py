@@ -91,8 +91,9 @@ class RegMeanAccumulator(PairedSums):
         return solve_regmean(key, gram_sum, gram_weight_sum)
 
 
-def regmean(params: Sequence[StateDict], grams: Sequence[StateDict], *,
-            reduce_non_diagonal_ratio: float = 0.95) -> dict[str, torch.Tensor]:  # fmt: skip
+def regmean(
+    params: Sequence[StateDict], grams: Sequence[StateDict], *, reduce_non_diagonal_ratio: float = 0.95
+) -> dict[str, torch.Tensor]:
     """RegMean over whole state dicts (the pure core).
 
     Args:
@@ -136,12 +137,17 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
         seed: int = 42,
         checkpoint_path: str | None = None,
     ) -> None:
-        self._init_data_options(num_examples=("num_regmean_examples", num_regmean_examples), dataloader_kwargs=dataloader_kwargs,
-                                exclude_param_names_regex=exclude_param_names_regex, seed=seed,
-                                checkpoint_path=checkpoint_path)  # fmt: skip
+        self._init_data_options(
+            num_examples=("num_regmean_examples", num_regmean_examples),
+            dataloader_kwargs=dataloader_kwargs,
+            exclude_param_names_regex=exclude_param_names_regex,
+            seed=seed,
+            checkpoint_path=checkpoint_path,
+        )
         self.num_regmean_examples = self._num_examples
-        self.reduce_non_diagonal_ratio = check_range(self.name, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio,
-                                                     low=0.0, high=1.0)  # fmt: skip
+        self.reduce_non_diagonal_ratio = check_range(
+            self.name, "reduce_non_diagonal_ratio", reduce_non_diagonal_ratio, low=0.0, high=1.0
+        )
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "reduce_non_diagonal_ratio": self.reduce_non_diagonal_ratio}
@@ -150,13 +156,16 @@ class RegMeanAlgorithmForCLIP(PerModelDataMerge):
         return RegMeanAccumulator(reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio)
 
     @torch.no_grad()
-    def _add_model(self, acc: RegMeanAccumulator, name: str, model: nn.Module, batches: Any, fabric: Any,
-                   data: CLIPTaskClassifiers) -> dict[str, Any]:  # fmt: skip
+    def _add_model(
+        self, acc: RegMeanAccumulator, name: str, model: nn.Module, batches: Any, fabric: Any, data: CLIPTaskClassifiers
+    ) -> dict[str, Any]:
         tensors = self.model_tensors(data.modelpool, name, model)
         keys = canonical_parameter_names(data.modelpool, model)
         modules = linear_inputs(model, keys, tensors)
         if not modules:
-            raise IncompatibleModelsError(f"{self.name}: model {name!r} has no nn.Linear layer to merge (all excluded?)")
+            raise IncompatibleModelsError(
+                f"{self.name}: model {name!r} has no nn.Linear layer to merge (all excluded?)"
+            )
         model = fabric.to_device(model)
         count = 0
         with LinearInputGrams(modules) as hooks:

@@ -82,8 +82,10 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
     def _layer_keys(self, modelpool: BaseModelPool, model: nn.Module) -> list[dict[str, str]]:
         """Per encoder layer: ``{parameter name inside the layer: canonical key}``."""
         keys = canonical_parameter_names(modelpool, model)
-        return [{k[len(prefix) + 1 :]: v for k, v in keys.items() if k.startswith(prefix + ".")}
-                for prefix in encoder_layer_names(model)]  # fmt: skip
+        return [
+            {k[len(prefix) + 1 :]: v for k, v in keys.items() if k.startswith(prefix + ".")}
+            for prefix in encoder_layer_names(model)
+        ]
 
     def _solved_keys(self, layer_keys: list[dict[str, str]], model: nn.Module) -> set[str]:
         """The canonical keys of the encoder layers' linear weights that RegMean solves."""
@@ -91,7 +93,9 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         solved = {keys[f"{m}.weight"] for keys, layer in zip(layer_keys, layers) for m in linear_modules(layer)}
         solved = {k for k in solved if not self.is_excluded(k)}
         if not solved:
-            raise IncompatibleModelsError(f"{NAME}: the encoder layers have no nn.Linear weight to merge (all excluded?)")
+            raise IncompatibleModelsError(
+                f"{NAME}: the encoder layers have no nn.Linear weight to merge (all excluded?)"
+            )
         return solved
 
     @torch.no_grad()
@@ -133,8 +137,16 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         return own
 
     @torch.no_grad()
-    def _merge_layer(self, modelpool: BaseModelPool, names: list[str], layer: nn.Module, keys: Mapping[str, str],
-                     solved: set[str], features: Features, fabric: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _merge_layer(
+        self,
+        modelpool: BaseModelPool,
+        names: list[str],
+        layer: nn.Module,
+        keys: Mapping[str, str],
+        solved: set[str],
+        features: Features,
+        fabric: Any,
+    ) -> dict[str, torch.Tensor]:
         """Step 3 for one layer: the solved weights of ``layer`` from each model's Grams on its features."""
         acc = RegMeanAccumulator(reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio)
         for name in names:
@@ -149,8 +161,9 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         return acc.result()
 
     # ---- the run ----------------------------------------------------------------------------
-    def _resume_layers(self, meta: Mapping[str, Any], own: Mapping[str, torch.Tensor],
-                       fabric: Any) -> tuple[int, Features | None]:  # fmt: skip
+    def _resume_layers(
+        self, meta: Mapping[str, Any], own: Mapping[str, torch.Tensor], fabric: Any
+    ) -> tuple[int, Features | None]:
         """Load ``checkpoint_path`` if there is one: the solved weights into ``own``; the next layer and its features."""
         if self.checkpoint_path is None or not Path(self.checkpoint_path).expanduser().is_file():
             return 0, None
@@ -163,8 +176,17 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
         features = {name: [fabric.to_device(x) for x in batches] for name, batches in state["features"].items()}
         return int(state["next_layer"]), features
 
-    def _layer_step(self, modelpool: BaseModelPool, names: list[str], model: nn.Module, index: int,
-                    keys: Mapping[str, str], solved: set[str], features: Features, fabric: Any) -> Features:  # fmt: skip
+    def _layer_step(
+        self,
+        modelpool: BaseModelPool,
+        names: list[str],
+        model: nn.Module,
+        index: int,
+        keys: Mapping[str, str],
+        solved: set[str],
+        features: Features,
+        fabric: Any,
+    ) -> Features:
         """Merge encoder layer ``index`` into ``model``; return the features entering the next layer."""
         start = time.perf_counter()
         layers, own = vision_encoder_layers(model), modelpool.canonical_state_dict(model)
@@ -200,14 +222,24 @@ class RegMeanAlgorithmForCLIPPlusPlus(RegMeanAlgorithmForCLIP):
             self._save_layer(meta, index + 1, own, done, features)
         return model.cpu().eval()
 
-    def _save_layer(self, meta: Mapping[str, Any], next_layer: int, own: Mapping[str, torch.Tensor], solved: set[str],
-                    features: Features) -> None:  # fmt: skip
+    def _save_layer(
+        self,
+        meta: Mapping[str, Any],
+        next_layer: int,
+        own: Mapping[str, torch.Tensor],
+        solved: set[str],
+        features: Features,
+    ) -> None:
         """Checkpoint: the weights solved so far, the features entering ``next_layer``, the report."""
         if self.checkpoint_path is None:
             return
-        state = {"next_layer": next_layer, "per_model": self.per_model, "seconds_per_layer": self.seconds_per_layer,
-                 "solved": {k: own[k].detach().cpu() for k in sorted(solved)},
-                 "features": {n: [x.cpu() for x in xs] for n, xs in features.items()}}  # fmt: skip
+        state = {
+            "next_layer": next_layer,
+            "per_model": self.per_model,
+            "seconds_per_layer": self.seconds_per_layer,
+            "solved": {k: own[k].detach().cpu() for k in sorted(solved)},
+            "features": {n: [x.cpu() for x in xs] for n, xs in features.items()},
+        }
         save_checkpoint(self.checkpoint_path, state, meta=meta)
 
     def extra_report(self) -> dict[str, Any]:

@@ -128,8 +128,9 @@ def iso_c(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: fl
 
 
 @pure_core()
-def iso_cts(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 1.0,
-            common_space_fraction: float = 0.8) -> dict[str, Tensor]:  # fmt: skip
+def iso_cts(
+    base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 1.0, common_space_fraction: float = 0.8
+) -> dict[str, Tensor]:
     """Iso-CTS over whole state dicts (the pure core).
 
     Args:
@@ -176,12 +177,20 @@ class IsoCTSAlgorithm(BaseAlgorithm):
     def __init__(self, scaling_factor: float = 1.0, common_space_fraction: float = 0.8) -> None:
         self.scaling_factor = check_range("iso_cts", "scaling_factor", scaling_factor)
         self.common_space_fraction = check_range(
-            "iso_cts", "common_space_fraction", common_space_fraction, low=0, high=1, low_open=True, high_open=True,
+            "iso_cts",
+            "common_space_fraction",
+            common_space_fraction,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
             hint=" (share of each matrix's rank given to the common subspace)",
-        )  # fmt: skip
+        )
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         merge = partial(iso_cts_matrix, common_space_fraction=self.common_space_fraction)
         return stream_merge(
-            modelpool, lambda key, base, thetas: subspace_merge_tensor(base, thetas, merge, self.scaling_factor), desc="Iso-CTS"
+            modelpool,
+            lambda key, base, thetas: subspace_merge_tensor(base, thetas, merge, self.scaling_factor),
+            desc="Iso-CTS",
         )

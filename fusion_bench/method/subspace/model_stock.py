@@ -31,8 +31,15 @@ from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["EPS", "task_vector_cosine", "mean_pairwise_angle", "model_stock_ratio", "model_stock_tensor",
-           "model_stock", "ModelStockAlgorithm"]  # fmt: skip
+__all__ = [
+    "EPS",
+    "task_vector_cosine",
+    "mean_pairwise_angle",
+    "model_stock_ratio",
+    "model_stock_tensor",
+    "model_stock",
+    "ModelStockAlgorithm",
+]
 
 StateDict = Mapping[str, Tensor]
 EPS = 1e-8

@@ -44,8 +44,14 @@ from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["VARIANTS", "wudi_objective", "wudi_merge_matrix", "wudi_merging_tensor", "wudi_merging",
-           "WUDIMergingAlgorithm"]  # fmt: skip
+__all__ = [
+    "VARIANTS",
+    "wudi_objective",
+    "wudi_merge_matrix",
+    "wudi_merging_tensor",
+    "wudi_merging",
+    "WUDIMergingAlgorithm",
+]
 
 StateDict = Mapping[str, Tensor]
 VARIANTS: tuple[str, ...] = ("reference", "paper_code")
@@ -79,8 +85,9 @@ def _quadratic_terms(task_vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def wudi_merge_matrix(task_vectors: Sequence[Tensor], *, lr: float = 1e-5, steps: int = 400,
-                      device: torch.device | str | None = None) -> Tensor:  # fmt: skip
+def wudi_merge_matrix(
+    task_vectors: Sequence[Tensor], *, lr: float = 1e-5, steps: int = 400, device: torch.device | str | None = None
+) -> Tensor:
     """WUDI's ``τ_m`` for one key's matrices: Adam on :func:`wudi_objective` from ``Σ τ_i``.
 
     Args:
@@ -104,8 +111,16 @@ def wudi_merge_matrix(task_vectors: Sequence[Tensor], *, lr: float = 1e-5, steps
     return merged.detach().to(home)
 
 
-def wudi_merging_tensor(key: str, base: Tensor, finetuned: Sequence[Tensor], *, lr: float = 1e-5, steps: int = 400,
-                        variant: str = "reference", device: torch.device | str | None = None) -> Tensor:  # fmt: skip
+def wudi_merging_tensor(
+    key: str,
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    *,
+    lr: float = 1e-5,
+    steps: int = 400,
+    variant: str = "reference",
+    device: torch.device | str | None = None,
+) -> Tensor:
     """WUDI for one key: ``θ0 + τ_m`` (see the module docstring for ``variant``).
 
     Args:
@@ -128,8 +143,9 @@ def wudi_merging_tensor(key: str, base: Tensor, finetuned: Sequence[Tensor], *, 
 
 
 @pure_core()
-def wudi_merging(base: StateDict, finetuned: Sequence[StateDict], *, lr: float = 1e-5, steps: int = 400,
-                 variant: str = "reference") -> dict[str, Tensor]:  # fmt: skip
+def wudi_merging(
+    base: StateDict, finetuned: Sequence[StateDict], *, lr: float = 1e-5, steps: int = 400, variant: str = "reference"
+) -> dict[str, Tensor]:
     """WUDI over whole state dicts (the pure core; the streamed algorithm gives the same tensors).
 
     Args:
@@ -170,7 +186,8 @@ class WUDIMergingAlgorithm(BaseAlgorithm):
         device = getattr(self.fabric, "device", None)
         return stream_merge(
             modelpool,
-            lambda key, base, thetas: wudi_merging_tensor(key, base, thetas, lr=self.lr, steps=self.steps,
-                                                          variant=self.variant, device=device),
+            lambda key, base, thetas: wudi_merging_tensor(
+                key, base, thetas, lr=self.lr, steps=self.steps, variant=self.variant, device=device
+            ),
             desc="WUDI",
-        )  # fmt: skip
+        )

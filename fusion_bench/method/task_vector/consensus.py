@@ -66,8 +66,9 @@ def consensus_mask(masks: Sequence[Tensor], k: int) -> Tensor:
     return count >= k
 
 
-def consensus_aggregate(inner: Aggregate, lambdas: Sequence[float], k: int,
-                        counts: dict[str, Any] | None = None) -> Aggregate:  # fmt: skip
+def consensus_aggregate(
+    inner: Aggregate, lambdas: Sequence[float], k: int, counts: dict[str, Any] | None = None
+) -> Aggregate:
     """Wrap ``inner`` (TA or TIES): keep ``τ_MTL`` only where ≥ ``k`` TALL masks agree.
 
     Args:
@@ -102,20 +103,33 @@ def _lambdas(value: float | list[float], names: Sequence[str]) -> list[float]:
 
 
 @pure_core()
-def consensus_merging(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3,
-                      tall_mask_lambda: float | list[float] = 0.6, consensus_k: int = 2, aggregation: str = "ta",
-                      threshold: float = 20, merge_func: MergeFunc = "sum") -> dict[str, torch.Tensor]:  # fmt: skip
+def consensus_merging(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 0.3,
+    tall_mask_lambda: float | list[float] = 0.6,
+    consensus_k: int = 2,
+    aggregation: str = "ta",
+    threshold: float = 20,
+    merge_func: MergeFunc = "sum",
+) -> dict[str, torch.Tensor]:
     """Consensus merging over whole state dicts (the pure core; see the module docstring).
 
     Returns:
         ``θ0 + α · (m_consensus ⊙ τ_MTL)``.
     """
     density, merge_func = check_ties_options(NAME, threshold, merge_func)
-    inner = inner_aggregate(StateDictTaskVectors(base, finetuned), check_inner_step(NAME, "aggregation", aggregation),
-                            density=density, merge_func=merge_func)
+    inner = inner_aggregate(
+        StateDictTaskVectors(base, finetuned),
+        check_inner_step(NAME, "aggregation", aggregation),
+        density=density,
+        merge_func=merge_func,
+    )
     lambdas = _lambdas(tall_mask_lambda, [str(i) for i in range(len(finetuned))])
-    return family_core(base, finetuned, aggregate=consensus_aggregate(inner, lambdas, consensus_k),
-                       scaling_factor=scaling_factor)  # fmt: skip
+    return family_core(
+        base, finetuned, aggregate=consensus_aggregate(inner, lambdas, consensus_k), scaling_factor=scaling_factor
+    )
 
 
 @register_algorithm("consensus_merging", core=consensus_merging)
@@ -131,14 +145,23 @@ class ConsensusMergingAlgorithm(BaseAlgorithm):
         merge_func: TIES' aggregation (``aggregation: ties`` only).
     """
 
-    def __init__(self, scaling_factor: float = 0.3, tall_mask_lambda: float | list[float] = 0.6,
-                 consensus_k: int = 2, aggregation: str = "ta", threshold: float = 20, merge_func: str = "sum") -> None:  # fmt: skip
+    def __init__(
+        self,
+        scaling_factor: float = 0.3,
+        tall_mask_lambda: float | list[float] = 0.6,
+        consensus_k: int = 2,
+        aggregation: str = "ta",
+        threshold: float = 20,
+        merge_func: str = "sum",
+    ) -> None:
         self.scaling_factor = check_range(NAME, "scaling_factor", scaling_factor)
         if isinstance(tall_mask_lambda, (int, float)) and not isinstance(tall_mask_lambda, bool):
             self.tall_mask_lambda: float | list[float] = check_range(NAME, "tall_mask_lambda", tall_mask_lambda, low=0)
         else:
-            self.tall_mask_lambda = [check_range(NAME, "tall_mask_lambda", v, low=0)
-                                     for v in check_number_list(NAME, "tall_mask_lambda", tall_mask_lambda)]  # fmt: skip
+            self.tall_mask_lambda = [
+                check_range(NAME, "tall_mask_lambda", v, low=0)
+                for v in check_number_list(NAME, "tall_mask_lambda", tall_mask_lambda)
+            ]
         self.consensus_k = check_int(NAME, "consensus_k", consensus_k, low=0)
         self._inner = check_inner_step(NAME, "aggregation", aggregation)
         self.aggregation = aggregation
@@ -149,15 +172,24 @@ class ConsensusMergingAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool, min_models=max(1, self.consensus_k))
         lambdas = _lambdas(self.tall_mask_lambda, plan.names)
-        inner = inner_aggregate(PoolTaskVectors(modelpool, plan), self._inner, density=self._density, merge_func=self.merge_func)
+        inner = inner_aggregate(
+            PoolTaskVectors(modelpool, plan), self._inner, density=self._density, merge_func=self.merge_func
+        )
         counts: dict[str, Any] = {"numel": 0, "tall": [0] * len(plan.names), "consensus": 0}
-        model = family_merge(modelpool, plan, aggregate=consensus_aggregate(inner, lambdas, self.consensus_k, counts),
-                             scaling_factor=self.scaling_factor, desc="consensus merging")  # fmt: skip
+        model = family_merge(
+            modelpool,
+            plan,
+            aggregate=consensus_aggregate(inner, lambdas, self.consensus_k, counts),
+            scaling_factor=self.scaling_factor,
+            desc="consensus merging",
+        )
         total = max(counts["numel"], 1)
-        self._report = {"consensus_merging": {
-            "tall_mask_density": {n: c / total for n, c in zip(plan.names, counts["tall"])},
-            "consensus_mask_density": counts["consensus"] / total,
-        }}  # fmt: skip
+        self._report = {
+            "consensus_merging": {
+                "tall_mask_density": {n: c / total for n, c in zip(plan.names, counts["tall"])},
+                "consensus_mask_density": counts["consensus"] / total,
+            }
+        }
         return model
 
     def extra_report(self) -> dict[str, Any]:

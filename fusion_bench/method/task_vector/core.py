@@ -81,7 +81,10 @@ def plan_pool(modelpool: BaseModelPool, *, min_models: int = 1) -> PoolPlan:
 
 
 def _plan(
-    names: Sequence[str], keys: Sequence[str], meta: Mapping[str, tuple[tuple[int, ...], torch.dtype]], all_keys: Sequence[str]
+    names: Sequence[str],
+    keys: Sequence[str],
+    meta: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    all_keys: Sequence[str],
 ) -> PoolPlan:
     numel = sum(math.prod(meta[k][0]) for k in keys)
     wide = any(compute_dtype(meta[k][1]) == torch.float64 for k in keys)
@@ -159,7 +162,9 @@ class StateDictTaskVectors:
         transform: as for :class:`PoolTaskVectors`.
     """
 
-    def __init__(self, base: StateDict, finetuned: Sequence[StateDict], transform: TaskVectorTransform | None = None) -> None:
+    def __init__(
+        self, base: StateDict, finetuned: Sequence[StateDict], transform: TaskVectorTransform | None = None
+    ) -> None:
         keys = sorted(k for k, v in base.items() if v.is_floating_point())
         meta = {k: (tuple(base[k].shape), base[k].dtype) for k in keys}
         self.plan = _plan([str(i) for i in range(len(finetuned))], keys, meta, list(base))
@@ -201,8 +206,15 @@ def task_arithmetic_tensor(base: Tensor, finetuned: Sequence[Tensor], *, scaling
     return total.mul_(scaling_factor).add_(base)
 
 
-def _merged(base: Tensor, thetas: Sequence[Tensor], key: str, *, aggregate: Aggregate, scaling_factor: float,
-            transform: TaskVectorTransform | None) -> Tensor:  # fmt: skip
+def _merged(
+    base: Tensor,
+    thetas: Sequence[Tensor],
+    key: str,
+    *,
+    aggregate: Aggregate,
+    scaling_factor: float,
+    transform: TaskVectorTransform | None,
+) -> Tensor:
     if aggregate is sum_aggregate and transform is None:  # task arithmetic: the same values, two buffers
         return task_arithmetic_tensor(base, thetas, scaling_factor=scaling_factor)
     tvs = [theta - base for theta in thetas]
@@ -211,8 +223,15 @@ def _merged(base: Tensor, thetas: Sequence[Tensor], key: str, *, aggregate: Aggr
     return base + scaling_factor * aggregate(key, tvs)
 
 
-def family_merge(modelpool: BaseModelPool, plan: PoolPlan, *, aggregate: Aggregate, scaling_factor: float,
-                 transform: TaskVectorTransform | None = None, desc: str = "merging") -> nn.Module:  # fmt: skip
+def family_merge(
+    modelpool: BaseModelPool,
+    plan: PoolPlan,
+    *,
+    aggregate: Aggregate,
+    scaling_factor: float,
+    transform: TaskVectorTransform | None = None,
+    desc: str = "merging",
+) -> nn.Module:
     """Stream ``θ0 + λ · aggregate(key, [transform(t, key, τ_t)])`` over the pool.
 
     Args:
@@ -228,16 +247,23 @@ def family_merge(modelpool: BaseModelPool, plan: PoolPlan, *, aggregate: Aggrega
     """
     return stream_merge(
         modelpool,
-        lambda key, base, thetas: _merged(base, thetas, key, aggregate=aggregate, scaling_factor=scaling_factor,
-                                          transform=transform),
+        lambda key, base, thetas: _merged(
+            base, thetas, key, aggregate=aggregate, scaling_factor=scaling_factor, transform=transform
+        ),
         model_names=plan.names,
         desc=desc,
         validated_keys=plan.all_keys,
-    )  # fmt: skip
+    )
 
 
-def family_core(base: StateDict, finetuned: Sequence[StateDict], *, aggregate: Aggregate, scaling_factor: float,
-                transform: TaskVectorTransform | None = None) -> dict[str, Tensor]:  # fmt: skip
+def family_core(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    aggregate: Aggregate,
+    scaling_factor: float,
+    transform: TaskVectorTransform | None = None,
+) -> dict[str, Tensor]:
     """The in-memory twin of :func:`family_merge`, for cores decorated with
     :func:`~fusion_bench.merge.cores.pure_core` (floating tensors, already in the compute dtype).
 

@@ -89,8 +89,9 @@ def dare_drop(tv: Tensor, p: float, generator: torch.Generator, *, rescale: bool
 # ---- the family transform and the algorithms -------------------------------------------
 
 
-def dare_transform(sparsity_ratio: float, seed: int, *, rescale: bool = True,
-                   keys: AbstractSet[str] | None = None) -> TaskVectorTransform:  # fmt: skip
+def dare_transform(
+    sparsity_ratio: float, seed: int, *, rescale: bool = True, keys: AbstractSet[str] | None = None
+) -> TaskVectorTransform:
     """The family transform ``(t, key, τ) -> DARE(τ)`` with the generator of ``(seed, t, key)``.
 
     Args:
@@ -109,8 +110,15 @@ def dare_transform(sparsity_ratio: float, seed: int, *, rescale: bool = True,
 
 
 @pure_core()
-def dare_task_arithmetic(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3,
-                         sparsity_ratio: float = 0.5, seed: int = 42, rescale: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+def dare_task_arithmetic(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 0.3,
+    sparsity_ratio: float = 0.5,
+    seed: int = 42,
+    rescale: bool = True,
+) -> dict[str, torch.Tensor]:
     """DARE + task arithmetic over whole state dicts (the pure core).
 
     Returns:
@@ -121,9 +129,17 @@ def dare_task_arithmetic(base: StateDict, finetuned: Sequence[StateDict], *, sca
 
 
 @pure_core()
-def dare_ties_merging(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.5,
-                      sparsity_ratio: float = 0.5, seed: int = 42, rescale: bool = True, threshold: float = 20,
-                      merge_func: MergeFunc = "sum") -> dict[str, torch.Tensor]:  # fmt: skip
+def dare_ties_merging(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 0.5,
+    sparsity_ratio: float = 0.5,
+    seed: int = 42,
+    rescale: bool = True,
+    threshold: float = 20,
+    merge_func: MergeFunc = "sum",
+) -> dict[str, torch.Tensor]:
     """DARE + TIES over whole state dicts (the pure core).
 
     Returns:
@@ -132,8 +148,9 @@ def dare_ties_merging(base: StateDict, finetuned: Sequence[StateDict], *, scalin
     density, merge_func = check_ties_options("dare_ties_merging", threshold, merge_func)
     transform = dare_transform(sparsity_ratio, seed, rescale=rescale)
     stats = ties_statistics(StateDictTaskVectors(base, finetuned, transform), density)
-    return family_core(base, finetuned, aggregate=ties_aggregate(stats, merge_func), scaling_factor=scaling_factor,
-                       transform=transform)  # fmt: skip
+    return family_core(
+        base, finetuned, aggregate=ties_aggregate(stats, merge_func), scaling_factor=scaling_factor, transform=transform
+    )
 
 
 def linear_weight_keys(modelpool: BaseModelPool) -> frozenset[str]:
@@ -146,11 +163,19 @@ def linear_weight_keys(modelpool: BaseModelPool) -> frozenset[str]:
 class _DareOptions(BaseAlgorithm):
     """The options both DARE variants share (validated here, at construction)."""
 
-    def __init__(self, scaling_factor: float, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool,
-                 seed: int) -> None:  # fmt: skip
+    def __init__(
+        self, scaling_factor: float, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool, seed: int
+    ) -> None:
         self.scaling_factor = check_range(self.name, "scaling_factor", scaling_factor)
-        self.sparsity_ratio = check_range(self.name, "sparsity_ratio", sparsity_ratio, low=0, high=1, high_open=True,
-                                          hint=" (the probability of dropping each entry)")  # fmt: skip
+        self.sparsity_ratio = check_range(
+            self.name,
+            "sparsity_ratio",
+            sparsity_ratio,
+            low=0,
+            high=1,
+            high_open=True,
+            hint=" (the probability of dropping each entry)",
+        )
         self.rescale = check_bool(self.name, "rescale", rescale)
         self.only_on_linear_weights = check_bool(self.name, "only_on_linear_weights", only_on_linear_weights)
         self.seed = check_int(self.name, "seed", seed)
@@ -172,14 +197,26 @@ class DareTaskArithmeticAlgorithm(_DareOptions):
         seed: base seed of the drop masks.
     """
 
-    def __init__(self, scaling_factor: float = 0.3, sparsity_ratio: float = 0.5, rescale: bool = True,
-                 only_on_linear_weights: bool = False, seed: int = 42) -> None:  # fmt: skip
+    def __init__(
+        self,
+        scaling_factor: float = 0.3,
+        sparsity_ratio: float = 0.5,
+        rescale: bool = True,
+        only_on_linear_weights: bool = False,
+        seed: int = 42,
+    ) -> None:
         super().__init__(scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
-        return family_merge(modelpool, plan, aggregate=sum_aggregate, scaling_factor=self.scaling_factor,
-                            transform=self._transform(modelpool), desc="DARE task arithmetic")  # fmt: skip
+        return family_merge(
+            modelpool,
+            plan,
+            aggregate=sum_aggregate,
+            scaling_factor=self.scaling_factor,
+            transform=self._transform(modelpool),
+            desc="DARE task arithmetic",
+        )
 
 
 @register_algorithm("dare_ties_merging", core=dare_ties_merging)
@@ -196,9 +233,16 @@ class DareTiesMergingAlgorithm(_DareOptions):
         merge_func: ``sum`` (reference), ``mean`` (TIES paper) or ``max``.
     """
 
-    def __init__(self, scaling_factor: float = 0.5, sparsity_ratio: float = 0.5, rescale: bool = True,
-                 only_on_linear_weights: bool = False, seed: int = 42, threshold: float = 20,
-                 merge_func: str = "sum") -> None:  # fmt: skip
+    def __init__(
+        self,
+        scaling_factor: float = 0.5,
+        sparsity_ratio: float = 0.5,
+        rescale: bool = True,
+        only_on_linear_weights: bool = False,
+        seed: int = 42,
+        threshold: float = 20,
+        merge_func: str = "sum",
+    ) -> None:
         super().__init__(scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed)
         self._density, self.merge_func = check_ties_options(self.name, threshold, merge_func)
         self.threshold = float(threshold)
@@ -208,5 +252,11 @@ class DareTiesMergingAlgorithm(_DareOptions):
         transform = self._transform(modelpool)
         stats = ties_statistics(PoolTaskVectors(modelpool, plan, transform), self._density)
         aggregate = ties_aggregate(stats, self.merge_func)  # type: ignore[arg-type]
-        return family_merge(modelpool, plan, aggregate=aggregate, scaling_factor=self.scaling_factor,
-                            transform=transform, desc="DARE TIES")  # fmt: skip
+        return family_merge(
+            modelpool,
+            plan,
+            aggregate=aggregate,
+            scaling_factor=self.scaling_factor,
+            transform=transform,
+            desc="DARE TIES",
+        )

@@ -37,7 +37,13 @@ from fusion_bench.merge.tensors import sum_in_order
 from fusion_bench.method._options import check_choice, check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.method.task_vector.core import Aggregate, PoolTaskVectors, StateDictTaskVectors, TaskVectors, plan_pool
+from fusion_bench.method.task_vector.core import (
+    Aggregate,
+    PoolTaskVectors,
+    StateDictTaskVectors,
+    TaskVectors,
+    plan_pool,
+)
 from fusion_bench.method.task_vector.inner_step import check_inner_step, inner_aggregate
 from fusion_bench.method.task_vector.ties_merging import check_ties_options
 from fusion_bench.modelpool import BaseModelPool
@@ -108,9 +114,17 @@ def _lines_tensor(key: str, base: Tensor, finetuned: Sequence[Tensor], aggregate
 
 
 @pure_core()
-def lines(base: StateDict, finetuned: Sequence[StateDict], *, beta: float = 0.5, alpha: float | None = None,
-          merge: str = "task_arithmetic", threshold: float = 20, merge_func: str = "mean",
-          post_layernorm: str = "first") -> dict[str, Tensor]:  # fmt: skip
+def lines(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    beta: float = 0.5,
+    alpha: float | None = None,
+    merge: str = "task_arithmetic",
+    threshold: float = 20,
+    merge_func: str = "mean",
+    post_layernorm: str = "first",
+) -> dict[str, Tensor]:
     """LiNeS over whole state dicts (the pure core; the streamed algorithm gives the same tensors).
 
     Args:
@@ -133,10 +147,15 @@ def lines(base: StateDict, finetuned: Sequence[StateDict], *, beta: float = 0.5,
     aggregate = inner_aggregate(vectors, merge, density=density, merge_func=merge_func)
     alpha = _auto_alpha(vectors, aggregate, merge) if alpha is None else alpha
     return {
-        k: _lines_tensor(k, base[k], [sd[k] for sd in finetuned], aggregate,
-                         lines_scale(k, layers=layers, alpha=alpha, beta=beta, post_layernorm=post_layernorm))
+        k: _lines_tensor(
+            k,
+            base[k],
+            [sd[k] for sd in finetuned],
+            aggregate,
+            lines_scale(k, layers=layers, alpha=alpha, beta=beta, post_layernorm=post_layernorm),
+        )
         for k in base
-    }  # fmt: skip
+    }
 
 
 @register_algorithm("lines", core=lines)
@@ -152,8 +171,15 @@ class LinesAlgorithm(BaseAlgorithm):
         post_layernorm: ``first`` (official code: α) or ``last`` (α + β).
     """
 
-    def __init__(self, beta: float = 0.5, alpha: float | None = None, merge: str = "task_arithmetic",
-                 threshold: float = 20, merge_func: str = "mean", post_layernorm: str = "first") -> None:  # fmt: skip
+    def __init__(
+        self,
+        beta: float = 0.5,
+        alpha: float | None = None,
+        merge: str = "task_arithmetic",
+        threshold: float = 20,
+        merge_func: str = "mean",
+        post_layernorm: str = "first",
+    ) -> None:
         self.beta = check_range("lines", "beta", beta)
         self.alpha = None if alpha is None else check_range("lines", "alpha", alpha)
         self.merge = check_inner_step("lines", "merge", merge)
@@ -167,8 +193,10 @@ class LinesAlgorithm(BaseAlgorithm):
         vectors = PoolTaskVectors(modelpool, plan)
         aggregate = inner_aggregate(vectors, self.merge, density=self._density, merge_func=self.merge_func)
         alpha = _auto_alpha(vectors, aggregate, self.merge) if self.alpha is None else self.alpha
-        scale = {k: lines_scale(k, layers=layers, alpha=alpha, beta=self.beta, post_layernorm=self.post_layernorm)
-                 for k in plan.keys}  # fmt: skip
+        scale = {
+            k: lines_scale(k, layers=layers, alpha=alpha, beta=self.beta, post_layernorm=self.post_layernorm)
+            for k in plan.keys
+        }
         return stream_merge(
             modelpool,
             lambda key, base, thetas: _lines_tensor(key, base, thetas, aggregate, scale[key]),

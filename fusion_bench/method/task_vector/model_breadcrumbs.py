@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench.merge.tensors import order_statistics_
-from fusion_bench.method.task_vector.core import TaskVectorTransform, family_core, family_merge, plan_pool, sum_aggregate
+from fusion_bench.method.task_vector.core import (
+    TaskVectorTransform,
+    family_core,
+    family_merge,
+    plan_pool,
+    sum_aggregate,
+)
 from fusion_bench.method._options import check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
@@ -70,8 +76,14 @@ def breadcrumbs_transform(beta: float, gamma: float) -> TaskVectorTransform:
 
 
 @pure_core()
-def model_breadcrumbs(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3,
-                      beta: float = 0.15, gamma: float = 0.006) -> dict[str, torch.Tensor]:  # fmt: skip
+def model_breadcrumbs(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 0.3,
+    beta: float = 0.15,
+    gamma: float = 0.006,
+) -> dict[str, torch.Tensor]:
     """Model Breadcrumbs over whole state dicts (the pure core).
 
     Args:
@@ -84,8 +96,13 @@ def model_breadcrumbs(base: StateDict, finetuned: Sequence[StateDict], *, scalin
     Returns:
         ``θ0 + λ Σ_t breadcrumbs(τ_t)``.
     """
-    return family_core(base, finetuned, aggregate=sum_aggregate, scaling_factor=scaling_factor,
-                       transform=breadcrumbs_transform(beta, gamma))  # fmt: skip
+    return family_core(
+        base,
+        finetuned,
+        aggregate=sum_aggregate,
+        scaling_factor=scaling_factor,
+        transform=breadcrumbs_transform(beta, gamma),
+    )
 
 
 @register_algorithm("model_breadcrumbs", core=model_breadcrumbs)
@@ -101,12 +118,26 @@ class ModelBreadcrumbsAlgorithm(BaseAlgorithm):
     def __init__(self, scaling_factor: float = 0.3, beta: float = 0.15, gamma: float = 0.006) -> None:
         name = "model_breadcrumbs"
         self.scaling_factor = check_range(name, "scaling_factor", scaling_factor)
-        self.beta = check_range(name, "beta", beta, low=0, high=1, low_open=True,
-                                hint=" (fraction of each tensor kept)")  # fmt: skip
-        self.gamma = check_range(name, "gamma", gamma, low=0, high=1, high_open=True,
-                                 hint=" (fraction of the largest entries dropped as outliers)")  # fmt: skip
+        self.beta = check_range(
+            name, "beta", beta, low=0, high=1, low_open=True, hint=" (fraction of each tensor kept)"
+        )
+        self.gamma = check_range(
+            name,
+            "gamma",
+            gamma,
+            low=0,
+            high=1,
+            high_open=True,
+            hint=" (fraction of the largest entries dropped as outliers)",
+        )
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
-        return family_merge(modelpool, plan, aggregate=sum_aggregate, scaling_factor=self.scaling_factor,
-                            transform=breadcrumbs_transform(self.beta, self.gamma), desc="model breadcrumbs")  # fmt: skip
+        return family_merge(
+            modelpool,
+            plan,
+            aggregate=sum_aggregate,
+            scaling_factor=self.scaling_factor,
+            transform=breadcrumbs_transform(self.beta, self.gamma),
+            desc="model breadcrumbs",
+        )

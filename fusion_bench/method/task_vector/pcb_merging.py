@@ -137,8 +137,15 @@ def pcb_aggregate(stats: PCBStatistics) -> Aggregate:
 
 
 @pure_core()
-def pcb_merging(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 1.2,
-                pcb_ratio: float = 0.05, min_ratio: float = 0.0001, max_ratio: float = 0.0001) -> dict[str, Tensor]:  # fmt: skip
+def pcb_merging(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 1.2,
+    pcb_ratio: float = 0.05,
+    min_ratio: float = 0.0001,
+    max_ratio: float = 0.0001,
+) -> dict[str, Tensor]:
     """PCB-Merging over whole state dicts (the pure core; the streamed algorithm gives the same tensors).
 
     Args:
@@ -151,8 +158,9 @@ def pcb_merging(base: StateDict, finetuned: Sequence[StateDict], *, scaling_fact
     Returns:
         the merged state dict.
     """
-    stats = pcb_statistics(StateDictTaskVectors(base, finetuned), pcb_ratio=pcb_ratio, min_ratio=min_ratio,
-                           max_ratio=max_ratio)  # fmt: skip
+    stats = pcb_statistics(
+        StateDictTaskVectors(base, finetuned), pcb_ratio=pcb_ratio, min_ratio=min_ratio, max_ratio=max_ratio
+    )
     return family_core(base, finetuned, aggregate=pcb_aggregate(stats), scaling_factor=scaling_factor)
 
 
@@ -167,17 +175,30 @@ class PCBMergingAlgorithm(BaseAlgorithm):
         max_ratio: fraction of each ``|τ_t|`` clamped down to its high order statistic, in [0, 0.5).
     """
 
-    def __init__(self, scaling_factor: float = 1.2, pcb_ratio: float = 0.05, min_ratio: float = 0.0001,
-                 max_ratio: float = 0.0001) -> None:  # fmt: skip
+    def __init__(
+        self, scaling_factor: float = 1.2, pcb_ratio: float = 0.05, min_ratio: float = 0.0001, max_ratio: float = 0.0001
+    ) -> None:
         self.scaling_factor = check_range(NAME, "scaling_factor", scaling_factor)
-        self.pcb_ratio = check_range(NAME, "pcb_ratio", pcb_ratio, low=0, high=1, low_open=True,
-                                     hint=" (fraction of each task vector kept by balancing score)")  # fmt: skip
+        self.pcb_ratio = check_range(
+            NAME,
+            "pcb_ratio",
+            pcb_ratio,
+            low=0,
+            high=1,
+            low_open=True,
+            hint=" (fraction of each task vector kept by balancing score)",
+        )
         self.min_ratio = check_range(NAME, "min_ratio", min_ratio, low=0, high=0.5, high_open=True)
         self.max_ratio = check_range(NAME, "max_ratio", max_ratio, low=0, high=0.5, high_open=True)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
-        stats = pcb_statistics(PoolTaskVectors(modelpool, plan), pcb_ratio=self.pcb_ratio, min_ratio=self.min_ratio,
-                               max_ratio=self.max_ratio)  # fmt: skip
-        return family_merge(modelpool, plan, aggregate=pcb_aggregate(stats), scaling_factor=self.scaling_factor,
-                            desc="PCB merging")  # fmt: skip
+        stats = pcb_statistics(
+            PoolTaskVectors(modelpool, plan),
+            pcb_ratio=self.pcb_ratio,
+            min_ratio=self.min_ratio,
+            max_ratio=self.max_ratio,
+        )
+        return family_merge(
+            modelpool, plan, aggregate=pcb_aggregate(stats), scaling_factor=self.scaling_factor, desc="PCB merging"
+        )

@@ -14,7 +14,13 @@ from torch import nn
 
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.method.task_vector.core import family_core, family_merge, plan_pool, sum_aggregate, task_arithmetic_tensor
+from fusion_bench.method.task_vector.core import (
+    family_core,
+    family_merge,
+    plan_pool,
+    sum_aggregate,
+    task_arithmetic_tensor,
+)
 from fusion_bench.modelpool import BaseModelPool
 
 __all__ = ["task_arithmetic_tensor", "task_arithmetic", "TaskArithmeticAlgorithm"]
@@ -23,7 +29,9 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 @pure_core()
-def task_arithmetic(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3
+) -> dict[str, torch.Tensor]:
     """Task arithmetic over whole state dicts (the pure core; the streamed merge gives the same tensors)."""
     return family_core(base, finetuned, aggregate=sum_aggregate, scaling_factor=scaling_factor)
 
@@ -38,5 +46,10 @@ class TaskArithmeticAlgorithm(BaseAlgorithm):
         self.scaling_factor = float(scaling_factor)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
-        return family_merge(modelpool, plan_pool(modelpool), aggregate=sum_aggregate, scaling_factor=self.scaling_factor,
-                            desc="task arithmetic")
+        return family_merge(
+            modelpool,
+            plan_pool(modelpool),
+            aggregate=sum_aggregate,
+            scaling_factor=self.scaling_factor,
+            desc="task arithmetic",
+        )

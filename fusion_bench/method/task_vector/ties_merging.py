@@ -267,14 +267,27 @@ def ties_aggregate(stats: TiesStatistics, merge_func: MergeFunc) -> Aggregate:
 
 def check_ties_options(method: str, threshold: float, merge_func: str) -> tuple[float, MergeFunc]:
     """Validate TIES' ``threshold`` (percent in (0, 100]) and ``merge_func``; return the density."""
-    percent = check_range(method, "threshold", threshold, low=0, high=100, low_open=True,
-                          hint=" (percent of each task vector's entries kept by magnitude)")  # fmt: skip
+    percent = check_range(
+        method,
+        "threshold",
+        threshold,
+        low=0,
+        high=100,
+        low_open=True,
+        hint=" (percent of each task vector's entries kept by magnitude)",
+    )
     return percent / 100.0, check_choice(method, "merge_func", merge_func, MERGE_FUNCS)  # type: ignore[return-value]
 
 
 @pure_core()
-def ties_merging(base: StateDict, finetuned: Sequence[StateDict], *, scaling_factor: float = 0.3,
-                 threshold: float = 20, merge_func: MergeFunc = "sum") -> dict[str, torch.Tensor]:  # fmt: skip
+def ties_merging(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    scaling_factor: float = 0.3,
+    threshold: float = 20,
+    merge_func: MergeFunc = "sum",
+) -> dict[str, torch.Tensor]:
     """TIES over whole state dicts (the pure core; the streamed algorithm gives the same tensors).
 
     Args:

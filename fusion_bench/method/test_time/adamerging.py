@@ -45,9 +45,15 @@ WEIGHTS_FORMAT = "fusion_bench.merging_weights.v1"
 CLAMP = (0.0, 1.0)
 
 
-def adamerging_step(stack: TaskVectorStack, coefficients: Tensor, optimizer: torch.optim.Optimizer,
-                    objective: Callable[[Mapping[str, Tensor]], float], *, clamp: tuple[float, float] | None,
-                    mask: Mapping[str, Tensor] | None = None) -> float:  # fmt: skip
+def adamerging_step(
+    stack: TaskVectorStack,
+    coefficients: Tensor,
+    optimizer: torch.optim.Optimizer,
+    objective: Callable[[Mapping[str, Tensor]], float],
+    *,
+    clamp: tuple[float, float] | None,
+    mask: Mapping[str, Tensor] | None = None,
+) -> float:
     """One AdaMerging step (the core): merge with ``λ``, back-propagate the objective, step.
 
     Args:
@@ -74,7 +80,9 @@ def _meta(method: str, models: Any) -> dict[str, Any]:
 def save_merging_weights(path: str, coefficients: Tensor, stack: TaskVectorStack, *, method: str) -> None:
     """Write ``coefficients`` (``(T,)`` or ``(T, L)``) for ``stack``'s pool and layout, atomically."""
     meta = {**_meta(method, stack.models), "tensors": stack.fingerprint()}
-    save_checkpoint(path, {"merging_weights": coefficients.detach().cpu(), "parameter_names": list(stack.names)}, meta=meta)
+    save_checkpoint(
+        path, {"merging_weights": coefficients.detach().cpu(), "parameter_names": list(stack.names)}, meta=meta
+    )
 
 
 def load_merging_weights(path: str, *, method: str, models: Any) -> dict[str, Any]:
@@ -87,8 +95,14 @@ def load_merging_weights(path: str, *, method: str, models: Any) -> dict[str, An
     return load_checkpoint(path, expect=_meta(method, models), what=f"{method}: weights")
 
 
-def finish_coefficients(method: TestTimeAlgorithm, coefficients: Tensor, stack: TaskVectorStack, *,
-                        clamp: tuple[float, float] | None, save_path: str | None) -> Tensor:  # fmt: skip
+def finish_coefficients(
+    method: TestTimeAlgorithm,
+    coefficients: Tensor,
+    stack: TaskVectorStack,
+    *,
+    clamp: tuple[float, float] | None,
+    save_path: str | None,
+) -> Tensor:
     """The coefficients the merge uses (clamped, if so) on the CPU, written to ``save_path`` if given."""
     effective = (coefficients if clamp is None else coefficients.clamp(*clamp)).detach().cpu()
     if save_path is not None and method.fabric.is_global_zero:
@@ -114,14 +128,37 @@ class _AdaMerging(TestTimeAlgorithm):
 
     layer_wise: ClassVar[bool]
 
-    def __init__(self, *, weights: Any = None, init_values: float = 0.3, clamp_weights: bool = False,
-                 optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 1000, batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 42, save_merging_weights: str | None = None, save_interval: int = 100,
-                 checkpoint_dir: str | None = None, resume: bool = True, devices: int | None = None,
-                 clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
-                         task_text=task_text)  # fmt: skip
+    def __init__(
+        self,
+        *,
+        weights: Any = None,
+        init_values: float = 0.3,
+        clamp_weights: bool = False,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        max_steps: int = 1000,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 42,
+        save_merging_weights: str | None = None,
+        save_interval: int = 100,
+        checkpoint_dir: str | None = None,
+        resume: bool = True,
+        devices: int | None = None,
+        clip_model: Any = None,
+        task_text: Any = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            save_interval=save_interval,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            devices=devices,
+            clip_model=clip_model,
+            task_text=task_text,
+        )
         n = self.name
         self.weights = to_container(weights) or None
         if self.weights is not None and not isinstance(self.weights, (str, list)):
@@ -135,8 +172,13 @@ class _AdaMerging(TestTimeAlgorithm):
         self.merging_weights: Tensor | None = None
 
     def trajectory_options(self) -> dict[str, Any]:
-        return {**super().trajectory_options(), "init_values": self.init_values, "clamp_weights": self.clamp_weights,
-                "optimizer": self.optimizer, "lr": self.lr}  # fmt: skip
+        return {
+            **super().trajectory_options(),
+            "init_values": self.init_values,
+            "clamp_weights": self.clamp_weights,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+        }
 
     @property
     def clamp(self) -> tuple[float, float] | None:
@@ -155,7 +197,9 @@ class _AdaMerging(TestTimeAlgorithm):
         else:
             self.setup_test_time(modelpool, skeleton, heads)
             coefficients = self._learn(stack, modelpool)
-        self.merging_weights = finish_coefficients(self, coefficients, stack, clamp=self.clamp, save_path=self.save_merging_weights)
+        self.merging_weights = finish_coefficients(
+            self, coefficients, stack, clamp=self.clamp, save_path=self.save_merging_weights
+        )
         self.model_names = list(stack.models)
         with torch.no_grad():
             merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device))
@@ -173,8 +217,11 @@ class _AdaMerging(TestTimeAlgorithm):
         def step(step: int, global_step: int) -> dict[str, float]:
             return {"loss": adamerging_step(stack, lam, optimizer, objective, clamp=self.clamp)}
 
-        self.train([Phase("adamerging", self.max_steps, step)], {"coefficients": lam, "optimizer": optimizer},
-                   self.identity(stack, modelpool))  # fmt: skip
+        self.train(
+            [Phase("adamerging", self.max_steps, step)],
+            {"coefficients": lam, "optimizer": optimizer},
+            self.identity(stack, modelpool),
+        )
         return lam.detach()
 
     # ---- weights= ---------------------------------------------------------------------------
@@ -184,19 +231,25 @@ class _AdaMerging(TestTimeAlgorithm):
             return None
         if isinstance(self.weights, list):
             if self.layer_wise:
-                raise ConfigError(f"{self.name}: option 'weights' must be a file for layer-wise coefficients; got a list")
+                raise ConfigError(
+                    f"{self.name}: option 'weights' must be a file for layer-wise coefficients; got a list"
+                )
             return torch.tensor([check_range(self.name, f"weights[{i}]", v) for i, v in enumerate(self.weights)])
         return load_merging_weights(self.weights, method=self.name, models=modelpool.model_names)
 
     def _check_weights(self, saved: Any, stack: TaskVectorStack) -> Tensor:
         if isinstance(saved, Tensor):
             if tuple(saved.shape) != self._shape(stack):
-                raise ConfigError(f"{self.name}: option 'weights' has {saved.numel()} numbers; the pool has "
-                                  f"{stack.num_tasks} models {list(stack.models)}")  # fmt: skip
+                raise ConfigError(
+                    f"{self.name}: option 'weights' has {saved.numel()} numbers; the pool has "
+                    f"{stack.num_tasks} models {list(stack.models)}"
+                )
             return saved.float()
         if saved["meta"].get("tensors") != stack.fingerprint():
-            raise ConfigError(f"{self.name}: weights {self.weights!r} were made for another model architecture "
-                              f"(its parameters differ from the pool's {stack.num_tensors} tensors)")  # fmt: skip
+            raise ConfigError(
+                f"{self.name}: weights {self.weights!r} were made for another model architecture "
+                f"(its parameters differ from the pool's {stack.num_tensors} tensors)"
+            )
         return saved["merging_weights"].float()
 
     def extra_report(self) -> dict[str, Any]:

@@ -43,12 +43,25 @@ from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers, entrop
 from fusion_bench.method._options import check_bool, check_choice, check_int
 from fusion_bench.method.base_algorithm import BaseAlgorithm
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
-from fusion_bench.models.functional_merge import FunctionalMergedModel, TaskVectorStack, backward_into_merge, detached_leaves
+from fusion_bench.models.functional_merge import (
+    FunctionalMergedModel,
+    TaskVectorStack,
+    backward_into_merge,
+    detached_leaves,
+)
 from fusion_bench.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fusion_bench.utils.instantiate import to_container
 
-__all__ = ["OPTIMIZERS", "Phase", "TestTimeAlgorithm", "load_task_vector_stack", "content_fingerprint", "derived_seed",
-           "check_optimizer", "make_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "Phase",
+    "TestTimeAlgorithm",
+    "load_task_vector_stack",
+    "content_fingerprint",
+    "derived_seed",
+    "check_optimizer",
+    "make_optimizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +99,14 @@ def load_task_vector_stack(modelpool: BaseModelPool, skeleton: nn.Module, *, wha
     skeleton.to(dtype)
     by_storage = {t.data_ptr(): key for key, t in modelpool.canonical_state_dict(skeleton).items()}
     base, vectors, names = {}, {}, []
-    for pname, param in tqdm(list(skeleton.named_parameters()), desc=f"{what}: task vectors", leave=False, disable=None):
+    for pname, param in tqdm(
+        list(skeleton.named_parameters()), desc=f"{what}: task vectors", leave=False, disable=None
+    ):
         key = by_storage.get(param.data_ptr())
         if key is None or key not in plan.keys:
-            raise IncompatibleModelsError(f"{what}: parameter {pname!r} of the {PRETRAINED!r} model has no tensor in the pool")
+            raise IncompatibleModelsError(
+                f"{what}: parameter {pname!r} of the {PRETRAINED!r} model has no tensor in the pool"
+            )
         base[pname] = param.detach()
         tensors = []
         for model in plan.names:
@@ -104,8 +121,18 @@ def load_task_vector_stack(modelpool: BaseModelPool, skeleton: nn.Module, *, wha
 @torch.no_grad()
 def content_fingerprint(stack: TaskVectorStack) -> str:
     """A hash of the stack's names, shapes and per-tensor sums (what a resumed run must match)."""
-    stats = torch.stack([torch.stack([stack.base[n].double().sum(), stack.vectors[n].double().sum(),
-                                      stack.vectors[n].double().square().sum()]) for n in stack.names])  # fmt: skip
+    stats = torch.stack(
+        [
+            torch.stack(
+                [
+                    stack.base[n].double().sum(),
+                    stack.vectors[n].double().sum(),
+                    stack.vectors[n].double().square().sum(),
+                ]
+            )
+            for n in stack.names
+        ]
+    )
     h = hashlib.blake2b(stack.fingerprint().encode(), digest_size=12)
     h.update(np.ascontiguousarray(stats.cpu().numpy()).tobytes())
     return h.hexdigest()
@@ -145,9 +172,19 @@ class TestTimeAlgorithm(BaseAlgorithm):
 
     name: ClassVar[str] = "test_time"
 
-    def __init__(self, *, batch_size: int, num_workers: int, seed: int, save_interval: int,
-                 checkpoint_dir: str | None, resume: bool, devices: int | None, clip_model: Any,
-                 task_text: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        save_interval: int,
+        checkpoint_dir: str | None,
+        resume: bool,
+        devices: int | None,
+        clip_model: Any,
+        task_text: Any = None,
+    ) -> None:
         n = self.name
         self.batch_size = check_int(n, "batch_size", batch_size, low=1)
         self.num_workers = check_int(n, "num_workers", num_workers, low=0)
@@ -243,13 +280,24 @@ class TestTimeAlgorithm(BaseAlgorithm):
     def identity(self, stack: TaskVectorStack, modelpool: BaseModelPool) -> dict[str, Any]:
         """What a checkpoint of this run must match (its file name is a hash of it)."""
         sizes = {t: len(self._heads.dataset("test", t)) for t in self.tasks}
-        return {"format": CHECKPOINT_FORMAT, "method": self.name, "models": list(modelpool.model_names),
-                "content": content_fingerprint(stack), "test_sizes": sizes, "options": self.trajectory_options(),
-                "world_size": int(self.fabric.world_size)}  # fmt: skip
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.name,
+            "models": list(modelpool.model_names),
+            "content": content_fingerprint(stack),
+            "test_sizes": sizes,
+            "options": self.trajectory_options(),
+            "world_size": int(self.fabric.world_size),
+        }
 
     def trajectory_options(self) -> dict[str, Any]:
         """The hyperparameters that change the training trajectory (subclasses extend)."""
-        return {"batch_size": self.batch_size, "seed": self.seed, "clip_model": repr(self.clip_model), "task_text": self.task_text}
+        return {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "clip_model": repr(self.clip_model),
+            "task_text": self.task_text,
+        }
 
     def checkpoint_path(self, meta: Mapping[str, Any]) -> Path | None:
         """``<dir>/<method>-<hash>.ckpt`` (see module docstring); None: no checkpoints."""
@@ -274,15 +322,24 @@ class TestTimeAlgorithm(BaseAlgorithm):
         path = self.checkpoint_path(meta)
         where = self._resume(path, phases, state, meta)
         self._streams = self._heads.test_time_batches(
-            self.tasks, batch_size=self.batch_size, seed=self.seed + len(self.tasks) * self.fabric.global_rank,
-            num_workers=self.num_workers, start=self._drawn,
-        )  # fmt: skip
+            self.tasks,
+            batch_size=self.batch_size,
+            seed=self.seed + len(self.tasks) * self.fabric.global_rank,
+            num_workers=self.num_workers,
+            start=self._drawn,
+        )
         global_step = sum(p.steps for p in phases[: where[0]]) + where[1]
         for index in range(where[0], len(phases)):
             phase = phases[index]
             first = where[1] if index == where[0] else 0
-            bar = tqdm(range(first, phase.steps), initial=first, total=phase.steps, desc=f"{self.name} ({phase.name})",
-                       leave=False, disable=None)  # fmt: skip
+            bar = tqdm(
+                range(first, phase.steps),
+                initial=first,
+                total=phase.steps,
+                desc=f"{self.name} ({phase.name})",
+                leave=False,
+                disable=None,
+            )
             for step in bar:
                 start = time.perf_counter()
                 metrics = phase.step(step, global_step)
@@ -297,17 +354,35 @@ class TestTimeAlgorithm(BaseAlgorithm):
         for logger in self.fabric.loggers:
             logger.save()
 
-    def _save(self, path: Path, phases: Sequence[Phase], index: int, step: int, state: Mapping[str, Any],
-              meta: Mapping[str, Any]) -> None:  # fmt: skip
+    def _save(
+        self,
+        path: Path,
+        phases: Sequence[Phase],
+        index: int,
+        step: int,
+        state: Mapping[str, Any],
+        meta: Mapping[str, Any],
+    ) -> None:
         if not self.fabric.is_global_zero:
             return
         saved = {k: _saveable(v) for k, v in state.items()}
-        save_checkpoint(path, {"phase": index, "step": step, "drawn": self._drawn, "phase_steps": [p.steps for p in phases],
-                               "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()}, "rng": rng_state(),
-                               "state": saved}, meta=meta)  # fmt: skip
+        save_checkpoint(
+            path,
+            {
+                "phase": index,
+                "step": step,
+                "drawn": self._drawn,
+                "phase_steps": [p.steps for p in phases],
+                "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
+                "rng": rng_state(),
+                "state": saved,
+            },
+            meta=meta,
+        )
 
-    def _resume(self, path: Path | None, phases: Sequence[Phase], state: Mapping[str, Any],
-                meta: Mapping[str, Any]) -> tuple[int, int]:  # fmt: skip
+    def _resume(
+        self, path: Path | None, phases: Sequence[Phase], state: Mapping[str, Any], meta: Mapping[str, Any]
+    ) -> tuple[int, int]:
         if path is None or not self.resume or not path.is_file():
             return 0, 0
         data = load_checkpoint(path, expect=meta, what=f"{self.name}: checkpoint")
@@ -330,10 +405,17 @@ class TestTimeAlgorithm(BaseAlgorithm):
         """Steps, the objective per phase (means of its first and last 10 steps), seconds per step, resume point."""
         if not self.history:
             return {}
-        objective = {name: {"first": sum(v[:10]) / len(v[:10]), "last": sum(v[-10:]) / len(v[-10:])} for name, v in self.history.items()}
+        objective = {
+            name: {"first": sum(v[:10]) / len(v[:10]), "last": sum(v[-10:]) / len(v[-10:])}
+            for name, v in self.history.items()
+        }
         seconds = self.step_seconds
-        return {"num_steps": sum(map(len, self.history.values())), "objective": objective,
-                "seconds_per_step": sum(seconds) / len(seconds) if seconds else None, "resumed_at_step": self.resumed_at}  # fmt: skip
+        return {
+            "num_steps": sum(map(len, self.history.values())),
+            "objective": objective,
+            "seconds_per_step": sum(seconds) / len(seconds) if seconds else None,
+            "resumed_at_step": self.resumed_at,
+        }
 
 
 def _saveable(value: Any) -> Any:

@@ -66,8 +66,15 @@ class CLIPTaskClassifiers:
         what: the method's name, for messages.
     """
 
-    def __init__(self, modelpool: BaseModelPool, *, clip_model: Any = None, task_text: Mapping[str, Any] | None = None,
-                 head_cache_dir: str | None = "default", what: str = "method") -> None:  # fmt: skip
+    def __init__(
+        self,
+        modelpool: BaseModelPool,
+        *,
+        clip_model: Any = None,
+        task_text: Mapping[str, Any] | None = None,
+        head_cache_dir: str | None = "default",
+        what: str = "method",
+    ) -> None:
         self.modelpool = modelpool
         self.what = what
         self._clip_cfg = clip_model if clip_model is not None else modelpool.get_model_config(PRETRAINED)
@@ -102,7 +109,12 @@ class CLIPTaskClassifiers:
             tokenizer = getattr(self.processor, "tokenizer", self.processor)
             fingerprint = text_tower_fingerprint(self.clip_model) if self.head_cache_dir else None
             self._heads[task] = cached_zero_shot_classifier(
-                self.clip_model, tokenizer, classnames, templates, cache_dir=self.head_cache_dir, fingerprint=fingerprint
+                self.clip_model,
+                tokenizer,
+                classnames,
+                templates,
+                cache_dir=self.head_cache_dir,
+                fingerprint=fingerprint,
             )
         return self._heads[task]
 
@@ -114,14 +126,27 @@ class CLIPTaskClassifiers:
     # ---- data -----------------------------------------------------------------------------
     def dataset(self, split: str, task: str) -> Any:
         """The pool's ``split`` (``"train"``, ``"val"`` or ``"test"``) dataset of ``task``."""
-        loaders = {"train": self.modelpool.load_train_dataset, "val": self.modelpool.load_val_dataset,
-                   "test": self.modelpool.load_test_dataset}  # fmt: skip
+        loaders = {
+            "train": self.modelpool.load_train_dataset,
+            "val": self.modelpool.load_val_dataset,
+            "test": self.modelpool.load_test_dataset,
+        }
         if split not in loaders:
             raise ConfigError(f"{self.what}: unknown split {split!r}; choose one of {', '.join(loaders)}")
         return loaders[split](task)
 
-    def loader(self, dataset: Any, *, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-               drop_last: bool = False, limit: int | None = None, what: str = "dataset") -> DataLoader:  # fmt: skip
+    def loader(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        limit: int | None = None,
+        what: str = "dataset",
+    ) -> DataLoader:
         """A loader of ``(pixel_values, labels)`` batches over ``dataset``.
 
         Args:
@@ -142,8 +167,15 @@ class CLIPTaskClassifiers:
         if len(dataset) == 0 or (drop_last and len(dataset) < batch_size):
             raise DatasetError(f"{self.what}: {what} has {len(dataset)} samples, too few for batch_size {batch_size}")
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                          drop_last=drop_last, collate_fn=self.collate())  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            collate_fn=self.collate(),
+        )
 
     def collate(self) -> ImageClassificationCollate:
         """Rows ``{image, label}`` -> ``(pixel_values, labels)`` with the pool's image processor."""
@@ -151,8 +183,11 @@ class CLIPTaskClassifiers:
 
     def check_tasks(self, split: str, tasks: Sequence[str]) -> None:
         """Raise a :class:`ConfigError` naming every task of ``tasks`` without a ``split`` dataset."""
-        names = {"train": self.modelpool.train_dataset_names, "val": self.modelpool.val_dataset_names,
-                 "test": self.modelpool.test_dataset_names}[split]  # fmt: skip
+        names = {
+            "train": self.modelpool.train_dataset_names,
+            "val": self.modelpool.val_dataset_names,
+            "test": self.modelpool.test_dataset_names,
+        }[split]
         missing = [t for t in tasks if t not in names]
         if missing:
             raise ConfigError(
@@ -160,8 +195,16 @@ class CLIPTaskClassifiers:
                 f"({split} datasets: {', '.join(names) or 'none'}); add them under the pool's {split}_datasets"
             )
 
-    def test_time_batches(self, tasks: Sequence[str], *, batch_size: int, seed: int, num_workers: int = 0,
-                          split: str = "test", start: int = 0) -> dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+    def test_time_batches(
+        self,
+        tasks: Sequence[str],
+        *,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        split: str = "test",
+        start: int = 0,
+    ) -> dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """One endless, seeded, shuffled stream of ``(pixel_values, labels)`` per task.
 
         Test-time methods draw one batch per task per step; each task's stream has its own
@@ -187,8 +230,9 @@ class CLIPTaskClassifiers:
             if len(dataset) == 0:
                 raise DatasetError(f"{self.what}: {split} dataset {task!r} is empty")
             sampler = SeededBatchStream(len(dataset), batch_size, seed=seed + i, start=start)
-            streams[task] = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                            collate_fn=self.collate()))  # fmt: skip
+            streams[task] = iter(
+                DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=self.collate())
+            )
         return streams
 
 

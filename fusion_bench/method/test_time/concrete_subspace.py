@@ -53,16 +53,28 @@ from fusion_bench.models.concrete_mask import (
 from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters, unload
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["concrete_mask_step", "INNER_LAMBDA", "ConcreteTaskArithmeticAlgorithm", "ConcreteLayerWiseAdaMergingAlgorithm"]
+__all__ = [
+    "concrete_mask_step",
+    "INNER_LAMBDA",
+    "ConcreteTaskArithmeticAlgorithm",
+    "ConcreteLayerWiseAdaMergingAlgorithm",
+]
 
 MASK_FORMAT = "fusion_bench.concrete_mask.v1"
 TRAIN_NOISE, FINAL_NOISE = 0, 1  # purposes of the mask noise seeds
 INNER_LAMBDA = ("carry", "reset")  # where the inner step's gradient is taken (see module docstring)
 
 
-def concrete_mask_step(stack: TaskVectorStack, coefficients: Tensor, logits: Mapping[str, Tensor],
-                       optimizer: torch.optim.Optimizer, objective: Any, *, temperature: float,
-                       generator: torch.Generator) -> tuple[float, float]:  # fmt: skip
+def concrete_mask_step(
+    stack: TaskVectorStack,
+    coefficients: Tensor,
+    logits: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    objective: Any,
+    *,
+    temperature: float,
+    generator: torch.Generator,
+) -> tuple[float, float]:
     """One step on the mask logits (the core): draw, rescale, merge, back-propagate, step.
 
     Args:
@@ -88,8 +100,18 @@ def concrete_mask_step(stack: TaskVectorStack, coefficients: Tensor, logits: Map
 class _ConcreteBase(TestTimeAlgorithm):
     """Options and mask handling shared by both Concrete methods (see module docstring)."""
 
-    def _init_mask_options(self, *, temperature: float, initial_logits: float, eval_mask_type: str, optimizer: str,
-                           lr: float, max_steps: int, mask_checkpoint: str | None, save_mask: str | None) -> None:  # fmt: skip
+    def _init_mask_options(
+        self,
+        *,
+        temperature: float,
+        initial_logits: float,
+        eval_mask_type: str,
+        optimizer: str,
+        lr: float,
+        max_steps: int,
+        mask_checkpoint: str | None,
+        save_mask: str | None,
+    ) -> None:
         n = self.name
         self.temperature = check_range(n, "temperature", temperature, low=0.0, low_open=True)
         self.initial_logits = check_range(n, "initial_logits", initial_logits)
@@ -102,8 +124,14 @@ class _ConcreteBase(TestTimeAlgorithm):
         self.density: float | None = None
 
     def trajectory_options(self) -> dict[str, Any]:
-        return {**super().trajectory_options(), "temperature": self.temperature, "initial_logits": self.initial_logits,
-                "optimizer": self.optimizer, "lr": self.lr, "mask_checkpoint": self.mask_checkpoint}  # fmt: skip
+        return {
+            **super().trajectory_options(),
+            "temperature": self.temperature,
+            "initial_logits": self.initial_logits,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "mask_checkpoint": self.mask_checkpoint,
+        }
 
     def _generator(self, *keys: int) -> torch.Generator:
         return torch.Generator(device=self.fabric.device).manual_seed(derived_seed(self.seed, *keys))
@@ -117,12 +145,19 @@ class _ConcreteBase(TestTimeAlgorithm):
         return objective
 
     def _mask_logits(self, modelpool: BaseModelPool, stack: TaskVectorStack) -> dict[str, Tensor]:
-        logits = init_mask_logits({n: stack.base[n].shape for n in stack.names}, self.initial_logits, device=self.fabric.device)
+        logits = init_mask_logits(
+            {n: stack.base[n].shape for n in stack.names}, self.initial_logits, device=self.fabric.device
+        )
         if self.mask_checkpoint is not None:
-            saved = load_checkpoint(self.mask_checkpoint, expect={"format": MASK_FORMAT, "models": list(modelpool.model_names)},
-                                    what=f"{self.name}: mask_checkpoint")  # fmt: skip
+            saved = load_checkpoint(
+                self.mask_checkpoint,
+                expect={"format": MASK_FORMAT, "models": list(modelpool.model_names)},
+                what=f"{self.name}: mask_checkpoint",
+            )
             if saved["meta"].get("tensors") != stack.fingerprint():
-                raise ConfigError(f"{self.name}: mask_checkpoint {self.mask_checkpoint!r} was made for another model architecture")
+                raise ConfigError(
+                    f"{self.name}: mask_checkpoint {self.mask_checkpoint!r} was made for another model architecture"
+                )
             with torch.no_grad():
                 for name, t in logits.items():
                     t.copy_(saved["mask_logits"][name].to(t.device))
@@ -130,16 +165,32 @@ class _ConcreteBase(TestTimeAlgorithm):
 
     def _final_mask(self, logits: Mapping[str, Tensor], stack: TaskVectorStack) -> dict[str, Tensor]:
         if self.save_mask is not None and self.fabric.is_global_zero:
-            meta = {"format": MASK_FORMAT, "method": self.name, "models": self.model_names, "tensors": stack.fingerprint()}
-            save_checkpoint(self.save_mask, {"mask_logits": {k: v.detach().cpu() for k, v in logits.items()}}, meta=meta)
-        mask = final_mask(logits, self.eval_mask_type, temperature=self.temperature, generator=self._generator(FINAL_NOISE))
+            meta = {
+                "format": MASK_FORMAT,
+                "method": self.name,
+                "models": self.model_names,
+                "tensors": stack.fingerprint(),
+            }
+            save_checkpoint(
+                self.save_mask, {"mask_logits": {k: v.detach().cpu() for k, v in logits.items()}}, meta=meta
+            )
+        mask = final_mask(
+            logits, self.eval_mask_type, temperature=self.temperature, generator=self._generator(FINAL_NOISE)
+        )
         self.density = mask_density(mask.values())
         return rescale_mask(mask)
 
     def _report(self, extra: Mapping[str, Any]) -> dict[str, Any]:
         if self.density is None:
             return {}
-        return {self.name: {"eval_mask_type": self.eval_mask_type, "mask_density": self.density, **extra, **self.training_report()}}
+        return {
+            self.name: {
+                "eval_mask_type": self.eval_mask_type,
+                "mask_density": self.density,
+                **extra,
+                **self.training_report(),
+            }
+        }
 
 
 @register_algorithm("clip_concrete_task_arithmetic")
@@ -160,18 +211,50 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
 
-    def __init__(self, *, scaling_factor: float = 0.3, temperature: float = 0.5, initial_logits: float = 0.0,
-                 eval_mask_type: str = "continuous", optimizer: str = "adam", lr: float = 1e-3, max_steps: int = 2000,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 42, mask_checkpoint: str | None = None,
-                 save_mask: str | None = None, save_interval: int = 500, checkpoint_dir: str | None = None,
-                 resume: bool = True, devices: int | None = None, clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
-                         task_text=task_text)  # fmt: skip
+    def __init__(
+        self,
+        *,
+        scaling_factor: float = 0.3,
+        temperature: float = 0.5,
+        initial_logits: float = 0.0,
+        eval_mask_type: str = "continuous",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        max_steps: int = 2000,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 42,
+        mask_checkpoint: str | None = None,
+        save_mask: str | None = None,
+        save_interval: int = 500,
+        checkpoint_dir: str | None = None,
+        resume: bool = True,
+        devices: int | None = None,
+        clip_model: Any = None,
+        task_text: Any = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            save_interval=save_interval,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            devices=devices,
+            clip_model=clip_model,
+            task_text=task_text,
+        )
         self.scaling_factor = check_range(self.name, "scaling_factor", scaling_factor)
-        self._init_mask_options(temperature=temperature, initial_logits=initial_logits, eval_mask_type=eval_mask_type,
-                                optimizer=optimizer, lr=lr, max_steps=max_steps, mask_checkpoint=mask_checkpoint,
-                                save_mask=save_mask)  # fmt: skip
+        self._init_mask_options(
+            temperature=temperature,
+            initial_logits=initial_logits,
+            eval_mask_type=eval_mask_type,
+            optimizer=optimizer,
+            lr=lr,
+            max_steps=max_steps,
+            mask_checkpoint=mask_checkpoint,
+            save_mask=save_mask,
+        )
 
     def trajectory_options(self) -> dict[str, Any]:
         return {**super().trajectory_options(), "scaling_factor": self.scaling_factor}
@@ -190,12 +273,22 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
             objective = self._mask_objective(logits)
 
             def step(step: int, global_step: int) -> dict[str, float]:
-                value, density = concrete_mask_step(stack, lam, logits, optimizer, objective, temperature=self.temperature,
-                                                    generator=self._generator(TRAIN_NOISE, global_step))  # fmt: skip
+                value, density = concrete_mask_step(
+                    stack,
+                    lam,
+                    logits,
+                    optimizer,
+                    objective,
+                    temperature=self.temperature,
+                    generator=self._generator(TRAIN_NOISE, global_step),
+                )
                 return {"loss": value, "mask_density": density}
 
-            self.train([Phase("mask", self.max_steps, step)], {"mask_logits": logits, "optimizer": optimizer},
-                       self.identity(stack, modelpool))  # fmt: skip
+            self.train(
+                [Phase("mask", self.max_steps, step)],
+                {"mask_logits": logits, "optimizer": optimizer},
+                self.identity(stack, modelpool),
+            )
         with torch.no_grad():
             merged = merge_parameters(stack, lam, self._final_mask(logits, stack))
         return unload(skeleton, merged, dtype=self.model_dtype).cpu()
@@ -223,16 +316,45 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
             see :class:`~fusion_bench.method.test_time.base.TestTimeAlgorithm`.
     """
 
-    def __init__(self, *, scaling_factor: float = 0.3, base_lr: float = 1.0, inner_lambda: str = "carry",
-                 adamerging_lr: float = 1e-3, max_adamerging_steps: int = 1000, clamp_weights: bool = False, temperature: float = 0.5,
-                 initial_logits: float = 0.0, eval_mask_type: str = "continuous", optimizer: str = "adam",
-                 lr: float = 1e-3, max_steps: int = 1000, batch_size: int = 16, num_workers: int = 0, seed: int = 42,
-                 mask_checkpoint: str | None = None, save_mask: str | None = None,
-                 save_merging_weights: str | None = None, save_interval: int = 500, checkpoint_dir: str | None = None,
-                 resume: bool = True, devices: int | None = None, clip_model: Any = None, task_text: Any = None) -> None:  # fmt: skip
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, save_interval=save_interval,
-                         checkpoint_dir=checkpoint_dir, resume=resume, devices=devices, clip_model=clip_model,
-                         task_text=task_text)  # fmt: skip
+    def __init__(
+        self,
+        *,
+        scaling_factor: float = 0.3,
+        base_lr: float = 1.0,
+        inner_lambda: str = "carry",
+        adamerging_lr: float = 1e-3,
+        max_adamerging_steps: int = 1000,
+        clamp_weights: bool = False,
+        temperature: float = 0.5,
+        initial_logits: float = 0.0,
+        eval_mask_type: str = "continuous",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        max_steps: int = 1000,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 42,
+        mask_checkpoint: str | None = None,
+        save_mask: str | None = None,
+        save_merging_weights: str | None = None,
+        save_interval: int = 500,
+        checkpoint_dir: str | None = None,
+        resume: bool = True,
+        devices: int | None = None,
+        clip_model: Any = None,
+        task_text: Any = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            save_interval=save_interval,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            devices=devices,
+            clip_model=clip_model,
+            task_text=task_text,
+        )
         n = self.name
         self.scaling_factor = check_range(n, "scaling_factor", scaling_factor)
         self.base_lr = check_range(n, "base_lr", base_lr, low=0.0, low_open=True)
@@ -241,15 +363,28 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         self.max_adamerging_steps = check_int(n, "max_adamerging_steps", max_adamerging_steps, low=0)
         self.clamp_weights = check_bool(n, "clamp_weights", clamp_weights)
         self.save_merging_weights = save_merging_weights or None
-        self._init_mask_options(temperature=temperature, initial_logits=initial_logits, eval_mask_type=eval_mask_type,
-                                optimizer=optimizer, lr=lr, max_steps=max_steps, mask_checkpoint=mask_checkpoint,
-                                save_mask=save_mask)  # fmt: skip
+        self._init_mask_options(
+            temperature=temperature,
+            initial_logits=initial_logits,
+            eval_mask_type=eval_mask_type,
+            optimizer=optimizer,
+            lr=lr,
+            max_steps=max_steps,
+            mask_checkpoint=mask_checkpoint,
+            save_mask=save_mask,
+        )
         self.merging_weights: Tensor | None = None
 
     def trajectory_options(self) -> dict[str, Any]:
-        return {**super().trajectory_options(), "scaling_factor": self.scaling_factor, "base_lr": self.base_lr,
-                "inner_lambda": self.inner_lambda, "adamerging_lr": self.adamerging_lr, "clamp_weights": self.clamp_weights,
-                "eval_mask_type": self.eval_mask_type}  # fmt: skip
+        return {
+            **super().trajectory_options(),
+            "scaling_factor": self.scaling_factor,
+            "base_lr": self.base_lr,
+            "inner_lambda": self.inner_lambda,
+            "adamerging_lr": self.adamerging_lr,
+            "clamp_weights": self.clamp_weights,
+            "eval_mask_type": self.eval_mask_type,
+        }
 
     @property
     def clamp(self) -> tuple[float, float] | None:
@@ -262,13 +397,17 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         skeleton, stack = self.setup_task_vectors(modelpool)
         self.setup_test_time(modelpool, skeleton, heads)
         bilevel = _BiLevel(self, stack, self._mask_logits(modelpool, stack))
-        phases = [Phase("mask", 0 if self.mask_checkpoint else self.max_steps, bilevel.mask_step),
-                  Phase("adamerging", self.max_adamerging_steps, bilevel.adamerging_step)]  # fmt: skip
+        phases = [
+            Phase("mask", 0 if self.mask_checkpoint else self.max_steps, bilevel.mask_step),
+            Phase("adamerging", self.max_adamerging_steps, bilevel.adamerging_step),
+        ]
         self.train(phases, bilevel.state(), self.identity(stack, modelpool))
         if self.max_adamerging_steps == 0:
             bilevel.reset_lambda()  # the (empty) AdaMerging phase starts from λ0 too
         mask = bilevel.final_mask()
-        self.merging_weights = finish_coefficients(self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights)
+        self.merging_weights = finish_coefficients(
+            self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights
+        )
         with torch.no_grad():
             merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device), mask)
         return unload(skeleton, merged, dtype=self.model_dtype).cpu()
@@ -276,14 +415,18 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
     def extra_report(self) -> dict[str, Any]:
         extra = {}
         if self.merging_weights is not None:
-            extra["merging_weights_mean"] = {m: float(v) for m, v in zip(self.model_names, self.merging_weights.mean(dim=1))}
+            extra["merging_weights_mean"] = {
+                m: float(v) for m, v in zip(self.model_names, self.merging_weights.mean(dim=1))
+            }
         return self._report(extra)
 
 
 class _BiLevel:
     """The learned state and the two kinds of steps of Concrete layer-wise AdaMerging (see module docstring)."""
 
-    def __init__(self, method: ConcreteLayerWiseAdaMergingAlgorithm, stack: TaskVectorStack, logits: dict[str, Tensor]) -> None:
+    def __init__(
+        self, method: ConcreteLayerWiseAdaMergingAlgorithm, stack: TaskVectorStack, logits: dict[str, Tensor]
+    ) -> None:
         m = self.method = method
         self.stack, self.logits = stack, logits
         self.init = torch.full((stack.num_tasks, stack.num_tensors), m.scaling_factor, device=m.fabric.device)
@@ -296,8 +439,13 @@ class _BiLevel:
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds."""
-        return {"mask_logits": self.logits, "coefficients": self.lam, "mask_optimizer": self.mask_opt,
-                "inner_optimizer": self.inner_opt, "adamerging_optimizer": self.ada_opt}  # fmt: skip
+        return {
+            "mask_logits": self.logits,
+            "coefficients": self.lam,
+            "mask_optimizer": self.mask_opt,
+            "inner_optimizer": self.inner_opt,
+            "adamerging_optimizer": self.ada_opt,
+        }
 
     def lam_objective(self, merged: Mapping[str, Tensor]) -> float:
         value = self.method.entropy_backward(merged)
@@ -347,5 +495,7 @@ class _BiLevel:
         mask = self.final_mask()
         if step == 0:
             self.reset_lambda()
-        value = adamerging_step(self.stack, self.lam, self.ada_opt, self.lam_objective, clamp=self.method.clamp, mask=mask)
+        value = adamerging_step(
+            self.stack, self.lam, self.ada_opt, self.lam_objective, clamp=self.method.clamp, mask=mask
+        )
         return {"loss": value}

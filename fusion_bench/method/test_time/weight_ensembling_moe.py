@@ -72,10 +72,16 @@ OPTIMIZERS = ("adam",)
 _FC1 = re.compile(r"encoder\.layers\.(\d+)\.mlp\.fc1\.weight")
 
 
-def entropy_minimisation_step(classifiers: Mapping[str, nn.Module], batches: Mapping[str, Iterator[Any]],
-                              optimizer: torch.optim.Optimizer, *, use_grad_accumulate: bool,
-                              backward: Callable[[torch.Tensor], None] | None = None,
-                              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:  # fmt: skip
+def entropy_minimisation_step(
+    classifiers: Mapping[str, nn.Module],
+    batches: Mapping[str, Iterator[Any]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    use_grad_accumulate: bool,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
     """One test-time step: one batch per task, the sum of the prediction entropies, one optimiser step.
 
     Args:
@@ -134,21 +140,45 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         clip_model: the full CLIP giving the text tower, projection and logit scale (None: ``_pretrained_``).
     """
 
-    def __init__(self, *, checkpoint: str | None = None, save_checkpoint: str | None = None, router_hidden_layers: int = 2,
-                 init_lambda: float = 0.3, scaling_factor: float | None = None, num_upscaled_layers: int | None = None,
-                 tv_prune_ratio: float = 0.0, shared_gate: bool = False, batch_reduce: bool = True, lr: float = 1e-4,
-                 optimizer: str = "adam", max_steps: int = 1000, batch_size: int = 16, use_grad_accumulate: bool = True,
-                 seed: int = 42, num_workers: int = 0, devices: int = 1, save_interval: int = 100,
-                 train_state_path: str | None = None, clip_model: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        checkpoint: str | None = None,
+        save_checkpoint: str | None = None,
+        router_hidden_layers: int = 2,
+        init_lambda: float = 0.3,
+        scaling_factor: float | None = None,
+        num_upscaled_layers: int | None = None,
+        tv_prune_ratio: float = 0.0,
+        shared_gate: bool = False,
+        batch_reduce: bool = True,
+        lr: float = 1e-4,
+        optimizer: str = "adam",
+        max_steps: int = 1000,
+        batch_size: int = 16,
+        use_grad_accumulate: bool = True,
+        seed: int = 42,
+        num_workers: int = 0,
+        devices: int = 1,
+        save_interval: int = 100,
+        train_state_path: str | None = None,
+        clip_model: Any = None,
+    ) -> None:
         name = self.name
         self.checkpoint = optional_path(checkpoint, f"{name}: option 'checkpoint'")
         self.save_checkpoint = optional_path(save_checkpoint, f"{name}: option 'save_checkpoint'")
         self.router_hidden_layers = check_int(name, "router_hidden_layers", router_hidden_layers)
         if self.router_hidden_layers not in ROUTER_DEPTHS:
-            raise ConfigError(f"{name}: option 'router_hidden_layers' must be one of {ROUTER_DEPTHS}; got {router_hidden_layers!r}")
+            raise ConfigError(
+                f"{name}: option 'router_hidden_layers' must be one of {ROUTER_DEPTHS}; got {router_hidden_layers!r}"
+            )
         self.init_lambda = check_range(name, "init_lambda", init_lambda)
-        self.scaling_factor = self.init_lambda if scaling_factor is None else check_range(name, "scaling_factor", scaling_factor)
-        self.num_upscaled_layers = None if num_upscaled_layers is None else check_int(name, "num_upscaled_layers", num_upscaled_layers, low=1)
+        self.scaling_factor = (
+            self.init_lambda if scaling_factor is None else check_range(name, "scaling_factor", scaling_factor)
+        )
+        self.num_upscaled_layers = (
+            None if num_upscaled_layers is None else check_int(name, "num_upscaled_layers", num_upscaled_layers, low=1)
+        )
         self.tv_prune_ratio = check_range(name, "tv_prune_ratio", tv_prune_ratio, low=0.0, high=1.0, high_open=True)
         self.shared_gate = check_bool(name, "shared_gate", shared_gate)
         self.batch_reduce = check_bool(name, "batch_reduce", batch_reduce)
@@ -172,7 +202,9 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """Build the WEMoE model, load or train its routers, and return it (per-sample routing)."""
         names = modelpool.model_names
         if not names or not modelpool.has_pretrained:
-            raise ConfigError(f"{self.name}: needs a {PRETRAINED!r} model and at least one fine-tuned model; the pool has {modelpool.all_model_names}")
+            raise ConfigError(
+                f"{self.name}: needs a {PRETRAINED!r} model and at least one fine-tuned model; the pool has {modelpool.all_model_names}"
+            )
         meta = self._meta(names, self._layout(modelpool))
         heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, what=self.name)
         loaded = resume = None
@@ -194,33 +226,67 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         """The encoder's layer count and MLP sizes (from tensor headers) and the layers to upscale."""
         layers = sorted(int(m.group(1)) for k in modelpool.keys(PRETRAINED) if (m := _FC1.fullmatch(k)))
         if not layers:
-            raise ModelLoadError(f"{self.name}: model {PRETRAINED!r} has no CLIP encoder MLPs ('encoder.layers.<i>.mlp.fc1.weight')")
+            raise ModelLoadError(
+                f"{self.name}: model {PRETRAINED!r} has no CLIP encoder MLPs ('encoder.layers.<i>.mlp.fc1.weight')"
+            )
         count = self.num_upscaled_layers or len(layers)
         if count > len(layers):
-            raise ConfigError(f"{self.name}: option 'num_upscaled_layers' is {count} but the model has {len(layers)} encoder layers")
-        (intermediate, hidden), _ = modelpool.tensor_source(PRETRAINED).shape_dtype(f"encoder.layers.{layers[0]}.mlp.fc1.weight")
-        return {"num_layers": len(layers), "hidden_size": int(hidden), "intermediate_size": int(intermediate),
-                "upscaled_layers": layers[len(layers) - count :]}  # fmt: skip
+            raise ConfigError(
+                f"{self.name}: option 'num_upscaled_layers' is {count} but the model has {len(layers)} encoder layers"
+            )
+        (intermediate, hidden), _ = modelpool.tensor_source(PRETRAINED).shape_dtype(
+            f"encoder.layers.{layers[0]}.mlp.fc1.weight"
+        )
+        return {
+            "num_layers": len(layers),
+            "hidden_size": int(hidden),
+            "intermediate_size": int(intermediate),
+            "upscaled_layers": layers[len(layers) - count :],
+        }
 
     def _meta(self, names: list[str], layout: Mapping[str, Any]) -> dict[str, Any]:
         """What the routers belong to: compared when a checkpoint is loaded."""
-        return {"kind": "wemoe_routers", "models": list(names), **layout, "router_hidden_layers": self.router_hidden_layers,
-                "shared_gate": self.shared_gate, "tv_prune_ratio": self.tv_prune_ratio, "scaling_factor": self.scaling_factor}  # fmt: skip
+        return {
+            "kind": "wemoe_routers",
+            "models": list(names),
+            **layout,
+            "router_hidden_layers": self.router_hidden_layers,
+            "shared_gate": self.shared_gate,
+            "tv_prune_ratio": self.tv_prune_ratio,
+            "scaling_factor": self.scaling_factor,
+        }
 
     def _train_meta(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         """A training state also needs the same training hyperparameters to be resumed."""
-        training = {k: getattr(self, k) for k in ("init_lambda", "lr", "optimizer", "batch_size", "batch_reduce", "use_grad_accumulate", "seed")}
+        training = {
+            k: getattr(self, k)
+            for k in ("init_lambda", "lr", "optimizer", "batch_size", "batch_reduce", "use_grad_accumulate", "seed")
+        }
         return {**meta, "kind": "wemoe_train_state", **training}
 
     def _build(self, modelpool: BaseModelPool, names: list[str], meta: Mapping[str, Any]) -> WEMoECLIPVisionModel:
         """Frozen task arithmetic (streamed per tensor), then the MLPs upscaled with the experts' task vectors."""
         scaling = self.scaling_factor
-        merged = stream_merge(modelpool, lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
-                              model_names=names, desc=f"{self.name}: task arithmetic base")  # fmt: skip
-        experts = {i: self._experts(modelpool, names, i) for i in tqdm(meta["upscaled_layers"], desc=f"{self.name}: upscaling", leave=False, disable=None)}
-        return upscale_clip_vision_model(merged, experts, router_depth=self.router_hidden_layers, init_lambda=self.init_lambda,
-                                         shared_gate=self.shared_gate, batch_reduce=self.batch_reduce, seed=self.seed,
-                                         meta=meta)  # fmt: skip
+        merged = stream_merge(
+            modelpool,
+            lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
+            model_names=names,
+            desc=f"{self.name}: task arithmetic base",
+        )
+        experts = {
+            i: self._experts(modelpool, names, i)
+            for i in tqdm(meta["upscaled_layers"], desc=f"{self.name}: upscaling", leave=False, disable=None)
+        }
+        return upscale_clip_vision_model(
+            merged,
+            experts,
+            router_depth=self.router_hidden_layers,
+            init_lambda=self.init_lambda,
+            shared_gate=self.shared_gate,
+            batch_reduce=self.batch_reduce,
+            seed=self.seed,
+            meta=meta,
+        )
 
     def _experts(self, modelpool: BaseModelPool, names: list[str], layer: int) -> MLPExperts:
         """Layer ``layer``'s pre-trained MLP tensors and the stacked (pruned) task vectors ``(T, ...)``."""
@@ -229,7 +295,10 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
             full = f"encoder.layers.{layer}.mlp.{key}"
             theta0 = modelpool.get_tensor(PRETRAINED, full)
             dtype = compute_dtype(theta0.dtype)
-            taus = [prune_task_vector(modelpool.get_tensor(n, full).to(dtype) - theta0.to(dtype), self.tv_prune_ratio) for n in names]
+            taus = [
+                prune_task_vector(modelpool.get_tensor(n, full).to(dtype) - theta0.to(dtype), self.tv_prune_ratio)
+                for n in names
+            ]
             base[key], vectors[key] = theta0, torch.stack(taus).to(theta0.dtype)  # (T, *shape)
         return MLPExperts(base, vectors)
 
@@ -243,13 +312,20 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         if self.train_state_path is None or not Path(self.train_state_path).is_file():
             return None
         try:
-            return load_checkpoint(self.train_state_path, expect=self._train_meta(meta), what=f"{self.name}: train state")
+            return load_checkpoint(
+                self.train_state_path, expect=self._train_meta(meta), what=f"{self.name}: train state"
+            )
         except ConfigError as err:
             raise ConfigError(f"{err}; delete it to start over, or set method.train_state_path") from None
 
     def _save_train_state(self, step: int, model: WEMoECLIPVisionModel, optimizer: torch.optim.Optimizer) -> None:
-        state = {"step": step, "routers": model.router_state_dict(), "optimizer": optimizer.state_dict(),
-                 "history": torch.tensor(self._history, dtype=torch.float64), "rng_state": rng_state()}  # fmt: skip
+        state = {
+            "step": step,
+            "routers": model.router_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "history": torch.tensor(self._history, dtype=torch.float64),
+            "rng_state": rng_state(),
+        }
         save_checkpoint(self.train_state_path, state, meta=self._train_meta(model.meta))
 
     def _after_step(self, step: int, model: WEMoECLIPVisionModel, optimizer: torch.optim.Optimizer) -> None:
@@ -266,31 +342,57 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
             self.fabric = lightning.Fabric(accelerator="auto", devices=self.devices)
             self.fabric.launch()
         elif self.devices not in (1, self.fabric.world_size):
-            log.warning("%s: method.devices=%d ignored: the run's Fabric has %d device(s); set fabric.devices instead",
-                        self.name, self.devices, self.fabric.world_size)  # fmt: skip
+            log.warning(
+                "%s: method.devices=%d ignored: the run's Fabric has %d device(s); set fabric.devices instead",
+                self.name,
+                self.devices,
+                self.fabric.world_size,
+            )
         return self.fabric
 
     def _is_global_zero(self) -> bool:
         return self.fabric is None or self.fabric.is_global_zero
 
-    def _train(self, model: WEMoECLIPVisionModel, heads: CLIPTaskClassifiers, names: list[str], meta: Mapping[str, Any],
-               resume: Mapping[str, Any] | None) -> None:  # fmt: skip
+    def _train(
+        self,
+        model: WEMoECLIPVisionModel,
+        heads: CLIPTaskClassifiers,
+        names: list[str],
+        meta: Mapping[str, Any],
+        resume: Mapping[str, Any] | None,
+    ) -> None:
         """Entropy minimisation over the routers, from ``resume`` if given."""
         fabric = self._fabric()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
         module, optimizer = fabric.setup(model, optimizer)
         classifiers = {t: heads.classifier(module, t).to(fabric.device) for t in names}
         start = self._apply_resume(model, optimizer, resume)
-        streams = heads.test_time_batches(names, batch_size=self.batch_size, seed=self.seed + 1000 * fabric.global_rank,
-                                          num_workers=self.num_workers, start=start)  # fmt: skip  # skips used batches
+        streams = heads.test_time_batches(
+            names,
+            batch_size=self.batch_size,
+            seed=self.seed + 1000 * fabric.global_rank,
+            num_workers=self.num_workers,
+            start=start,
+        )  # skips used batches
         dtype = next(model.parameters()).dtype
         model.train()
         began = time.perf_counter()
-        for step in tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc=self.name, disable=None):
-            entropies = entropy_minimisation_step(classifiers, streams, optimizer, use_grad_accumulate=self.use_grad_accumulate,
-                                                  backward=fabric.backward, device=fabric.device, dtype=dtype)  # fmt: skip
+        for step in tqdm(
+            range(start, self.max_steps), initial=start, total=self.max_steps, desc=self.name, disable=None
+        ):
+            entropies = entropy_minimisation_step(
+                classifiers,
+                streams,
+                optimizer,
+                use_grad_accumulate=self.use_grad_accumulate,
+                backward=fabric.backward,
+                device=fabric.device,
+                dtype=dtype,
+            )
             self._history.append(sum(entropies.values()))
-            fabric.log_dict({"entropy/total": self._history[-1], **{f"entropy/{t}": v for t, v in entropies.items()}}, step=step + 1)
+            fabric.log_dict(
+                {"entropy/total": self._history[-1], **{f"entropy/{t}": v for t, v in entropies.items()}}, step=step + 1
+            )
             self._after_step(step + 1, model, optimizer)
         model.eval()
         self._finish(fabric, start, time.perf_counter() - began)
@@ -311,14 +413,23 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
         if self.train_state_path is not None and self._is_global_zero():
             Path(self.train_state_path).unlink(missing_ok=True)  # the final routers supersede it
         steps = self.max_steps - start
-        self._summary = {"resumed_from_step": start, "steps_run": steps, "seconds_per_step": seconds / steps if steps else None}
+        self._summary = {
+            "resumed_from_step": start,
+            "steps_run": steps,
+            "seconds_per_step": seconds / steps if steps else None,
+        }
 
     def extra_report(self) -> dict[str, Any]:
         """The checkpoint loaded, or: steps, seconds per step, the entropy objective (summed over tasks) at the start and end: the
         mean of the first and last 10 steps (of each half when there are fewer than 20)."""
         if self.checkpoint is not None:
             return {self.name: {"checkpoint": self.checkpoint, "trained": False}}
-        report: dict[str, Any] = {"trained": True, "max_steps": self.max_steps, "save_checkpoint": self.save_checkpoint, **self._summary}
+        report: dict[str, Any] = {
+            "trained": True,
+            "max_steps": self.max_steps,
+            "save_checkpoint": self.save_checkpoint,
+            **self._summary,
+        }
         if self._history:
             window = max(1, min(10, len(self._history) // 2))
             report["entropy_first"] = sum(self._history[:window]) / window

@@ -159,7 +159,9 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
 
     def _heads(self, modelpool: BaseModelPool, task: str) -> CLIPTaskClassifiers:
         text = {task: {"classnames": self.classnames, "templates": self.templates}}
-        return CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, task_text=text, head_cache_dir=None, what=NAME)
+        return CLIPTaskClassifiers(
+            modelpool, clip_model=self.clip_model, task_text=text, head_cache_dir=None, what=NAME
+        )
 
     def _fabric(self) -> Any:
         if self.fabric is not None:
@@ -176,18 +178,29 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
 
         entry = modelpool.get_model_config(PRETRAINED)
         base_name = entry.get("pretrained_model_name_or_path") if isinstance(entry, Mapping) else None
-        self._base_weights = {k: v.detach().clone() for k, v in vision_state_dict(vision).items()
-                              if k.endswith(".weight") and k.split(".")[-2] in self.lora_config["target_modules"]}  # fmt: skip
-        return new_lora_vision_model(vision, **self.lora_config, linearized=self.use_l_lora, seed=self.seed,
-                                     base_model_name_or_path=base_name)  # fmt: skip
+        self._base_weights = {
+            k: v.detach().clone()
+            for k, v in vision_state_dict(vision).items()
+            if k.endswith(".weight") and k.split(".")[-2] in self.lora_config["target_modules"]
+        }
+        return new_lora_vision_model(
+            vision, **self.lora_config, linearized=self.use_l_lora, seed=self.seed, base_model_name_or_path=base_name
+        )
 
     def _setup(self, modelpool: BaseModelPool) -> tuple[str, nn.Module, list[Any]]:
         """``(task label, classifier to train, train loaders)``: one task's head and loader."""
         task = self._task(modelpool)
         heads = self._heads(modelpool, task)
         classifier = heads.classifier(self._trainable(modelpool, modelpool.load_pretrained_model()), task)
-        loader = heads.loader(heads.dataset("train", task), batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                              num_workers=self.num_workers, drop_last=True, what=f"train dataset {task!r}")  # fmt: skip
+        loader = heads.loader(
+            heads.dataset("train", task),
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            drop_last=True,
+            what=f"train dataset {task!r}",
+        )
         return task, classifier, [loader]
 
     def _batches(self, loaders: Sequence[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -205,11 +218,14 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
         classifier, optimizer = fabric.setup(classifier, optimizer)
         scheduler = None
         if self.lr_scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.num_steps)))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.num_steps))
+            )
         batches = self._batches([fabric.setup_dataloaders(loader, move_to_device=True) for loader in loaders])
         self.task_name = task
-        self.losses = finetune_classifier(classifier, batches, optimizer, num_steps=self.num_steps, scheduler=scheduler,
-                                          backward=fabric.backward)  # fmt: skip
+        self.losses = finetune_classifier(
+            classifier, batches, optimizer, num_steps=self.num_steps, scheduler=scheduler, backward=fabric.backward
+        )
         vision = classifier.module.vision_model if hasattr(classifier, "module") else classifier.vision_model
         vision = vision.cpu().eval()
         if self.variant != "full":
@@ -223,12 +239,22 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
 
         if self.save_path is not None:
             base_name = model.peft_config["default"].base_model_name_or_path
-            save_lora_adapter(model, self.save_path, kind=self.variant, base_model_name_or_path=base_name,
-                              base_weights=self._base_weights, description=self._model_card(task))  # fmt: skip
+            save_lora_adapter(
+                model,
+                self.save_path,
+                kind=self.variant,
+                base_model_name_or_path=base_name,
+                base_weights=self._base_weights,
+                description=self._model_card(task),
+            )
         return merge_lora_model(model)
 
     def _model_card(self, task: str) -> str:
-        options = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "losses", "save_path", "trainable_params")}
+        options = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("fabric", "losses", "save_path", "trainable_params")
+        }
         kind = {"full": "CLIP vision encoder", "lora": "LoRA adapter", "l_lora": "L-LoRA adapter"}[self.variant]
         return f"# {kind} fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}`: {options}\n"
 
@@ -238,24 +264,37 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
             return {}
         window = min(10, len(self.losses))
         first, last = self.losses[:window], self.losses[-window:]
-        return {NAME: {"task": self.task_name, "variant": self.variant, "trainable_params": self.trainable_params,
-                       "num_steps": self.num_steps,
-                       "loss_first": sum(first) / window, "loss_last": sum(last) / window}}  # fmt: skip
+        return {
+            NAME: {
+                "task": self.task_name,
+                "variant": self.variant,
+                "trainable_params": self.trainable_params,
+                "num_steps": self.num_steps,
+                "loss_first": sum(first) / window,
+                "loss_last": sum(last) / window,
+            }
+        }
 
 
 def _check_lora_config(config: Any) -> dict[str, Any]:
     """The LoRA options with the seeds' defaults filled in; a ConfigError naming a bad one."""
     if config is not None and not isinstance(config, Mapping):
-        raise ConfigError(f"{NAME}: option 'lora_config' must be a mapping {{r, lora_alpha, target_modules, lora_dropout}}; got {config!r}")
+        raise ConfigError(
+            f"{NAME}: option 'lora_config' must be a mapping {{r, lora_alpha, target_modules, lora_dropout}}; got {config!r}"
+        )
     unknown = sorted(set(config or {}) - set(DEFAULT_LORA_CONFIG))
     if unknown:
         raise ConfigError(f"{NAME}: unknown lora_config key(s) {unknown}; valid: {', '.join(DEFAULT_LORA_CONFIG)}")
     out = {**DEFAULT_LORA_CONFIG, **dict(config or {})}
     out["r"] = check_int(NAME, "lora_config.r", out["r"], low=1)
     out["lora_alpha"] = check_range(NAME, "lora_config.lora_alpha", out["lora_alpha"], low=0.0, low_open=True)
-    out["lora_dropout"] = check_range(NAME, "lora_config.lora_dropout", out["lora_dropout"], low=0.0, high=1.0, high_open=True)
+    out["lora_dropout"] = check_range(
+        NAME, "lora_config.lora_dropout", out["lora_dropout"], low=0.0, high=1.0, high_open=True
+    )
     targets = out["target_modules"]
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ConfigError(f"{NAME}: option 'lora_config.target_modules' must be a non-empty list of module names; got {targets!r}")
+        raise ConfigError(
+            f"{NAME}: option 'lora_config.target_modules' must be a non-empty list of module names; got {targets!r}"
+        )
     out["target_modules"] = list(targets)
     return out

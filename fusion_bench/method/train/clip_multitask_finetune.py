@@ -50,8 +50,14 @@ class MultiTaskHeadClassifier(nn.Module):
         batch_size: images per task in every batch.
     """
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, logit_scale: torch.Tensor,
-                 heads: Sequence[torch.Tensor], batch_size: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        visual_projection: nn.Module,
+        logit_scale: torch.Tensor,
+        heads: Sequence[torch.Tensor],
+        batch_size: int,
+    ) -> None:
         super().__init__()
         from fusion_bench.models.zero_shot import CLIPZeroShotClassifier
 
@@ -72,7 +78,9 @@ class MultiTaskHeadClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         num_tasks = len(self.num_classes)
         if pixel_values.shape[0] != num_tasks * self.batch_size:
-            raise ValueError(f"{NAME}: a batch holds {self.batch_size} images of each of {num_tasks} tasks; got {pixel_values.shape[0]}")
+            raise ValueError(
+                f"{NAME}: a batch holds {self.batch_size} images of each of {num_tasks} tasks; got {pixel_values.shape[0]}"
+            )
         embeds = self.encoder.image_embeds(pixel_values).reshape(num_tasks, self.batch_size, -1)  # (T, B, D)
         logits = self.encoder.logit_scale_exp * torch.einsum("tbd,tcd->tbc", embeds, self.heads)
         return (logits + self.mask[:, None, :]).reshape(num_tasks * self.batch_size, -1)  # (T·B, C_max)
@@ -104,7 +112,9 @@ class CLIPMultiTaskFinetuneAlgorithm(CLIPFinetuneAlgorithm):
         valid = [n for n in inspect.signature(CLIPFinetuneAlgorithm.__init__).parameters if n not in ("self", "task")]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ConfigError(f"{NAME}: unknown option(s) {', '.join(map(repr, unknown))}; valid options: tasks, {', '.join(valid)}")
+            raise ConfigError(
+                f"{NAME}: unknown option(s) {', '.join(map(repr, unknown))}; valid options: tasks, {', '.join(valid)}"
+            )
         super().__init__(**options)
         self.tasks = to_container(tasks)
         if self.tasks is not None and (isinstance(self.tasks, str) or not self.tasks):
@@ -124,15 +134,29 @@ class CLIPMultiTaskFinetuneAlgorithm(CLIPFinetuneAlgorithm):
 
     def _setup(self, modelpool: BaseModelPool) -> tuple[str, nn.Module, list[Any]]:
         tasks = self._task_list(modelpool)
-        text = {t: {"classnames": (self.classnames or {}).get(t), "templates": (self.templates or {}).get(t)} for t in tasks}
-        heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, task_text=text, head_cache_dir=None, what=NAME)
+        text = {
+            t: {"classnames": (self.classnames or {}).get(t), "templates": (self.templates or {}).get(t)} for t in tasks
+        }
+        heads = CLIPTaskClassifiers(
+            modelpool, clip_model=self.clip_model, task_text=text, head_cache_dir=None, what=NAME
+        )
         vision = self._trainable(modelpool, modelpool.load_pretrained_model())
         clip = heads.clip_model
-        classifier = MultiTaskHeadClassifier(vision, clip.visual_projection, clip.logit_scale,
-                                             [heads.head(t) for t in tasks], self.batch_size)  # fmt: skip
-        loaders = [heads.loader(heads.dataset("train", t), batch_size=self.batch_size, shuffle=True, seed=self.seed + i,
-                                num_workers=self.num_workers, drop_last=True, what=f"train dataset {t!r}")
-                   for i, t in enumerate(tasks)]  # fmt: skip
+        classifier = MultiTaskHeadClassifier(
+            vision, clip.visual_projection, clip.logit_scale, [heads.head(t) for t in tasks], self.batch_size
+        )
+        loaders = [
+            heads.loader(
+                heads.dataset("train", t),
+                batch_size=self.batch_size,
+                shuffle=True,
+                seed=self.seed + i,
+                num_workers=self.num_workers,
+                drop_last=True,
+                what=f"train dataset {t!r}",
+            )
+            for i, t in enumerate(tasks)
+        ]
         self.task_names = tasks
         return ", ".join(tasks), classifier, loaders
 

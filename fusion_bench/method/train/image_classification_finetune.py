@@ -77,7 +77,9 @@ class ImageClassificationFinetuneAlgorithm(BaseAlgorithm):
         self.max_epochs = check_int(NAME, "max_epochs", max_epochs, low=-1)
         self.max_steps = check_int(NAME, "max_steps", max_steps, low=-1)
         if self.max_epochs in (-1, 0) and self.max_steps in (-1, 0):
-            raise ConfigError(f"{NAME}: set max_epochs or max_steps to a positive number; got {max_epochs!r}, {max_steps!r}")
+            raise ConfigError(
+                f"{NAME}: set max_epochs or max_steps to a positive number; got {max_epochs!r}, {max_steps!r}"
+            )
         self.save_path, self.log_dir = save_path or None, log_dir or None
         self.summary: dict[str, Any] = {}
 
@@ -100,7 +102,9 @@ class ImageClassificationFinetuneAlgorithm(BaseAlgorithm):
 
     def _run_config(self, modelpool: BaseModelPool, train: Any) -> BaseConfig:
         entry = modelpool.get_model_config(PRETRAINED)
-        model_name = str(entry.get("pretrained_model_name_or_path", PRETRAINED)) if isinstance(entry, Mapping) else PRETRAINED
+        model_name = (
+            str(entry.get("pretrained_model_name_or_path", PRETRAINED)) if isinstance(entry, Mapping) else PRETRAINED
+        )
         num_classes, names = label_info(train, what=f"{NAME}: train dataset")
         given = {k: v for k, v in self.config.items() if not (k in ("num_classes", "class_names") and v is None)}
         dataset_labels = {} if "num_classes" in given else {"num_classes": num_classes, "class_names": names}
@@ -114,20 +118,34 @@ class ImageClassificationFinetuneAlgorithm(BaseAlgorithm):
         device = self.fabric.device if self.fabric is not None else torch.device("cpu")
         accelerator, devices = ("gpu", [device.index or 0]) if device.type == "cuda" else ("cpu", 1)
         return L.Trainer(
-            accelerator=accelerator, devices=devices, max_epochs=self.max_epochs, max_steps=self.max_steps,
-            callbacks=callbacks, logger=CSVLogger(root, name=NAME) if self.log_dir else False,
-            enable_checkpointing=config.checkpoint_dir is not None, default_root_dir=root,
-            enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
-        )  # fmt: skip
+            accelerator=accelerator,
+            devices=devices,
+            max_epochs=self.max_epochs,
+            max_steps=self.max_steps,
+            callbacks=callbacks,
+            logger=CSVLogger(root, name=NAME) if self.log_dir else False,
+            enable_checkpointing=config.checkpoint_dir is not None,
+            default_root_dir=root,
+            enable_progress_bar=sys.stderr.isatty(),
+            enable_model_summary=False,
+        )
 
     @staticmethod
     def _check_monitor(config: BaseConfig, datamodule: ImageClassificationDataModule) -> None:
-        followers = [n for n, on in (("early_stopping_patience", config.early_stopping_patience is not None),
-                                     ("checkpoint_dir", config.checkpoint_dir is not None),
-                                     ("scheduler 'plateau'", config.scheduler == "plateau")) if on]  # fmt: skip
+        followers = [
+            n
+            for n, on in (
+                ("early_stopping_patience", config.early_stopping_patience is not None),
+                ("checkpoint_dir", config.checkpoint_dir is not None),
+                ("scheduler 'plateau'", config.scheduler == "plateau"),
+            )
+            if on
+        ]
         if followers and config.monitor.startswith("val/") and not datamodule.has_split("val"):
-            raise ConfigError(f"{NAME}: {', '.join(followers)} follow {config.monitor!r} but there is no validation data; "
-                              f"give the pool a val dataset or set config.val_fraction > 0")  # fmt: skip
+            raise ConfigError(
+                f"{NAME}: {', '.join(followers)} follow {config.monitor!r} but there is no validation data; "
+                f"give the pool a val dataset or set config.val_fraction > 0"
+            )
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Fine-tune, save if ``save_path`` is set, and return the fine-tuned classifier."""
@@ -157,15 +175,22 @@ class ImageClassificationFinetuneAlgorithm(BaseAlgorithm):
     def _summarise(self, task: str, trainer: Any, module: ClassificationModule, best: str | None, tested: list) -> None:
         history = module.metric_logger.history
         last = {s: {k: history[s][-1][k] for k in SCALAR_METRICS} for s in ("train", "val") if history[s]}
-        self.summary = {"task": task, "epochs": trainer.current_epoch, "steps": trainer.global_step,
-                        "best_checkpoint": best, **last}  # fmt: skip
+        self.summary = {
+            "task": task,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "best_checkpoint": best,
+            **last,
+        }
         if tested:
             self.summary["test"] = {k.split("/", 1)[1]: float(v) for k, v in tested[0].items() if k.startswith("test/")}
 
     def _model_card(self, task: str, config: BaseConfig) -> str:
-        return (f"# Image classifier fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}` "
-                f"(max_epochs={self.max_epochs}, max_steps={self.max_steps}).\n\nConfig: {config.to_dict()}\n"
-                f"\nResult: {self.summary}\n")  # fmt: skip
+        return (
+            f"# Image classifier fine-tuned on {task!r}\n\nMade with FusionBench `{NAME}` "
+            f"(max_epochs={self.max_epochs}, max_steps={self.max_steps}).\n\nConfig: {config.to_dict()}\n"
+            f"\nResult: {self.summary}\n"
+        )
 
     def extra_report(self) -> dict[str, Any]:
         """Task, epochs, steps, last train/val metrics and the test metrics of the returned model."""

@@ -43,7 +43,9 @@ class LinearizedModule(nn.Module):
         for name in self.param_names:
             value = params[name] if point is None else point[name]
             if tuple(value.shape) != tuple(params[name].shape):
-                raise ValueError(f"linearization point of {name!r} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"linearization point of {name!r} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
+                )
             self.point.register_buffer(_buffer_name(name), value.detach().clone().to(params[name]))
 
     def point_values(self) -> dict[str, torch.Tensor]:

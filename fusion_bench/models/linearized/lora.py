@@ -42,9 +42,18 @@ from torch import nn
 from fusion_bench.errors import IncompatibleModelsError, ModelLoadError
 
 __all__ = [
-    "ADAPTER_CONFIG", "META_FILE", "POINT_FILE", "KINDS", "LoRAAdapter", "is_adapter_folder", "read_adapter",
-    "base_fingerprint", "check_adapter_fits", "canonical_module", "lora_factors",
-]  # fmt: skip
+    "ADAPTER_CONFIG",
+    "META_FILE",
+    "POINT_FILE",
+    "KINDS",
+    "LoRAAdapter",
+    "is_adapter_folder",
+    "read_adapter",
+    "base_fingerprint",
+    "check_adapter_fits",
+    "canonical_module",
+    "lora_factors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,9 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 META_FILE = "fusion_bench_adapter.json"
 POINT_FILE = "linearization_point.safetensors"
 KINDS = ("lora", "l_lora")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:vision_model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:vision_model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$"
+)
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, in), B (out, r))
 
 
@@ -136,7 +147,9 @@ def _adapter_file(name_or_path: str, filename: str, *, what: str, required: bool
             return Path(hf_hub_download(name_or_path, filename))
         except Exception as err:  # missing file, unknown repo, hub unreachable
             if required:
-                raise ModelLoadError(f"{what}: cannot get {filename!r} of adapter {name_or_path!r} ({err.__class__.__name__})") from None
+                raise ModelLoadError(
+                    f"{what}: cannot get {filename!r} of adapter {name_or_path!r} ({err.__class__.__name__})"
+                ) from None
             return None
     if required:
         raise ModelLoadError(f"{what}: no {filename!r} in adapter {name_or_path!r} (is it a peft adapter folder?)")
@@ -150,8 +163,11 @@ def _read_tensors(path: Path, *, what: str) -> dict[str, torch.Tensor]:
 
 
 def _unsupported(config: Mapping[str, Any], other_keys: list[str]) -> list[str]:
-    reasons = [f"{k}={config[k]!r}" for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias")
-               if config.get(k)]  # fmt: skip
+    reasons = [
+        f"{k}={config[k]!r}"
+        for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias")
+        if config.get(k)
+    ]
     if config.get("bias", "none") != "none":
         reasons.append(f"bias={config['bias']!r}")
     if other_keys:
@@ -174,7 +190,9 @@ def read_adapter(name_or_path: str | Path, *, what: str, kind: str | None = None
     config = json.loads(_adapter_file(name_or_path, ADAPTER_CONFIG, what=what, required=True).read_text())
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ModelLoadError(f"{what}: adapter {name_or_path!r} is a {config.get('peft_type')!r} adapter, not LoRA")
-    weights = next((p for f in ADAPTER_WEIGHTS if (p := _adapter_file(name_or_path, f, what=what, required=False))), None)
+    weights = next(
+        (p for f in ADAPTER_WEIGHTS if (p := _adapter_file(name_or_path, f, what=what, required=False))), None
+    )
     if weights is None:
         raise ModelLoadError(f"{what}: adapter {name_or_path!r} has no {' or '.join(ADAPTER_WEIGHTS)}")
     factors, other = _canonical_factors(_read_tensors(weights, what=what), what=what)
@@ -185,8 +203,16 @@ def read_adapter(name_or_path: str | Path, *, what: str, kind: str | None = None
         raise ModelLoadError(f"{what}: unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
     point_file = _adapter_file(name_or_path, POINT_FILE, what=what, required=False) if kind == "l_lora" else None
     point = _canonical_factors(_read_tensors(point_file, what=what), what=what)[0] if point_file else None
-    return LoRAAdapter(name_or_path, config, kind, factors, point, meta.get("base_model_name_or_path") or config.get("base_model_name_or_path"),
-                       meta.get("base_fingerprint"), _unsupported(config, other))  # fmt: skip
+    return LoRAAdapter(
+        name_or_path,
+        config,
+        kind,
+        factors,
+        point,
+        meta.get("base_model_name_or_path") or config.get("base_model_name_or_path"),
+        meta.get("base_fingerprint"),
+        _unsupported(config, other),
+    )
 
 
 def base_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
@@ -199,7 +225,12 @@ def base_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def check_adapter_fits(
-    adapter: LoRAAdapter, shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, torch.Tensor] | None, *, base: str, what: str
+    adapter: LoRAAdapter,
+    shapes: Mapping[str, tuple[int, ...]],
+    weights: Mapping[str, torch.Tensor] | None,
+    *,
+    base: str,
+    what: str,
 ) -> None:
     """Raise :class:`IncompatibleModelsError` unless ``adapter`` was made for this base.
 
@@ -214,7 +245,9 @@ def check_adapter_fits(
     for module, (a, b) in adapter.factors.items():
         key = f"{module}.weight"
         if key not in shapes:
-            raise IncompatibleModelsError(f"{what}: adapter {adapter.location!r} targets {module!r}, which base {base!r} does not have{trained_on}")
+            raise IncompatibleModelsError(
+                f"{what}: adapter {adapter.location!r} targets {module!r}, which base {base!r} does not have{trained_on}"
+            )
         if len(shapes[key]) != 2 or (b.shape[0], a.shape[1]) != tuple(shapes[key]):
             raise IncompatibleModelsError(
                 f"{what}: adapter {adapter.location!r} changes {key!r} by a ({b.shape[0]}, {a.shape[1]}) update but "

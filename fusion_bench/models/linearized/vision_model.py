@@ -53,7 +53,9 @@ def _load_base(base: Any, *, what: str) -> nn.Module:
     try:
         return CLIPVisionModel.from_pretrained(str(base)).eval()
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{what}: cannot load the base CLIP vision model {str(base)!r} ({err.__class__.__name__})") from None
+        raise ModelLoadError(
+            f"{what}: cannot load the base CLIP vision model {str(base)!r} ({err.__class__.__name__})"
+        ) from None
 
 
 def _submodule(model: nn.Module, module: str) -> nn.Module:
@@ -76,9 +78,16 @@ def _wrap(base: nn.Module, config: Any, seed: int = 0) -> nn.Module:
 
 
 def new_lora_vision_model(
-    base: nn.Module, *, r: int, lora_alpha: float, target_modules: Sequence[str], lora_dropout: float,
-    linearized: bool = False, seed: int = 0, base_model_name_or_path: str | None = None,
-) -> nn.Module:  # fmt: skip
+    base: nn.Module,
+    *,
+    r: int,
+    lora_alpha: float,
+    target_modules: Sequence[str],
+    lora_dropout: float,
+    linearized: bool = False,
+    seed: int = 0,
+    base_model_name_or_path: str | None = None,
+) -> nn.Module:
     """A trainable LoRA (or, ``linearized``, L-LoRA) model on ``base`` (peft's initialisation: A
     Kaiming-uniform from ``seed``, B = 0); only the adapter's factors require grad."""
     from peft import LoraConfig
@@ -149,7 +158,9 @@ def load_lora_vision_model_hf(base_model_name: Any, peft_name: str | Path, merge
     return model.merge_and_unload().requires_grad_(True).eval() if merge_and_unload else model
 
 
-def load_l_lora_vision_model_hf(base_model_name: Any, peft_name: str | Path, merge_and_unload: bool = False) -> nn.Module:
+def load_l_lora_vision_model_hf(
+    base_model_name: Any, peft_name: str | Path, merge_and_unload: bool = False
+) -> nn.Module:
     """An L-LoRA CLIP vision model: base + adapter, every LoRA layer linearised around (A0, B0).
 
     Args:
@@ -165,7 +176,9 @@ def load_l_lora_vision_model_hf(base_model_name: Any, peft_name: str | Path, mer
     if merge_and_unload:
         shapes = {k: tuple(v.shape) for k, v in vision_state_dict(base).items()}
         weights = {k: v for k, v in vision_state_dict(base).items() if k in adapter.weight_keys}
-        check_adapter_fits(adapter, shapes, weights, base=str(getattr(base, "name_or_path", "") or "the base"), what=what)
+        check_adapter_fits(
+            adapter, shapes, weights, base=str(getattr(base, "name_or_path", "") or "the base"), what=what
+        )
         return fold_adapter_(base, adapter).eval()
     point = adapter.point or {m: (a, torch.zeros_like(b)) for m, (a, b) in adapter.factors.items()}
     return linearize_lora_model_(_peft_model(base, adapter, what=what), point)
@@ -179,9 +192,14 @@ def _peft_config(model: nn.Module) -> Any:
 
 
 def save_lora_adapter(
-    model: nn.Module, path: str | Path, *, kind: str, base_model_name_or_path: str | None,
-    base_weights: Mapping[str, torch.Tensor] | None = None, description: str = "",
-) -> Path:  # fmt: skip
+    model: nn.Module,
+    path: str | Path,
+    *,
+    kind: str,
+    base_model_name_or_path: str | None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+    description: str = "",
+) -> Path:
     """Save a (linearised) peft model's adapter as a folder peft and the pools read, atomically.
 
     Args:
@@ -197,9 +215,16 @@ def save_lora_adapter(
     config = _peft_config(model)
     config.base_model_name_or_path, config.inference_mode = base_model_name_or_path, True
     factors = lora_factors(model)
-    tensors = {f"base_model.model.{m}.lora_{n}.weight": t.cpu().contiguous() for m, ab in factors.items() for n, t in zip("AB", ab)}
-    meta = {"kind": kind, "base_model_name_or_path": base_model_name_or_path,
-            "base_fingerprint": base_fingerprint(base_weights) if base_weights is not None else None}  # fmt: skip
+    tensors = {
+        f"base_model.model.{m}.lora_{n}.weight": t.cpu().contiguous()
+        for m, ab in factors.items()
+        for n, t in zip("AB", ab)
+    }
+    meta = {
+        "kind": kind,
+        "base_model_name_or_path": base_model_name_or_path,
+        "base_fingerprint": base_fingerprint(base_weights) if base_weights is not None else None,
+    }
     with atomic_directory(path) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -228,10 +253,22 @@ def adapter_from_model(model: nn.Module, *, location: str = "<in memory>") -> Lo
     point = None
     if linearized:
         raw = _linearization_point(model)
-        point = {canonical_module(k.rsplit(".lora_", 1)[0]): (raw[k], raw[k.replace("lora_A", "lora_B")])
-                 for k in raw if ".lora_A." in k}  # fmt: skip
+        point = {
+            canonical_module(k.rsplit(".lora_", 1)[0]): (raw[k], raw[k.replace("lora_A", "lora_B")])
+            for k in raw
+            if ".lora_A." in k
+        }
     factors = {m: (a.clone(), b.clone()) for m, (a, b) in lora_factors(model).items()}
-    return LoRAAdapter(location, config, "l_lora" if linearized else "lora", factors, point, config.get("base_model_name_or_path"), None, [])
+    return LoRAAdapter(
+        location,
+        config,
+        "l_lora" if linearized else "lora",
+        factors,
+        point,
+        config.get("base_model_name_or_path"),
+        None,
+        [],
+    )
 
 
 def _unwrap_linearized_(model: nn.Module) -> None:

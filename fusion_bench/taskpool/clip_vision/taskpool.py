@@ -31,7 +31,12 @@ from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
-from fusion_bench.taskpool.classification import check_num_classes, evaluate_classifier, fast_dev_run_limit, sharded_test_loader
+from fusion_bench.taskpool.classification import (
+    check_num_classes,
+    evaluate_classifier,
+    fast_dev_run_limit,
+    sharded_test_loader,
+)
 from fusion_bench.taskpool.clip_vision.features import LayerWiseFeatureSaver
 from fusion_bench.taskpool.task_groups import add_group_averages, check_task_groups, mean_over_tasks
 from fusion_bench.utils.distributed import world_size
@@ -89,7 +94,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     ) -> None:
         entries = to_container(test_datasets)
         if not isinstance(entries, Mapping) or not entries:
-            raise ConfigError(f"taskpool: 'test_datasets' must be a non-empty mapping of task -> dataset, got {entries!r}")
+            raise ConfigError(
+                f"taskpool: 'test_datasets' must be a non-empty mapping of task -> dataset, got {entries!r}"
+            )
         self._dataset_cfgs: dict[str, Any] = {}
         self._task_text: dict[str, tuple[list[str], list[str]]] = {}
         self._corruptions: dict[str, dict[str, Any]] = {}
@@ -134,7 +141,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.clip_model = load_clip_model(self._clip_model_cfg).eval().requires_grad_(False)
         self.processor = load_clip_processor(self._processor_cfg, what="taskpool processor")
         self.data_processor = load_clip_processor(self._data_processor_cfg, what="taskpool data_processor")
-        self.test_datasets = {task: self._load_dataset(task) for task in progress(list(self._dataset_cfgs), desc="test data")}
+        self.test_datasets = {
+            task: self._load_dataset(task) for task in progress(list(self._dataset_cfgs), desc="test data")
+        }
         self._fingerprint = text_tower_fingerprint(self.clip_model) if self.head_cache_dir else None
         self._is_setup = True
 
@@ -156,9 +165,13 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.setup()
         classnames, templates = self._task_text[task]
         return cached_zero_shot_classifier(
-            self.clip_model, self._tokenizer(), classnames, templates,
-            cache_dir=self.head_cache_dir, fingerprint=self._fingerprint,
-        )  # fmt: skip
+            self.clip_model,
+            self._tokenizer(),
+            classnames,
+            templates,
+            cache_dir=self.head_cache_dir,
+            fingerprint=self._fingerprint,
+        )
 
     def get_classifier(self, model: nn.Module, task: str) -> CLIPZeroShotClassifier:
         """``model`` with the projection, logit scale and head of ``task``."""
@@ -231,8 +244,15 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         batch_size = int(self.dataloader_kwargs.get("batch_size", 128))
         limit = fast_dev_run_limit(self.fast_dev_run, batch_size)
         dtype = next(classifier.vision_model.parameters()).dtype
-        metrics, count = evaluate_classifier(classifier, self.get_dataloader(task, limit=limit), device=device, dtype=dtype,
-                                             fabric=self.fabric, desc=f"eval {task}", what=f"test dataset {task!r}")  # fmt: skip
+        metrics, count = evaluate_classifier(
+            classifier,
+            self.get_dataloader(task, limit=limit),
+            device=device,
+            dtype=dtype,
+            fabric=self.fabric,
+            desc=f"eval {task}",
+            what=f"test dataset {task!r}",
+        )
         self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
         return metrics
 

@@ -9,7 +9,10 @@ Names (as in the FusionBench documentation): :class:`BaseConfig`
 """
 
 from fusion_bench.tasks.classification.callbacks import best_checkpoint, build_callbacks
-from fusion_bench.tasks.classification.classification_metric_logger import ClassificationMetricLogger, plot_confusion_matrix
+from fusion_bench.tasks.classification.classification_metric_logger import (
+    ClassificationMetricLogger,
+    plot_confusion_matrix,
+)
 from fusion_bench.tasks.classification.datamodule import ImageClassificationDataModule, label_info, load_splits
 from fusion_bench.tasks.classification.lightning_module import ClassificationModule, build_lr_scheduler, build_optimizer
 from fusion_bench.tasks.classification.processor import (

@@ -30,12 +30,21 @@ def build_callbacks(config: BaseConfig, *, learning_rate_monitor: bool = False) 
     """
     callbacks: list[Callback] = []
     if config.checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(
-            dirpath=config.checkpoint_dir, filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
-            monitor=config.monitor, mode=config.monitor_mode, save_top_k=config.save_top_k, save_last=True,
-        ))  # fmt: skip
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=config.checkpoint_dir,
+                filename="epoch{epoch:03d}-step{step}",
+                auto_insert_metric_name=False,
+                monitor=config.monitor,
+                mode=config.monitor_mode,
+                save_top_k=config.save_top_k,
+                save_last=True,
+            )
+        )
     if config.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor=config.monitor, mode=config.monitor_mode, patience=config.early_stopping_patience))
+        callbacks.append(
+            EarlyStopping(monitor=config.monitor, mode=config.monitor_mode, patience=config.early_stopping_patience)
+        )
     if learning_rate_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks

@@ -34,12 +34,14 @@ def _metric_collection(num_classes: int) -> nn.Module:
     from torchmetrics import MetricCollection
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-    return MetricCollection({
-        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-        "precision": MulticlassPrecision(num_classes, average="macro"),
-        "recall": MulticlassRecall(num_classes, average="macro"),
-    })  # fmt: skip
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+        }
+    )
 
 
 class ClassificationMetricLogger(nn.Module):
@@ -92,7 +94,9 @@ class ClassificationMetricLogger(nn.Module):
         self.scalars[f"{stage}_metrics"].reset()
         self.confusion[f"{stage}_confusion"].reset()
 
-    def log_epoch(self, module: Any, stage: str, *, epoch: int, figure_dir: str | Path | None = None) -> dict[str, Any] | None:
+    def log_epoch(
+        self, module: Any, stage: str, *, epoch: int, figure_dir: str | Path | None = None
+    ) -> dict[str, Any] | None:
         """Log the epoch's scalars through ``module.log_dict``, save its confusion-matrix figure, reset.
 
         Args:
@@ -113,14 +117,19 @@ class ClassificationMetricLogger(nn.Module):
         directory = self.output_dir or figure_dir
         if directory is not None:
             path = Path(directory) / f"{stage}_epoch{epoch:03d}.png"
-            self.figures.append(plot_confusion_matrix(path, record["confusion_matrix"], self.class_names,
-                                                      title=f"{stage} confusion matrix, epoch {epoch}"))  # fmt: skip
+            self.figures.append(
+                plot_confusion_matrix(
+                    path, record["confusion_matrix"], self.class_names, title=f"{stage} confusion matrix, epoch {epoch}"
+                )
+            )
         self.history[stage].append(record)
         self.reset(stage)
         return record
 
 
-def plot_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], class_names: Sequence[str], *, title: str) -> Path:
+def plot_confusion_matrix(
+    path: str | Path, matrix: Sequence[Sequence[int]], class_names: Sequence[str], *, title: str
+) -> Path:
     """Save a confusion matrix (rows: true, columns: predicted) as an annotated PNG (Agg, atomic).
 
     Returns:
@@ -142,8 +151,12 @@ def plot_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], cla
     ax.set_ylabel("true class")
     if n <= 30:  # counts stay legible
         peak = max(int(counts.max()), 1)
-        for (i, j), value in zip(torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), counts.flatten().tolist()):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > peak / 2 else "black")
+        for (i, j), value in zip(
+            torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), counts.flatten().tolist()
+        ):
+            ax.text(
+                j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > peak / 2 else "black"
+            )
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

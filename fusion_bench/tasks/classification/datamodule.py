@@ -123,7 +123,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def _columns(self, dataset: Any, split: str) -> Any:
         image, label = self.columns
         if hasattr(dataset, "rename_columns"):
-            names = {old: new for old, new in ((image, "image"), (label, "label")) if old != new and old in dataset.column_names}
+            names = {
+                old: new
+                for old, new in ((image, "image"), (label, "label"))
+                if old != new and old in dataset.column_names
+            }
             dataset = dataset.rename_columns(names) if names else dataset
         check_image_classification_columns(dataset, what=f"dataset split {split!r}")
         return dataset
@@ -135,8 +139,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if names is not None:
             num = len(names)
             if cfg.num_classes is not None and cfg.num_classes != num:
-                raise DatasetError(f"dataset: its 'label' ClassLabel has {num} classes but num_classes={cfg.num_classes}; "
-                                   f"set num_classes={num}")  # fmt: skip
+                raise DatasetError(
+                    f"dataset: its 'label' ClassLabel has {num} classes but num_classes={cfg.num_classes}; "
+                    f"set num_classes={num}"
+                )
         else:
             num = max(c for c, _ in counts.values())
             if cfg.num_classes is not None and num > cfg.num_classes:
@@ -150,7 +156,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         n = len(train)
         n_val = max(1, int(round(n * self.config.val_fraction)))
         if n - n_val < 1:
-            raise DatasetError(f"dataset: {n} training sample(s) are too few to hold out a validation split; set val_fraction=0")
+            raise DatasetError(
+                f"dataset: {n} training sample(s) are too few to hold out a validation split; set val_fraction=0"
+            )
         parts = train.train_test_split(test_size=n_val, seed=self.config.seed, shuffle=True)
         return parts["train"], parts["test"]
 
@@ -170,8 +178,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         cfg = self.config
         collate = ImageClassificationCollate(functools.partial(self.processor, train=train))
         generator = torch.Generator().manual_seed(cfg.seed) if train else None
-        return DataLoader(self._split(key), batch_size=cfg.batch_size if train else cfg.eval_batch, shuffle=train,
-                          generator=generator, num_workers=cfg.num_workers, collate_fn=collate)  # fmt: skip
+        return DataLoader(
+            self._split(key),
+            batch_size=cfg.batch_size if train else cfg.eval_batch,
+            shuffle=train,
+            generator=generator,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

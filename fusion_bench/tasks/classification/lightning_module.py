@@ -73,10 +73,14 @@ def build_lr_scheduler(config: BaseConfig, optimizer: torch.optim.Optimizer, *, 
         total_steps: optimiser steps of the whole run (the trainer's ``estimated_stepping_batches``).
     """
     if config.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=config.monitor_mode, factor=0.1, patience=1)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=config.monitor_mode, factor=0.1, patience=1
+        )
         return {"scheduler": scheduler, "monitor": config.monitor, "interval": "epoch"}
     if config.scheduler in ("cosine", "linear") and not math.isfinite(total_steps):
-        raise ConfigError(f"scheduler {config.scheduler!r} decays over the whole run: give the Trainer max_epochs or max_steps")
+        raise ConfigError(
+            f"scheduler {config.scheduler!r} decays over the whole run: give the Trainer max_epochs or max_steps"
+        )
     total = int(total_steps) if math.isfinite(total_steps) else 0
     factor = WarmupDecay(config.scheduler, warmup_steps=config.warmup_steps, total_steps=total)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
@@ -116,14 +120,18 @@ class ClassificationModule(L.LightningModule):
         model_ckpt = config.model_name if model_ckpt is None else model_ckpt
         self.config = config
         self.processor = processor if processor is not None else _processor_for(model_ckpt, config)
-        self.model = self.processor.load_model(model_ckpt).train()  # from_pretrained gives eval mode; BatchNorm must train
+        self.model = self.processor.load_model(
+            model_ckpt
+        ).train()  # from_pretrained gives eval mode; BatchNorm must train
         self.num_classes = int(self.model.config.num_labels)
         if metric_logger is None:
             names = config.class_names if config.class_names and len(config.class_names) == self.num_classes else None
             metric_logger = ClassificationMetricLogger(config.replace(num_classes=self.num_classes, class_names=names))
         if metric_logger.num_classes != self.num_classes:
-            raise ConfigError(f"ClassificationModule: the metric logger counts {metric_logger.num_classes} classes "
-                              f"but the model's head has {self.num_classes}")  # fmt: skip
+            raise ConfigError(
+                f"ClassificationModule: the metric logger counts {metric_logger.num_classes} classes "
+                f"but the model's head has {self.num_classes}"
+            )
         self.metric_logger = metric_logger
         ckpt = str(model_ckpt) if isinstance(model_ckpt, (str, Path)) else config.model_name
         self.save_hyperparameters({"model_ckpt": ckpt, "config": config.to_dict()})
@@ -141,8 +149,10 @@ class ClassificationModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "setup") and hasattr(datamodule, "num_classes"):
             datamodule.setup(stage)
             if datamodule.num_classes is not None and datamodule.num_classes > self.num_classes:
-                raise DatasetError(f"the dataset has {datamodule.num_classes} classes but the model's head has "
-                                   f"{self.num_classes}; set num_classes={datamodule.num_classes}")  # fmt: skip
+                raise DatasetError(
+                    f"the dataset has {datamodule.num_classes} classes but the model's head has "
+                    f"{self.num_classes}; set num_classes={datamodule.num_classes}"
+                )
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         pixel_values, labels = batch
@@ -152,8 +162,15 @@ class ClassificationModule(L.LightningModule):
         logits = self(pixel_values)
         smoothing = self.config.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
-                 batch_size=labels.numel(), sync_dist=True)  # fmt: skip
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=stage != "test",
+            batch_size=labels.numel(),
+            sync_dist=True,
+        )
         self.metric_logger.update(stage, logits.detach(), labels)
         return loss
 
@@ -203,6 +220,9 @@ class ClassificationModule(L.LightningModule):
         with atomic_directory(path) as tmp:
             self.model.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
-            card = description or f"# {type(self.model).__name__} fine-tuned with FusionBench\n\nConfig: {self.config.to_dict()}\n"
+            card = (
+                description
+                or f"# {type(self.model).__name__} fine-tuned with FusionBench\n\nConfig: {self.config.to_dict()}\n"
+            )
             (tmp / "README.md").write_text(card)
         return Path(path)

@@ -114,7 +114,9 @@ class ClassificationProcessor:
         if cfg.horizontal_flip:
             steps.append(T.RandomHorizontalFlip())
         if cfg.color_jitter > 0:
-            steps.append(T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter))
+            steps.append(
+                T.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter)
+            )
         return T.Compose(steps) if steps else None
 
     def output_size(self) -> tuple[int, int]:
@@ -124,7 +126,9 @@ class ClassificationProcessor:
         pixels = self.image_processor(images=[Image.new("RGB", (64, 48))], return_tensors="pt")["pixel_values"]
         return int(pixels.shape[-2]), int(pixels.shape[-1])
 
-    def __call__(self, images: Sequence[Any], return_tensors: str = "pt", train: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, images: Sequence[Any], return_tensors: str = "pt", train: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Preprocess PIL images into ``{"pixel_values": (B, 3, H, W)}``.
 
         Args:
@@ -189,9 +193,13 @@ class ClassificationProcessor:
         what = f"{type(self).__name__}: the model"
         self.check_model_type(getattr(config, "model_type", None), what=what)
         if not hasattr(model, self.head_prefix.rstrip(".")):
-            raise ConfigError(f"{what} is a {type(model).__name__} without a classification head; load {self.model_class_name}")
+            raise ConfigError(
+                f"{what} is a {type(model).__name__} without a classification head; load {self.model_class_name}"
+            )
         if getattr(config, "num_channels", 3) != 3:
-            raise ConfigError(f"{what} takes {config.num_channels}-channel images; only RGB (3-channel) models are supported")
+            raise ConfigError(
+                f"{what} takes {config.num_channels}-channel images; only RGB (3-channel) models are supported"
+            )
 
     @classmethod
     def new_head(cls, model: nn.Module, num_classes: int) -> nn.Module:
@@ -242,7 +250,9 @@ class ClassificationProcessor:
         missing, unexpected = new.load_state_dict(dict(head), strict=False)
         missing = [k for k in missing if k.startswith(cls.head_prefix)]
         if missing or unexpected:
-            raise ModelLoadError(f"{what}: head tensors do not fit {cls.model_class_name}: missing {missing}, unexpected {unexpected}")
+            raise ModelLoadError(
+                f"{what}: head tensors do not fit {cls.model_class_name}: missing {missing}, unexpected {unexpected}"
+            )
         return new
 
 

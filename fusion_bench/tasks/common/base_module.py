@@ -32,7 +32,9 @@ def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> No
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"BaseConfig: {name!r} must be an integer >= {low}{' or null' if optional else ''}; got {value!r}")
+        raise ConfigError(
+            f"BaseConfig: {name!r} must be an integer >= {low}{' or null' if optional else ''}; got {value!r}"
+        )
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -117,7 +119,9 @@ class BaseConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_int("warmup_steps", self.warmup_steps, low=0)
         if self.scheduler == "plateau" and self.warmup_steps:
-            raise ConfigError("BaseConfig: 'warmup_steps' does not combine with scheduler 'plateau'; set warmup_steps=0")
+            raise ConfigError(
+                "BaseConfig: 'warmup_steps' does not combine with scheduler 'plateau'; set warmup_steps=0"
+            )
         _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
         _check_int("seed", self.seed, low=0)
         _check_int("num_workers", self.num_workers, low=0)
@@ -174,5 +178,7 @@ def config_from_mapping(options: Mapping[str, Any] | None, *, what: str, **fixed
         raise ConfigError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; valid fields: {', '.join(valid)}")
     clash = sorted(set(options) & set(fixed))
     if clash:
-        raise ConfigError(f"{what}: {', '.join(map(repr, clash))} cannot be set here (taken from the model pool / dataset)")
+        raise ConfigError(
+            f"{what}: {', '.join(map(repr, clash))} cannot be set here (taken from the model pool / dataset)"
+        )
     return BaseConfig(**options, **fixed)

@@ -247,12 +247,12 @@ CASES = [
     (
         "report-path-a-list",
         ["report_save_path=[1,2]"],
-        r"report_save_path must be a path, null or false, got \[1, 2\]$",
+        r"report_save_path must be a path, or null/false for none; got \[1, 2\]$",
     ),
     (
         "model-path-a-number",
         ["merged_model_save_path=123"],
-        r"merged_model_save_path must be a path or false, got 123$",
+        r"merged_model_save_path must be a path, or null/false for none; got 123$",
     ),
     # method options: numbers, finite, in range
     (

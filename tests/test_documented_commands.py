@@ -58,6 +58,8 @@ DOCUMENTED = [
     ),
     ("robustness clean", "--config-name clip-vit-base-patch32_robustness_clean method=task_arithmetic"),
     ("generalization exp1", "--config-name clip-vit-base-patch32_generalization_exp1 method=simple_average"),
+    # the pool alone brings its task pool (seen / unseen means)
+    ("generalization exp2, pool only", "method=task_arithmetic modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_exp2"),
     (
         "alias individual B/32",
         "method=dummy modelpool=clip-vit-base-patch32_individual "
@@ -282,3 +284,18 @@ def test_clip_finetune_example_script(tiny_example, tmp_path):
         bad.returncode == 2
         and bad.stderr.strip() == "clip_finetune.sh: error: VARIANT must be full, lora or l_lora; got 'qlora'"
     )
+
+
+def test_generalization_pool_brings_its_task_pool_and_taskpool_wins() -> None:
+    """``modelpool=..._generalization_expN`` alone selects the matching task pool; ``taskpool=`` still wins."""
+    for pool, taskpool in [
+        ("clip-vit-base-patch32_generalization_exp1", "clip-vit-classification_TA8_generalization_exp1"),
+        ("mini-clip_generalization_exp2", "mini-clip_generalization_exp2"),
+    ]:
+        alone = compose_command(f"modelpool=CLIPVisionModelPool/{pool}")
+        paired = compose_command(f"modelpool=CLIPVisionModelPool/{pool} taskpool=CLIPVisionModelTaskPool/{taskpool}")
+        assert OmegaConf.to_container(alone.taskpool) == OmegaConf.to_container(paired.taskpool)
+        assert set(alone.taskpool.task_groups) == {"seen", "unseen"}
+        assert compose_command(f"modelpool=CLIPVisionModelPool/{pool} taskpool=dummy").taskpool._target_.endswith(
+            "DummyTaskPool"
+        )

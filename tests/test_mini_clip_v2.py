@@ -118,7 +118,7 @@ def test_build_v2_is_deterministic_and_writes_its_recipe(tmp_path):
         build_mini_clip_v2(out, recipe, tasks=["signs"])
         build = json.loads((out / "BUILD.json").read_text())
         digests.append(build["files"])
-        assert sorted(p.name for p in out.iterdir()) == ["BUILD.json", "clip-mini", "clip-mini_signs"]
+        assert sorted(p.name for p in out.iterdir()) == [".fusion_bench_output.json", "BUILD.json", "clip-mini", "clip-mini_signs"]
         assert build["design"] == 2 and build["recipe"]["pretrain_steps"] == 2 and build["tasks"] == ["signs"]
     assert digests[0] == digests[1]
     with pytest.raises(ValueError, match=r"unknown design-2 tasks \['shape'\]"):

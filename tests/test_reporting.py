@@ -126,6 +126,18 @@ def test_sections_groups_and_partial_rows(tmp_path):
         build_tables(runs, group_by="meta.nope")
 
 
+def test_labels_name_a_missing_field_unset(tmp_path):
+    """Runs of one method, one without meta.hydra.choices: the label says ``unset``, never an object repr."""
+    with_choice = report([0.5, 0.5, 0.5], "ties_merging", meta={"hydra": {}})
+    with_choice["meta"]["hydra"] = {"choices": {"method": "ties_merging", "modelpool": "CLIPVisionModelPool/a"}}
+    without = report([0.4, 0.4, 0.4], "ties_merging")
+    del without["meta"]["hydra"]
+    write(tmp_path, "a.json", with_choice)
+    write(tmp_path, "b.json", without)
+    labels = sorted(row.label for row in build_tables(load_runs([tmp_path]))[0].rows)
+    assert labels == ["ties_merging (modelpool=CLIPVisionModelPool/a)", "ties_merging (modelpool=unset)"]
+
+
 def test_markdown_csv_latex():
     table = Table(
         "methods",

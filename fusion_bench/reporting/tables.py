@@ -86,6 +86,9 @@ def _tell_apart(runs: Sequence[Run], exclude: Sequence[str] = ()) -> list[str]:
 
 
 def _short(value: Any) -> str:
+    """A label part's value: ``unset`` where the report does not record it (e.g. no meta.hydra.choices)."""
+    if value is MISSING:
+        return "unset"
     return str(value) if not isinstance(value, (dict, list)) else _dumps(value)
 
 

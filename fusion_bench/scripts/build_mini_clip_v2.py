@@ -108,7 +108,7 @@ def _finetune_v2(clip_dir: Path, task: str, data_root: Path, out: Path, recipe: 
     """``clip_finetune`` the vision encoder of ``clip_dir`` on ``task``; save to ``out``."""
     import lightning
 
-    from fusion_bench.method.clip_finetune import CLIPFinetuneAlgorithm
+    from fusion_bench.method.train.clip_finetune import CLIPFinetuneAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
 
     pool = CLIPVisionModelPool(

@@ -43,13 +43,20 @@ class JobFailure:
         return f"fusion_bench: error: sweep job #{self.num} ({overrides}) failed ({self.where}): {self.reason}{log}"
 
 
+_ENGINE_PREFIXES = ("srun: ", "slurmstepd: ", "submitit ")  # the engine's own lines about the step that failed
+
+
 def last_line(path: Path | None, default: str) -> str:
-    """The last non-empty line of the text file ``path`` (a job's stderr), else ``default``."""
+    """What a job's stderr file ``path`` says went wrong, else ``default``: its last ``fusion_bench: error:``
+    line (a one-line input error), or its last non-empty line that is not the engine's own (``srun: error:
+    ... Exited with exit code 2`` only repeats the exit status)."""
     try:
         lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
     except (OSError, TypeError):
         return default
-    return lines[-1][:500] if lines else default
+    ours = [ln for ln in lines if ln.startswith("fusion_bench: error:")]
+    jobs = [ln for ln in lines if not ln.startswith(_ENGINE_PREFIXES)]
+    return (ours or jobs or lines or [default])[-1][:500]
 
 
 def failure_of_return(ret: Any, num: int, overrides: Sequence[str], where: str, log: Path | None) -> JobFailure | None:

@@ -59,7 +59,10 @@ DOCUMENTED = [
     ("robustness clean", "--config-name clip-vit-base-patch32_robustness_clean method=task_arithmetic"),
     ("generalization exp1", "--config-name clip-vit-base-patch32_generalization_exp1 method=simple_average"),
     # the pool alone brings its task pool (seen / unseen means)
-    ("generalization exp2, pool only", "method=task_arithmetic modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_exp2"),
+    (
+        "generalization exp2, pool only",
+        "method=task_arithmetic modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_exp2",
+    ),
     (
         "alias individual B/32",
         "method=dummy modelpool=clip-vit-base-patch32_individual "

@@ -20,7 +20,11 @@ import functools
 import sys
 from typing import Any
 
-from fusion_bench.method.base_algorithm import ALGORITHMS, BaseAlgorithm, register_algorithm
+from fusion_bench.method.base_algorithm import (
+    ALGORITHMS,
+    BaseAlgorithm as BaseAlgorithm,
+    register_algorithm as register_algorithm,
+)
 from fusion_bench.utils.lazy_registry import SourceTable, import_all, lazy_attribute, scan_package
 
 BASE_NAMES = ["ALGORITHMS", "CORES", "BaseAlgorithm", "register_algorithm", "load_all"]

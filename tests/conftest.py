@@ -31,8 +31,18 @@ def tiny_example(_isolated_caches: None):
     return build_tiny_example(Path(os.environ["FUSION_BENCH_EXAMPLE_DIR"]))
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``fusion_bench`` in a subprocess with cwd ``cwd`` (so Hydra writes there)."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 300, *, fresh_process: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``fusion_bench *args`` with cwd ``cwd`` (so Hydra writes there); stdout, stderr and the exit status.
+
+    By default the command runs in this (warm) interpreter, as the console script would run it
+    (:func:`run_cli_in_process`): the behaviour under test is the command's, not the start of a
+    process. ``fresh_process=True`` starts a new interpreter, for what is about the process itself
+    (processes started by re-running the command line, launchers pickling the job, timeouts).
+    """
+    if not fresh_process:
+        return run_cli_in_process(args, cwd)
     return subprocess.run(
         [sys.executable, "-m", "fusion_bench", *args],
         cwd=cwd,
@@ -41,6 +51,36 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``fusion_bench *args`` in this process: ``main()`` with ``sys.argv`` set, cwd ``cwd``, stdout/stderr
+    captured, the exit status from ``SystemExit``; Hydra's global state is cleared afterwards."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from fusion_bench.scripts.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here, argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = ["fusion_bench", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    return subprocess.CompletedProcess(["fusion_bench", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

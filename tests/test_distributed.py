@@ -38,7 +38,7 @@ def test_cli_two_processes_report_what_one_device_reports(tiny_example, tmp_path
         "fabric.strategy=ddp",
         f"hydra.sweep.dir={sweep}",
     ]
-    two = run_cli(args, cwd=tmp_path)
+    two = run_cli(args, cwd=tmp_path, fresh_process=True)  # ddp re-runs the command line
     assert two.returncode == 0, two.stderr
     reports = {r["meta"]["fast_dev_run"]: r for r in (json.loads(p.read_text()) for p in sweep.rglob("report.json"))}
     assert set(reports) == {False, True}

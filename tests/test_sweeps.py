@@ -88,7 +88,11 @@ def test_basic_launcher_sweep_layout_skip_existing_and_meta(tiny_example, tmp_pa
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     before = {lam: p.stat().st_mtime_ns for lam, p in paths.items()}
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    proc = run_cli([*args, *joblib, "method.scaling_factor=0.2,0.6,1.0", "skip_existing_report=true"], cwd=tmp_path)
+    proc = run_cli(  # joblib's workers start from pickled jobs: a real process
+        [*args, *joblib, "method.scaling_factor=0.2,0.6,1.0", "skip_existing_report=true"],
+        cwd=tmp_path,
+        fresh_process=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("run skipped (skip_existing_report=true)") == 2
     assert {lam: p.stat().st_mtime_ns for lam, p in paths.items()} == before

@@ -71,6 +71,8 @@ def test_accuracy_and_loss_match_independent_computation(tiny_example, tmp_path,
         assert report["average"][metric] == pytest.approx(np.mean([report[t][metric] for t in tiny_example.datasets]))
     meta = pool.evaluation_meta()
     assert meta["fast_dev_run"] is False and meta["num_samples"]["mnist"] == len(pool.test_datasets["mnist"])
+    assert set(meta["images_per_second"]) == set(tiny_example.datasets)  # the speed of every task
+    assert all(isinstance(v, float) and v > 0 for v in meta["images_per_second"].values())
 
 
 def test_fast_dev_run_limits_batches_and_is_marked(tiny_example, tmp_path):

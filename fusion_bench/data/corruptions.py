@@ -23,7 +23,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from fusion_bench.errors import ConfigError, DatasetError
 
@@ -78,6 +77,13 @@ LUMA = np.array([0.299, 0.587, 0.114])  # colour -> grey, for single-channel ima
 
 
 # ---- pixel-level helpers -------------------------------------------------------------------
+def _ndimage() -> Any:
+    """``scipy.ndimage``, imported on first use (scipy costs start-up time that only corruptions need)."""
+    from scipy import ndimage
+
+    return ndimage
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     """``[0, 1]`` floats -> uint8, truncating like the reference's ``np.uint8(x * 255)``."""
     return (np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -156,8 +162,8 @@ def _motion_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator
 def _canny(img: np.ndarray, low: float, high: float) -> np.ndarray:
     """OpenCV's ``Canny(img, low, high)`` (3×3 Sobel, L1 magnitude) -> boolean edge map."""
     img = img.astype(np.float64)
-    gx = ndimage.sobel(img, axis=1, mode="nearest")
-    gy = ndimage.sobel(img, axis=0, mode="nearest")
+    gx = _ndimage().sobel(img, axis=1, mode="nearest")
+    gy = _ndimage().sobel(img, axis=0, mode="nearest")
     mag = np.abs(gx) + np.abs(gy)  # (H, W)
     m = np.pad(mag, 1)  # zeros around: border pixels compare with 0
     h, w = mag.shape
@@ -174,7 +180,7 @@ def _canny(img: np.ndarray, low: float, high: float) -> np.ndarray:
         np.where(vertical, (mag > shift(-1, 0)) & (mag >= shift(1, 0)), (mag > diag_a) & (mag > diag_b)),
     )
     candidates = keep & (mag > low)
-    labels, _ = ndimage.label(candidates, structure=np.ones((3, 3)))
+    labels, _ = _ndimage().label(candidates, structure=np.ones((3, 3)))
     strong = np.unique(labels[candidates & (mag > high)])
     return np.isin(labels, strong[strong > 0])
 
@@ -199,25 +205,25 @@ def _water_mask(liquid: np.ndarray) -> np.ndarray:
     """
     layer = (np.clip(liquid, 0.0, 1.0) * 255).astype(np.uint8)
     edges = _canny(layer, 50, 150)
-    dist = np.full(layer.shape, 20.0) if not edges.any() else ndimage.distance_transform_edt(~edges)
-    dist = ndimage.uniform_filter(np.minimum(dist, 20.0).astype(np.float32), size=3, mode="mirror").astype(np.uint8)
+    dist = np.full(layer.shape, 20.0) if not edges.any() else _ndimage().distance_transform_edt(~edges)
+    dist = _ndimage().uniform_filter(np.minimum(dist, 20.0).astype(np.float32), size=3, mode="mirror").astype(np.uint8)
     dist = _equalize_hist(dist).astype(np.float64)
     kernel = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float64)
-    dist = np.clip(np.rint(ndimage.correlate(dist, kernel, mode="mirror")), 0, 255)
-    dist = np.rint(ndimage.uniform_filter(dist, size=3, mode="mirror"))  # a uint8 box blur
+    dist = np.clip(np.rint(_ndimage().correlate(dist, kernel, mode="mirror")), 0, 255)
+    dist = np.rint(_ndimage().uniform_filter(dist, size=3, mode="mirror"))  # a uint8 box blur
     return layer * dist
 
 
 def _spatter(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
     """Water (severities 1-3) or mud (4-5) splashes from a thresholded, blurred noise layer."""
     mean, std, sigma, threshold, intensity, mud = c
-    liquid = ndimage.gaussian_filter(rng.normal(size=x.shape[:2], loc=mean, scale=std), sigma, mode="nearest")
+    liquid = _ndimage().gaussian_filter(rng.normal(size=x.shape[:2], loc=mean, scale=std), sigma, mode="nearest")
     liquid[liquid < threshold] = 0
     if not mud:
         m = _water_mask(liquid)  # (H, W)
         m = m / m.max() * intensity if m.max() > 0 else m
         return x + m[..., None] * _colour(WATER_RGB, x.shape[-1])
-    m = ndimage.gaussian_filter((liquid > threshold).astype(np.float64), intensity, mode="nearest")
+    m = _ndimage().gaussian_filter((liquid > threshold).astype(np.float64), intensity, mode="nearest")
     m[m < 0.8] = 0
     return x * (1 - m[..., None]) + _colour(MUD_RGB, x.shape[-1]) * m[..., None]
 

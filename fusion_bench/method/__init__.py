@@ -3,34 +3,60 @@
 Layout: ``averaging/``, ``task_vector/`` (family ``core`` + task arithmetic, TIES, DARE, Model
 Breadcrumbs, consensus, PCB, LiNeS), ``subspace/`` (TSV-M, Iso-C/CTS, WUDI, Model Stock),
 ``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE),
-``train/`` (fine-tuning), ``analysis/``, and ``dummy``. Every module is imported here, so each
-algorithm's ``@register_algorithm`` runs and the public names (``__all__``) of every member
-module are available as ``fusion_bench.method.<Name>``. Adding a method means adding one module
-(and its YAML) to its family; no list to keep in sync.
+``train/`` (fine-tuning), ``analysis/``, and ``dummy``.
+
+Nothing is imported up front: the registry (:data:`ALGORITHMS`) knows which module registers
+each name by reading the modules' source (:mod:`fusion_bench.utils.lazy_registry`), so a run
+imports only the method it runs. The public names (``__all__``) of every member module are
+available as ``fusion_bench.method.<Name>``, each importing its own module on first access;
+:data:`CORES` imports every module first, so it lists every method's pure core. Adding a method
+means adding one module (with ``@register_algorithm``) and its YAML to its family; no list to
+keep in sync.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import functools
+import sys
+from typing import Any
 
-from fusion_bench.method.base_algorithm import ALGORITHMS, CORES, BaseAlgorithm, register_algorithm
+from fusion_bench.method.base_algorithm import (
+    ALGORITHMS,
+    BaseAlgorithm as BaseAlgorithm,
+    register_algorithm as register_algorithm,
+)
+from fusion_bench.utils.lazy_registry import SourceTable, import_all, lazy_attribute, scan_package
 
-__all__ = ["ALGORITHMS", "CORES", "BaseAlgorithm", "register_algorithm"]
-
+BASE_NAMES = ["ALGORITHMS", "CORES", "BaseAlgorithm", "register_algorithm", "load_all"]
 
 FRAMEWORK_MODULES = frozenset({"base_algorithm", "base", "core", "clip_heads", "svd"})  # imported, not re-exported
 
 
-def _import_all() -> None:
-    for info in sorted(pkgutil.walk_packages(__path__, prefix=f"{__name__}."), key=lambda m: m.name):
-        leaf = info.name.rsplit(".", 1)[-1]
-        if info.ispkg or leaf.startswith("_") or leaf in FRAMEWORK_MODULES:
-            continue
-        module = importlib.import_module(info.name)
-        for name in getattr(module, "__all__", ()):
-            globals()[name] = getattr(module, name)
-            __all__.append(name)
+@functools.cache
+def source_table() -> SourceTable:
+    """Registered method name -> module and public name -> module, read from the sources."""
+    return scan_package(sys.modules[__name__], "register_algorithm", skip=FRAMEWORK_MODULES)
 
 
-_import_all()
+def load_all() -> None:
+    """Import every method module (so every method is registered and every core listed)."""
+    import_all(sys.modules[__name__], skip=FRAMEWORK_MODULES)
+
+
+ALGORITHMS.set_lazy(lambda: source_table().names, load_all)
+_export = lazy_attribute(__name__, source_table)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CORES":
+        from fusion_bench.method.base_algorithm import CORES
+
+        load_all()
+        return CORES
+    if name == "__all__":
+        return [*BASE_NAMES, *source_table().exports]
+    return _export(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *BASE_NAMES, *source_table().exports})

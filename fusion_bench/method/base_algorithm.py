@@ -87,5 +87,4 @@ def _checked_init(cls: type, init: Any) -> Any:
 
 
 def _method_label(cls: type) -> str:
-    names = [n for n in ALGORITHMS if ALGORITHMS.get(n) is cls]
-    return names[0] if names else cls.__name__
+    return ALGORITHMS.name_of(cls) or cls.__name__

@@ -1,10 +1,15 @@
-"""Model pools: named sets of models with their datasets, loaded lazily."""
+"""Model pools: named sets of models with their datasets, loaded lazily.
+
+Each pool module is imported when a config first names its pool (``type:`` or ``_target_``) or
+when ``fusion_bench.modelpool.<Name>`` is first read (see :mod:`fusion_bench.utils.lazy_registry`).
+"""
+
+import functools
+import sys
+from typing import Any
 
 from fusion_bench.modelpool.base_pool import MODELPOOLS, PRETRAINED, BaseModelPool, register_modelpool
-from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool, HuggingFaceClipVisionPool
-from fusion_bench.modelpool.clip_vision_lora import CLIPVisionLoRAModelPool
-from fusion_bench.modelpool.openclip_vision import OpenCLIPVisionModelPool
-from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool
+from fusion_bench.utils.lazy_registry import SourceTable, import_all, lazy_attribute, scan_package
 
 __all__ = [
     "MODELPOOLS",
@@ -17,3 +22,28 @@ __all__ = [
     "OpenCLIPVisionModelPool",
     "HFImageClassificationModelPool",
 ]
+
+_SKIP = frozenset({"base_pool"})
+
+
+@functools.cache
+def source_table() -> SourceTable:
+    """Registered pool type -> module and public name -> module, read from the sources."""
+    return scan_package(sys.modules[__name__], "register_modelpool", skip=_SKIP)
+
+
+def load_all() -> None:
+    """Import every model-pool module."""
+    import_all(sys.modules[__name__], skip=_SKIP)
+
+
+MODELPOOLS.set_lazy(lambda: source_table().names, load_all)
+_export = lazy_attribute(__name__, source_table)
+
+
+def __getattr__(name: str) -> Any:
+    return _export(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *source_table().exports})

@@ -31,6 +31,7 @@ from fusion_bench.utils.instantiate import instantiate_component
 from fusion_bench.program.preflight import check_fabric_options, check_outputs, check_run_options
 from fusion_bench.program.summary import print_report
 from fusion_bench.utils.io import atomic_write_json, check_finite_json, overwrite_allowed
+from fusion_bench.utils.fabric import import_lightning_fabric, seed_everything
 from fusion_bench.utils.distributed import end_process_group, launch_environment, started_as_rank_zero, world_size
 from fusion_bench.utils.model_info import model_info
 from fusion_bench.utils.provenance import HASH_MODES, SAMPLED_HASH, file_fingerprint, package_versions, peak_memory
@@ -111,12 +112,12 @@ class FabricModelFusionProgram:
         return cfg
 
     def _build_fabric(self):
-        import lightning
         from hydra.utils import instantiate
 
+        lightning_fabric = import_lightning_fabric()
         cfg = self.fabric_config()
         try:
-            fabric = instantiate(cfg) if cfg is not None else lightning.Fabric(accelerator="cpu", devices=1)
+            fabric = instantiate(cfg) if cfg is not None else lightning_fabric.Fabric(accelerator="cpu", devices=1)
         except Exception as err:  # Lightning's own checks (unknown strategy, ...), wrapped by Hydra
             cause = err.__cause__ or err
             first = " ".join((str(cause).strip().splitlines() or [type(cause).__name__])[0].split())
@@ -157,8 +158,6 @@ class FabricModelFusionProgram:
 
     def run(self) -> dict[str, Any]:
         """Run the whole job and return the report (on every rank; rank 0 prints and writes it)."""
-        import lightning
-
         started = time.perf_counter()
         skipped = self._skip()
         if skipped is not None:
@@ -167,7 +166,7 @@ class FabricModelFusionProgram:
             print(OmegaConf.to_yaml(self.config, resolve=False), file=sys.stderr)
         seed = self.config.get("seed")
         if seed is not None:
-            lightning.seed_everything(int(seed), workers=True, verbose=False)
+            seed_everything(int(seed))
         modelpool, method, taskpool = self.build()
         environment = launch_environment()
         fabric = self._build_fabric()

@@ -173,13 +173,14 @@ def check_process_launch(fabric: Any) -> None:
     ``fusion_bench`` command (not, e.g., a joblib launcher's worker process).
     """
     import __main__
-    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from fusion_bench.utils.fabric import subprocess_launcher_types
 
     launcher = fabric.strategy.launcher
     strategy = type(fabric.strategy).__name__
     if launcher is None:
         return
-    if not isinstance(launcher, _SubprocessScriptLauncher):
+    if not isinstance(launcher, subprocess_launcher_types()):
         raise ConfigError(f"fabric.strategy: {strategy} ({type(launcher).__name__}) is not supported; use strategy=ddp")
     spec = getattr(__main__, "__spec__", None)
     main = spec.name if spec is not None else Path(sys.argv[0]).name

@@ -16,24 +16,29 @@ def on_terminal() -> bool:
 
 
 def quiet_unless_terminal() -> None:
-    """Turn off the Hugging Face libraries' own bars (e.g. "Loading weights") when not on a terminal."""
+    """Turn off the Hugging Face libraries' own bars (e.g. "Loading weights") when not on a terminal.
+
+    Nothing is imported for it: a library not imported yet reads the environment variables when it is
+    (transformers and huggingface_hub ``HF_HUB_DISABLE_PROGRESS_BARS``, datasets
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS``); one already imported is told directly.
+    """
     if on_terminal():
         return
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - an old or absent transformers: nothing to quiet
-        pass
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except Exception:  # noqa: BLE001
-        pass
+    if "transformers" in sys.modules:
+        try:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - an old transformers: nothing to quiet
+            pass
+    if "datasets" in sys.modules:
+        try:
+            sys.modules["datasets"].disable_progress_bars()
+        except Exception:  # noqa: BLE001
+            pass
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress(

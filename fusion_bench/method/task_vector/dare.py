@@ -27,8 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench.method.task_vector.core import (
-    PoolTaskVectors,
-    StateDictTaskVectors,
     TaskVectorTransform,
     family_core,
     family_merge,
@@ -38,7 +36,12 @@ from fusion_bench.method.task_vector.core import (
 from fusion_bench.method._options import check_bool, check_int, check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.method.task_vector.ties_merging import MergeFunc, check_ties_options, ties_aggregate, ties_statistics
+from fusion_bench.method.task_vector.ties_merging import (
+    MergeFunc,
+    check_ties_options,
+    ties_single_pass_core,
+    ties_stream_merge,
+)
 from fusion_bench.modelpool import BaseModelPool
 
 __all__ = [
@@ -147,9 +150,8 @@ def dare_ties_merging(
     """
     density, merge_func = check_ties_options("dare_ties_merging", threshold, merge_func)
     transform = dare_transform(sparsity_ratio, seed, rescale=rescale)
-    stats = ties_statistics(StateDictTaskVectors(base, finetuned, transform), density)
-    return family_core(
-        base, finetuned, aggregate=ties_aggregate(stats, merge_func), scaling_factor=scaling_factor, transform=transform
+    return ties_single_pass_core(
+        base, finetuned, density=density, merge_func=merge_func, scaling_factor=scaling_factor, transform=transform
     )
 
 
@@ -250,12 +252,11 @@ class DareTiesMergingAlgorithm(_DareOptions):
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
         transform = self._transform(modelpool)
-        stats = ties_statistics(PoolTaskVectors(modelpool, plan, transform), self._density)
-        aggregate = ties_aggregate(stats, self.merge_func)  # type: ignore[arg-type]
-        return family_merge(
+        return ties_stream_merge(
             modelpool,
             plan,
-            aggregate=aggregate,
+            density=self._density,
+            merge_func=self.merge_func,  # type: ignore[arg-type]
             scaling_factor=self.scaling_factor,
             transform=transform,
             desc="DARE TIES",

@@ -18,8 +18,15 @@ percent here (the reference reads values ≤ 1 as fractions).
 Everything TIES-only is in this module: the trimming, the sign election, the disjoint merge,
 the whole-model statistics and the algorithm. Streaming (through
 :mod:`fusion_bench.method.task_vector.core`): pass 1 computes each task's threshold
-holding one task's flattened ``|τ|`` at a time (``torch.kthvalue`` on a float32 buffer);
-pass 2 sums the elected signs key by key; pass 3 merges key by key.
+holding one task's flattened ``|τ|`` at a time (an in-place selection on a float32 buffer);
+pass 2 merges key by key and sums the elected signs on the way (:class:`TiesMergePass`).
+
+The majority sign is known only at the end of pass 2, but it matters only where a key's
+trimmed sum is exactly 0. Pass 2 merges with a provisional majority (``+1``) and keeps, for
+those entries whose result could change (a trimmed sum cancelling to 0 with entries left, or
+θ0 = ±0 where the sign of a zero could flip), their index, θ0 and trimmed values; when the
+whole-model majority turns out different, only those entries are merged again, with the same
+operations, so the result has the same bits as the three-pass order (elect, then merge).
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from fusion_bench.merge.tensors import fill_flat, order_statistics_, sum_in_orde
 from fusion_bench.method._options import check_choice, check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
+from fusion_bench.merge.streaming import stream_merge
 from fusion_bench.method.task_vector.core import (
     Aggregate,
+    PoolPlan,
     PoolTaskVectors,
     StateDictTaskVectors,
     TaskVectors,
-    family_core,
-    family_merge,
+    TaskVectorTransform,
     plan_pool,
 )
 from fusion_bench.modelpool import BaseModelPool
@@ -63,6 +71,10 @@ __all__ = [
     "flat_task_vector",
     "ties_statistics",
     "ties_aggregate",
+    "TiesMergePass",
+    "task_thresholds",
+    "ties_single_pass_core",
+    "ties_stream_merge",
     "check_ties_options",
     "ties_merging",
     "TiesMergingAlgorithm",
@@ -247,9 +259,7 @@ def ties_statistics(vectors: TaskVectors, density: float) -> TiesStatistics:
     Returns:
         the per-task thresholds and the majority sign.
     """
-    thresholds = []
-    for index in tqdm(range(len(vectors.plan.names)), desc="TIES thresholds", leave=False, disable=None):
-        thresholds.append(magnitude_threshold_(flat_task_vector(vectors, index, magnitude=True), density))
+    thresholds = task_thresholds(vectors, density)
     balance = 0
     for _, tvs in vectors.by_key():
         trimmed = [trim_below_(tv, thr) for tv, thr in zip(tvs, thresholds)]  # the task vectors are fresh tensors
@@ -260,6 +270,129 @@ def ties_statistics(vectors: TaskVectors, density: float) -> TiesStatistics:
 def ties_aggregate(stats: TiesStatistics, merge_func: MergeFunc) -> Aggregate:
     """TIES' aggregate (trim, elect, disjoint merge) given its whole-model statistics."""
     return lambda key, tvs: ties_merge_tensor(tvs, stats, merge_func)
+
+
+# ---- one pass: merge and elect together ----------------------------------------------------------
+
+
+PROVISIONAL_MAJORITY = 1.0  # the majority sign pass 2 merges with before the whole-model one is known
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Entries of one key whose merged value depends on the whole-model majority sign."""
+
+    key: str
+    index: Tensor  # flat positions in the key's tensor
+    base: Tensor  # θ0 there (compute dtype)
+    trimmed: Tensor  # (T, n): the trimmed task vectors there
+
+
+class TiesMergePass:
+    """TIES' per-key merge (``(key, θ0, [θ_t]) -> θ``) that also elects the whole-model majority sign.
+
+    Each call trims ``τ_t = θ_t − θ0`` by the task thresholds, elects ``sign(Σ_t trimmed)``, merges
+    with :data:`PROVISIONAL_MAJORITY` where that sum is 0, adds the key's sign balance, and keeps the
+    entries the true majority could change (see the module docstring). :meth:`finish` then
+    rewrites those entries in the merged tensors once the majority is known.
+
+    Args:
+        thresholds: per task, keep ``|τ| ≥ thresholds[t]``.
+        merge_func: see :func:`disjoint_merge`.
+        scaling_factor: λ.
+        transform: applied to every ``τ_t[key]`` before trimming (e.g. a DARE drop), or None.
+    """
+
+    def __init__(
+        self,
+        thresholds: Sequence[Tensor],
+        merge_func: MergeFunc,
+        scaling_factor: float,
+        transform: TaskVectorTransform | None = None,
+    ) -> None:
+        self.thresholds, self.merge_func, self.scaling_factor = tuple(thresholds), merge_func, scaling_factor
+        self.transform = transform
+        self.balance = 0
+        self.pending: list[_Pending] = []
+
+    def __call__(self, key: str, base: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+        tvs = [theta - base for theta in thetas]
+        if self.transform is not None:
+            tvs = [self.transform(i, key, tv) for i, tv in enumerate(tvs)]
+        trimmed = [trim_below_(tv, thr) for tv, thr in zip(tvs, self.thresholds)]  # fresh tensors, trimmed in place
+        sign = torch.sign(sum_in_order(trimmed))
+        self.balance += sign_balance(sign)
+        zero = sign == 0
+        elected = torch.where(zero, torch.tensor(PROVISIONAL_MAJORITY, dtype=sign.dtype, device=sign.device), sign)
+        merged = disjoint_merge(trimmed, elected, self.merge_func)
+        if bool(zero.any()):
+            # with a +1 majority an entry whose trimmed values cancel merges to > 0, one with none left to 0;
+            # the latter's result θ0 + λ·(±0) equals θ0 unless θ0 is ±0
+            changeable = (zero & ((merged != 0) | (base == 0))).flatten().nonzero().squeeze(1)
+            if changeable.numel():
+                rows = torch.stack([t.flatten()[changeable] for t in trimmed])
+                self.pending.append(_Pending(key, changeable, base.flatten()[changeable], rows))
+        return base + self.scaling_factor * merged
+
+    @property
+    def majority(self) -> float:
+        """``sign(Σγ)`` over every key merged so far."""
+        return majority_sign(self.balance)
+
+    def finish(self, merged: Mapping[str, Tensor]) -> None:
+        """Rewrite, in ``merged`` (key -> the merged tensor, any dtype), the entries the majority changes."""
+        majority = self.majority
+        if majority == PROVISIONAL_MAJORITY:
+            return
+        for item in self.pending:
+            target = merged[item.key]
+            sign = torch.full_like(item.base, majority)
+            values = item.base + self.scaling_factor * disjoint_merge(list(item.trimmed), sign, self.merge_func)
+            target.view(-1)[item.index] = values.to(target.dtype)
+        self.pending.clear()
+
+
+def task_thresholds(vectors: TaskVectors, density: float) -> tuple[Tensor, ...]:
+    """Pass 1: per task, the magnitude threshold over its whole flattened ``|τ_t|`` (one task held at a time)."""
+    return tuple(
+        magnitude_threshold_(flat_task_vector(vectors, index, magnitude=True), density)
+        for index in tqdm(range(len(vectors.plan.names)), desc="TIES thresholds", leave=False, disable=None)
+    )
+
+
+def ties_single_pass_core(
+    base: StateDict,
+    finetuned: Sequence[StateDict],
+    *,
+    density: float,
+    merge_func: MergeFunc,
+    scaling_factor: float,
+    transform: TaskVectorTransform | None = None,
+) -> dict[str, Tensor]:
+    """TIES over in-memory state dicts in two passes (thresholds, then :class:`TiesMergePass`)."""
+    thresholds = task_thresholds(StateDictTaskVectors(base, finetuned, transform), density)
+    merge = TiesMergePass(thresholds, merge_func, scaling_factor, transform)
+    merged = {key: merge(key, b, [sd[key] for sd in finetuned]) for key, b in base.items()}
+    merge.finish(merged)
+    return merged
+
+
+def ties_stream_merge(
+    modelpool: BaseModelPool,
+    plan: PoolPlan,
+    *,
+    density: float,
+    merge_func: MergeFunc,
+    scaling_factor: float,
+    transform: TaskVectorTransform | None = None,
+    desc: str = "TIES",
+) -> nn.Module:
+    """TIES streamed over the pool in two passes (thresholds, then :class:`TiesMergePass`)."""
+    thresholds = task_thresholds(PoolTaskVectors(modelpool, plan, transform), density)
+    merge = TiesMergePass(thresholds, merge_func, scaling_factor, transform)
+    model = stream_merge(modelpool, merge, model_names=plan.names, desc=desc, validated_keys=plan.all_keys)
+    merge.finish(modelpool.canonical_state_dict(model))
+    return model
 
 
 # ---- the algorithm -------------------------------------------------------------------------
@@ -301,8 +434,7 @@ def ties_merging(
         the merged state dict.
     """
     density, merge_func = check_ties_options("ties_merging", threshold, merge_func)
-    stats = ties_statistics(StateDictTaskVectors(base, finetuned), density)
-    return family_core(base, finetuned, aggregate=ties_aggregate(stats, merge_func), scaling_factor=scaling_factor)
+    return ties_single_pass_core(base, finetuned, density=density, merge_func=merge_func, scaling_factor=scaling_factor)
 
 
 @register_algorithm("ties_merging", core=ties_merging)
@@ -322,6 +454,10 @@ class TiesMergingAlgorithm(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
-        stats = ties_statistics(PoolTaskVectors(modelpool, plan), self._density)
-        aggregate = ties_aggregate(stats, self.merge_func)  # type: ignore[arg-type]
-        return family_merge(modelpool, plan, aggregate=aggregate, scaling_factor=self.scaling_factor, desc="TIES")
+        return ties_stream_merge(
+            modelpool,
+            plan,
+            density=self._density,
+            merge_func=self.merge_func,  # type: ignore[arg-type]
+            scaling_factor=self.scaling_factor,
+        )

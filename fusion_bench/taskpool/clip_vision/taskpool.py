@@ -13,6 +13,7 @@ report's ``meta.corruption`` then says which corruption, severity and seed each 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -244,6 +245,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         batch_size = int(self.dataloader_kwargs.get("batch_size", 128))
         limit = fast_dev_run_limit(self.fast_dev_run, batch_size)
         dtype = next(classifier.vision_model.parameters()).dtype
+        started = time.perf_counter()
         metrics, count = evaluate_classifier(
             classifier,
             self.get_dataloader(task, limit=limit),
@@ -253,14 +255,18 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             desc=f"eval {task}",
             what=f"test dataset {task!r}",
         )
+        seconds = time.perf_counter() - started
         self._num_samples = {**getattr(self, "_num_samples", {}), task: count}
+        self._images_per_second = {**getattr(self, "_images_per_second", {}), task: round(count / seconds, 1)}
         return metrics
 
     def evaluation_meta(self) -> dict[str, Any]:
-        """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs)."""
+        """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs), and
+        each task's evaluation speed (images/s over all ranks: data loading, preprocessing and forward)."""
         meta = {
             "loss_reduction": LOSS_REDUCTION,
             "num_samples": dict(getattr(self, "_num_samples", {})),
+            "images_per_second": dict(getattr(self, "_images_per_second", {})),
             "fast_dev_run": bool(self.fast_dev_run),
             "world_size": world_size(self.fabric),
         }

@@ -237,7 +237,11 @@ function exportBlock(name, text, filename) {
   const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
   return el("details", {}, el("summary", {}, name + " ", el("a", { href: url, download: filename }, "download")), el("pre", {}, text));
 }
+// resolves after the browser has laid out and painted what the page holds now
+function nextPaint() { return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))); }
 async function loadResults() {
+  const plotly = loadPlotly();  // downloads and compiles (off the main thread) while the server reads the reports
+  plotly.catch(() => {});  // a failed load is reported where the charts wait for it
   const data = await getJSON("/api/results");
   const highlight = new URLSearchParams(location.search).get("report");
   $("results-error").textContent = data.error || "";
@@ -253,9 +257,10 @@ async function loadResults() {
   renderCompare(data.runs, highlight);
   document.body.dataset.resultsReady = "1";
   performance.mark("fusionbench-tables-ready");
+  await nextPaint();  // the tables reach the screen before the charts are drawn
   const charts = data.tables.filter((t) => t.name.startsWith("methods") || t.name === "cross_task" || t.name.startsWith("sweep_"));
   if (!charts.length) { $("bars").replaceChildren(); document.body.dataset.chartsReady = "1"; return; }
-  await loadPlotly();  // after the tables: parsing plotly.js would hold them back
+  try { await plotly; } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
   renderCharts(data.tables);
   performance.mark("fusionbench-charts-ready");
   document.body.dataset.chartsReady = "1";

@@ -31,6 +31,8 @@ __all__ = ["Settings", "create_app", "TOKEN_HEADER"]
 TOKEN_HEADER = "X-FusionBench-Token"
 STATIC = Path(str(resources.files("fusion_bench.webui") / "static"))
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# the same requests (URL, mode, credentials) as app.js makes for the Results view, so that it reuses them
+RESULTS_PRELOAD = "</api/results>; rel=preload; as=fetch; crossorigin, </static/plotly.min.js>; rel=preload; as=script"
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SECURITY_HEADERS = {
@@ -90,7 +92,10 @@ def create_app(settings: Settings) -> Starlette:
         return hmac.compare_digest(token.encode(), settings.token.encode()) and client in LOOPBACK
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html", headers=SECURITY_HEADERS)
+        headers = dict(SECURITY_HEADERS)
+        if request.url.path == "/results":  # the browser asks for the view's data before app.js has run
+            headers["Link"] = RESULTS_PRELOAD
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=headers)
 
     async def static(request: Request) -> Response:
         name = request.path_params["name"]

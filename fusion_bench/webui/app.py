@@ -31,8 +31,9 @@ __all__ = ["Settings", "create_app", "TOKEN_HEADER"]
 TOKEN_HEADER = "X-FusionBench-Token"
 STATIC = Path(str(resources.files("fusion_bench.webui") / "static"))
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
-# the same requests (URL, mode, credentials) as app.js makes for the Results view, so that it reuses them
-RESULTS_PRELOAD = "</api/results>; rel=preload; as=fetch; crossorigin, </static/plotly.min.js>; rel=preload; as=script"
+# the same request (URL, mode, credentials) as app.js makes for the Results view, so that it reuses the answer;
+# plotly.min.js is not preloaded: the script element app.js adds compiles it off the main thread, a preload does not
+RESULTS_PRELOAD = "</api/results>; rel=preload; as=fetch; crossorigin"
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SECURITY_HEADERS = {

@@ -204,10 +204,7 @@ async function cancelRun(id) {
 // ---------- Results ----------
 const PLOTLY = "/static/plotly.min.js";
 let plotlyLoaded = null;
-// the download and the compiling (off the main thread) start now; plotly.js runs when loadPlotly() asks
-function preloadPlotly() {
-  if (!plotlyLoaded && !document.querySelector("link[data-plotly]")) document.head.append(el("link", { rel: "preload", href: PLOTLY, as: "script", "data-plotly": true }));
-}
+// a script element, not a preload: Chromium compiles what it downloads on a background thread only for the former
 function loadPlotly() {
   if (!plotlyLoaded) plotlyLoaded = new Promise((resolve, reject) => {
     const s = el("script", { src: PLOTLY });
@@ -245,7 +242,8 @@ function exportBlock(name, text, filename) {
 // resolves after the browser has laid out and painted what the page holds now
 function nextPaint() { return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))); }
 async function loadResults() {
-  preloadPlotly();  // while the server reads the reports (the /results page's Link header may have started it)
+  const plotly = loadPlotly();  // downloads and compiles (off the main thread) while the server reads the reports
+  plotly.catch(() => {});  // a failed load is reported where the charts wait for it
   const data = await getJSON("/api/results");
   const highlight = new URLSearchParams(location.search).get("report");
   $("results-error").textContent = data.error || "";
@@ -261,10 +259,10 @@ async function loadResults() {
   renderCompare(data.runs, highlight);
   document.body.dataset.resultsReady = "1";
   performance.mark("fusionbench-tables-ready");
-  await nextPaint();  // the tables reach the screen before plotly.js runs and the charts are drawn
+  await nextPaint();  // the tables reach the screen before the charts are drawn
   const charts = data.tables.filter((t) => t.name.startsWith("methods") || t.name === "cross_task" || t.name.startsWith("sweep_"));
   if (!charts.length) { $("bars").replaceChildren(); document.body.dataset.chartsReady = "1"; return; }
-  try { await loadPlotly(); } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
+  try { await plotly; } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
   renderCharts(data.tables);
   performance.mark("fusionbench-charts-ready");
   document.body.dataset.chartsReady = "1";

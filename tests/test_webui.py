@@ -251,7 +251,7 @@ def test_results_page_preloads_its_data_and_loads_plotly_once(server, page) -> N
 
     status, body = _request(base, "GET", "/static/plotly.min.js")
     package_file = Path(importlib.util.find_spec("plotly").origin).parent / "package_data" / "plotly.min.js"
-    assert status == 200 and body == package_file.read_bytes()
+    assert status == 200 and body == b"//# allFunctionsCalledOnLoad\n" + package_file.read_bytes()
     response = page.goto(f"{base}/results")
     assert response.headers["link"] == "</api/results>; rel=preload; as=fetch; crossorigin"
     assert "link" not in page.goto(f"{base}/").headers

@@ -204,7 +204,6 @@ async function cancelRun(id) {
 // ---------- Results ----------
 const PLOTLY = "/static/plotly.min.js";
 let plotlyLoaded = null;
-// a script element, not a preload: Chromium compiles what it downloads on a background thread only for the former
 function loadPlotly() {
   if (!plotlyLoaded) plotlyLoaded = new Promise((resolve, reject) => {
     const s = el("script", { src: PLOTLY });
@@ -242,8 +241,6 @@ function exportBlock(name, text, filename) {
 // resolves after the browser has laid out and painted what the page holds now
 function nextPaint() { return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))); }
 async function loadResults() {
-  const plotly = loadPlotly();  // downloads and compiles (off the main thread) while the server reads the reports
-  plotly.catch(() => {});  // a failed load is reported where the charts wait for it
   const data = await getJSON("/api/results");
   const highlight = new URLSearchParams(location.search).get("report");
   $("results-error").textContent = data.error || "";
@@ -259,10 +256,12 @@ async function loadResults() {
   renderCompare(data.runs, highlight);
   document.body.dataset.resultsReady = "1";
   performance.mark("fusionbench-tables-ready");
-  await nextPaint();  // the tables reach the screen before the charts are drawn
+  // the tables reach the screen first: plotly.js then takes the main thread for a second or more (compiling
+  // 4.6 MB of JavaScript); started sooner, it would hold the tables back whenever it is ready before /api/results
+  await nextPaint();
   const charts = data.tables.filter((t) => t.name.startsWith("methods") || t.name === "cross_task" || t.name.startsWith("sweep_"));
   if (!charts.length) { $("bars").replaceChildren(); document.body.dataset.chartsReady = "1"; return; }
-  try { await plotly; } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
+  try { await loadPlotly(); } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
   renderCharts(data.tables);
   performance.mark("fusionbench-charts-ready");
   document.body.dataset.chartsReady = "1";

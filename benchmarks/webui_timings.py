@@ -3,11 +3,15 @@
 * start-up: from starting the command to the first answered request (``GET /api/config``), median of
   ``--starts`` starts; also lists the heavy modules (torch, transformers, lightning) imported by then: none;
 * render: 200 generated reports (25 methods × 8 λ values, 8 tasks) in a ``--results`` folder; Debian's
-  chromium opens ``/results`` (with the page's Content-Security-Policy in force) in a fresh context
-  (empty cache) each time, then once more in that context (plotly.js cached). A script the benchmark adds
+  chromium opens ``/results`` (with the page's Content-Security-Policy in force) in a new browser each
+  time (empty caches: a browser that has run plotly.js before compiles it faster, even in a new context),
+  then once more in that context (plotly.js cached). A script the benchmark adds
   to the page marks the first frame painted after the page flags its tables drawn (``data-results-ready``)
   and after it flags its charts drawn (``data-charts-ready``), in seconds since the navigation started.
   Median of ``--loads`` loads, with the ratio to the 1 s target.
+* renderer CPU: one more fresh load per version with Chromium's trace on: the CPU time of the page's
+  main thread (its tasks' thread time, from navigation to the charts drawn) and of V8's background
+  compiling. Unlike the wall-clock times, these barely change with the load on the machine.
 * ``--baseline DIR``: the same loads, alternating, on a second server that runs the ``fusion_bench`` of
   another checkout (e.g. ``git worktree add --detach /tmp/base main``), so both versions are timed
   under the same load on the machine.
@@ -19,6 +23,7 @@ Run from the repository root (targets: start-up ≤ 1.5 s on 2 cores, render ≤
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -92,8 +97,9 @@ def start(results: Path, runs: Path, code: Path | None = None) -> tuple[subproce
         "--runs-dir",
         str(runs),
     ]
+    # ``python -m`` puts the working folder first on sys.path: run there, or it imports this checkout's code
     env = dict(os.environ, PYTHONPATH=str(code)) if code is not None else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     line = proc.stdout.readline()
     base = re.match(r".*(http://[\d.:]+)/", line).group(1)
     with urllib.request.urlopen(base + "/api/config", timeout=30) as response:
@@ -121,8 +127,9 @@ def heavy_modules_at_start() -> list[str]:
     ]
 
 
-def load_once(browser, base: str, reports: int) -> dict[str, float]:
-    """One fresh context: ``/results`` opened twice; {"<visit>, <measure>": seconds}."""
+def load_once(pw, base: str, reports: int) -> dict[str, float]:
+    """One new browser: ``/results`` opened twice; {"<visit>, <measure>": seconds}."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.add_init_script(PAINT_MARKS)
     page = context.new_page()
@@ -142,8 +149,28 @@ def load_once(browser, base: str, reports: int) -> dict[str, float]:
             page.wait_for_timeout(50)
         for measure, mark in MEASURES.items():
             out[f"{visit}, {measure}"] = marks[mark] / 1000
-    context.close()
+    browser.close()
     return out
+
+
+def renderer_cpu(pw, base: str, trace: Path) -> dict[str, float]:
+    """One new browser with Chromium's trace on: CPU seconds of the page's main thread (its top-level
+    tasks, up to the charts drawn) and of V8's compiling on background threads."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline", "v8", "toplevel"])
+    page.goto(base + "/results")
+    page.wait_for_selector("body[data-charts-ready]", state="attached", timeout=60_000)
+    browser.stop_tracing()
+    browser.close()
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X" and "tdur" in e]
+    threads = collections.Counter((e["pid"], e["tid"]) for e in events if e["name"] == "EvaluateScript")
+    main = threads.most_common(1)[0][0]
+    tasks = ("ThreadControllerImpl::RunTask", "RunTask")
+    main_cpu = sum(e["tdur"] for e in events if (e["pid"], e["tid"]) == main and e["name"] in tasks)
+    background = sum(e["tdur"] for e in events if (e["pid"], e["tid"]) != main and e["name"] == "v8.parseOnBackground")
+    return {"main thread": main_cpu / 1e6, "background compiling": background / 1e6}
 
 
 def render_timings(versions: dict[str, str], reports: int, loads: int) -> dict[str, dict[str, list[float]]]:
@@ -153,13 +180,17 @@ def render_timings(versions: dict[str, str], reports: int, loads: int) -> dict[s
 
     timings: dict[str, dict[str, list[float]]] = {name: {} for name in versions}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for i in range(loads):
             order = list(versions) if i % 2 == 0 else list(reversed(versions))
             for name in order:
-                for key, seconds in load_once(browser, versions[name], reports).items():
+                for key, seconds in load_once(pw, versions[name], reports).items():
                     timings[name].setdefault(key, []).append(seconds)
-        browser.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (name, base) in enumerate(
+                versions.items()
+            ):  # a trace file each: one file read twice gave the first trace
+                for key, seconds in renderer_cpu(pw, base, Path(tmp) / f"trace{i}.json").items():
+                    timings[name][f"first visit, renderer CPU to the charts drawn, {key}"] = [seconds]
     return timings
 
 
@@ -199,6 +230,9 @@ def main() -> None:
     for name, measured in timings.items():
         for key, values in measured.items():
             median = statistics.median(values)
+            if "CPU" in key:
+                print(f"{name}: /results with {args.reports} reports, {key}: {median:.2f} s")
+                continue
             print(
                 f"{name}: /results with {args.reports} reports, {key}: median {median:.2f} s "
                 f"= {median / TARGET_S:.2f} × the {TARGET_S:g} s target (all: {', '.join(f'{s:.2f}' for s in values)})"

@@ -3,18 +3,29 @@
 * start-up: from starting the command to the first answered request (``GET /api/config``), median of
   ``--starts`` starts; also lists the heavy modules (torch, transformers, lightning) imported by then: none;
 * render: 200 generated reports (25 methods × 8 λ values, 8 tasks) in a ``--results`` folder; Debian's
-  chromium opens ``/results`` (with the page's Content-Security-Policy in force) in a fresh context each
-  time; the page marks when its tables are drawn and when its charts are (``performance.mark``, in ms
-  since the navigation started). Median of ``--loads`` loads.
+  chromium opens ``/results`` (with the page's Content-Security-Policy in force) in a new browser each
+  time (empty caches: a browser that has run plotly.js before compiles it faster, even in a new context),
+  then once more in that context (plotly.js cached). A script the benchmark adds
+  to the page marks the first frame painted after the page flags its tables drawn (``data-results-ready``)
+  and after it flags its charts drawn (``data-charts-ready``), in seconds since the navigation started.
+  Median of ``--loads`` loads, with the ratio to the 1 s target.
+* renderer CPU: one more fresh load per version with Chromium's trace on: the CPU time of the page's
+  main thread (its tasks' thread time, from navigation to the charts drawn) and of V8's background
+  compiling. Unlike the wall-clock times, these barely change with the load on the machine.
+* ``--baseline DIR``: the same loads, alternating, on a second server that runs the ``fusion_bench`` of
+  another checkout (e.g. ``git worktree add --detach /tmp/base main``), so both versions are timed
+  under the same load on the machine.
 
 Run from the repository root (targets: start-up ≤ 1.5 s on 2 cores, render ≤ 1 s):
-    python benchmarks/webui_timings.py [--reports 200] [--starts 5] [--loads 5]
+    python benchmarks/webui_timings.py [--reports 200] [--starts 5] [--loads 5] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -35,6 +46,20 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+TARGET_S = 1.0
+# marks the first frame painted after each flag the page sets (same measure for any version of the page)
+PAINT_MARKS = """
+new MutationObserver((records) => {
+  for (const r of records) {
+    const name = "bench-" + r.attributeName + "-painted";
+    if (r.target === document.body && performance.getEntriesByName(name).length === 0 && !window[name]) {
+      window[name] = true;
+      requestAnimationFrame(() => setTimeout(() => performance.mark(name), 0));
+    }
+  }
+}).observe(document, { subtree: true, attributes: true, attributeFilter: ["data-results-ready", "data-charts-ready"] });
+"""
+MEASURES = {"tables drawn": "bench-data-results-ready-painted", "charts drawn": "bench-data-charts-ready-painted"}
 TASKS = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]
 
 
@@ -57,8 +82,9 @@ def write_reports(folder: Path, n: int) -> None:
         (folder / f"report_{i:03d}.json").write_text(json.dumps(report), encoding="utf-8")
 
 
-def start(results: Path, runs: Path) -> tuple[subprocess.Popen, str, float]:
-    """Start the server; (process, base URL, seconds to the first answered request)."""
+def start(results: Path, runs: Path, code: Path | None = None) -> tuple[subprocess.Popen, str, float]:
+    """Start the server (of the checkout ``code``, else this one); (process, base URL, seconds to the
+    first answered request)."""
     t0 = time.perf_counter()
     cmd = [
         sys.executable,
@@ -71,7 +97,9 @@ def start(results: Path, runs: Path) -> tuple[subprocess.Popen, str, float]:
         "--runs-dir",
         str(runs),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # ``python -m`` puts the working folder first on sys.path: run there, or it imports this checkout's code
+    env = dict(os.environ, PYTHONPATH=str(code)) if code is not None else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     line = proc.stdout.readline()
     base = re.match(r".*(http://[\d.:]+)/", line).group(1)
     with urllib.request.urlopen(base + "/api/config", timeout=30) as response:
@@ -99,56 +127,115 @@ def heavy_modules_at_start() -> list[str]:
     ]
 
 
+def load_once(pw, base: str, reports: int) -> dict[str, float]:
+    """One new browser: ``/results`` opened twice; {"<visit>, <measure>": seconds}."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(PAINT_MARKS)
+    page = context.new_page()
+    out = {}
+    for visit in ("first visit", "repeated visit"):  # the second one finds plotly.js in the cache
+        page.goto(base + "/results")
+        page.wait_for_selector("body[data-charts-ready]", timeout=60_000)
+        rows = page.locator('table[data-table="methods"] tbody tr').count()
+        assert rows == reports, rows
+        marks: dict = {}
+        for _ in range(100):  # the paint marks come a frame after the flags
+            marks = page.evaluate(
+                "Object.fromEntries(performance.getEntriesByType('mark').map(m => [m.name, m.startTime]))"
+            )
+            if all(m in marks for m in MEASURES.values()):
+                break
+            page.wait_for_timeout(50)
+        for measure, mark in MEASURES.items():
+            out[f"{visit}, {measure}"] = marks[mark] / 1000
+    browser.close()
+    return out
+
+
+def renderer_cpu(pw, base: str, trace: Path) -> dict[str, float]:
+    """One new browser with Chromium's trace on: CPU seconds of the page's main thread (its top-level
+    tasks, up to the charts drawn) and of V8's compiling on background threads."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline", "v8", "toplevel"])
+    page.goto(base + "/results")
+    page.wait_for_selector("body[data-charts-ready]", state="attached", timeout=60_000)
+    browser.stop_tracing()
+    browser.close()
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X" and "tdur" in e]
+    threads = collections.Counter((e["pid"], e["tid"]) for e in events if e["name"] == "EvaluateScript")
+    main = threads.most_common(1)[0][0]
+    tasks = ("ThreadControllerImpl::RunTask", "RunTask")
+    main_cpu = sum(e["tdur"] for e in events if (e["pid"], e["tid"]) == main and e["name"] in tasks)
+    background = sum(e["tdur"] for e in events if (e["pid"], e["tid"]) != main and e["name"] == "v8.parseOnBackground")
+    return {"main thread": main_cpu / 1e6, "background compiling": background / 1e6}
+
+
+def render_timings(versions: dict[str, str], reports: int, loads: int) -> dict[str, dict[str, list[float]]]:
+    """{version: {"<visit>, <measure>": [seconds per load]}}; the versions take turns, and which one
+    goes first alternates, so that both see the same load on the machine."""
+    from playwright.sync_api import sync_playwright
+
+    timings: dict[str, dict[str, list[float]]] = {name: {} for name in versions}
+    with sync_playwright() as pw:
+        for i in range(loads):
+            order = list(versions) if i % 2 == 0 else list(reversed(versions))
+            for name in order:
+                for key, seconds in load_once(pw, versions[name], reports).items():
+                    timings[name].setdefault(key, []).append(seconds)
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (name, base) in enumerate(
+                versions.items()
+            ):  # a trace file each: one file read twice gave the first trace
+                for key, seconds in renderer_cpu(pw, base, Path(tmp) / f"trace{i}.json").items():
+                    timings[name][f"first visit, renderer CPU to the charts drawn, {key}"] = [seconds]
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=200)
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--loads", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, help="a checkout whose fusion_bench is timed alongside this one")
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
+    print(f"{os.cpu_count()} CPUs, load average at the start {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         results, runs = Path(tmp) / "results", Path(tmp) / "runs"
         results.mkdir()
         write_reports(results, args.reports)
-        starts = []
-        for _ in range(args.starts):
-            proc, base, seconds = start(results, runs)
-            starts.append(seconds)
-            stop(proc)
-        print(
-            f"start-up to first answer: median {statistics.median(starts):.2f} s (all: {', '.join(f'{s:.2f}' for s in starts)})"
-        )
-        print(f"heavy modules imported at start-up: {heavy_modules_at_start() or 'none'}")
-        proc, base, _ = start(results, runs)
-        try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                timings: dict[str, list[float]] = {}
-                for _ in range(args.loads):
-                    context = browser.new_context(viewport={"width": 1280, "height": 900})
-                    page = context.new_page()
-                    for visit in ("first visit", "repeated visit"):  # the second one finds plotly.js in the cache
-                        page.goto(base + "/results")
-                        page.wait_for_selector("body[data-charts-ready]", timeout=60_000)
-                        rows = page.locator('table[data-table="methods"] tbody tr').count()
-                        assert rows == args.reports, rows
-                        marks = page.evaluate(
-                            "Object.fromEntries(performance.getEntriesByType('mark').map(m => [m.name, m.startTime]))"
-                        )
-                        timings.setdefault(f"{visit}, tables drawn", []).append(
-                            marks["fusionbench-tables-ready"] / 1000
-                        )
-                        timings.setdefault(f"{visit}, charts drawn too", []).append(
-                            marks["fusionbench-charts-ready"] / 1000
-                        )
-                    context.close()
-                browser.close()
-        finally:
-            stop(proc)
-        for name, values in timings.items():
+        codes = {"this checkout": None}
+        if args.baseline is not None:
+            codes[f"baseline {args.baseline}"] = args.baseline.resolve()
+        for name, code in codes.items():
+            starts = []
+            for _ in range(args.starts):
+                proc, base, seconds = start(results, runs, code)
+                starts.append(seconds)
+                stop(proc)
             print(
-                f"/results with {args.reports} reports, {name}: median {statistics.median(values):.2f} s (all: {', '.join(f'{s:.2f}' for s in values)})"
+                f"{name}: start-up to first answer: median {statistics.median(starts):.2f} s "
+                f"(all: {', '.join(f'{s:.2f}' for s in starts)})"
+            )
+        print(f"heavy modules imported at start-up: {heavy_modules_at_start() or 'none'}")
+        servers = {name: start(results, runs, code) for name, code in codes.items()}
+        try:
+            timings = render_timings({name: base for name, (_, base, _) in servers.items()}, args.reports, args.loads)
+        finally:
+            for proc, _, _ in servers.values():
+                stop(proc)
+    print(f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for name, measured in timings.items():
+        for key, values in measured.items():
+            median = statistics.median(values)
+            if "CPU" in key:
+                print(f"{name}: /results with {args.reports} reports, {key}: {median:.2f} s")
+                continue
+            print(
+                f"{name}: /results with {args.reports} reports, {key}: median {median:.2f} s "
+                f"= {median / TARGET_S:.2f} × the {TARGET_S:g} s target (all: {', '.join(f'{s:.2f}' for s in values)})"
             )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fusion_bench.errors import ConfigError
 from fusion_bench.reporting.collect import MISSING, Run, lookup
@@ -67,22 +67,30 @@ def _dumps(value: Any) -> str:
 
 def _tell_apart(runs: Sequence[Run], exclude: Sequence[str] = ()) -> list[str]:
     """Labels: the method, plus the method options (then seed, pools) that differ within its runs."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.method, []).append(run)
+    differing = {method: _differing_fields(same, exclude) for method, same in groups.items()}
     labels = []
     for run in runs:
-        same = [r for r in runs if r.method == run.method]
-        keys = sorted({k for r in same for k in r.params} - set(exclude))
-        extras = [(f"{k}", lambda r, k=k: r.params.get(k, MISSING)) for k in keys]
-        extras += [
-            (k, lambda r, k=k: lookup(r, k))
-            for k in ("seed", "meta.hydra.choices.modelpool", "meta.hydra.choices.taskpool")
-        ]
-        parts = [
-            f"{name.rsplit('.', 1)[-1]}={_short(get(run))}"
-            for name, get in extras
-            if len({_dumps(get(r) if get(r) is not MISSING else None) for r in same}) > 1
-        ]
+        parts = [f"{name.rsplit('.', 1)[-1]}={_short(get(run))}" for name, get in differing[run.method]]
         labels.append(f"{run.method} ({', '.join(parts)})" if parts else run.method)
     return labels
+
+
+def _differing_fields(same: Sequence[Run], exclude: Sequence[str]) -> list[tuple[str, Callable[[Run], Any]]]:
+    """The (name, getter) pairs of the method options, seed and pools whose values differ among ``same``."""
+    keys = sorted({k for r in same for k in r.params} - set(exclude))
+    extras = [(f"{k}", lambda r, k=k: r.params.get(k, MISSING)) for k in keys]
+    extras += [
+        (k, lambda r, k=k: lookup(r, k))
+        for k in ("seed", "meta.hydra.choices.modelpool", "meta.hydra.choices.taskpool")
+    ]
+    return [
+        (name, get)
+        for name, get in extras
+        if len({_dumps(get(r) if get(r) is not MISSING else None) for r in same}) > 1
+    ]
 
 
 def _short(value: Any) -> str:

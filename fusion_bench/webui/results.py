@@ -19,6 +19,7 @@ PROVENANCE_KEYS = (
 
 
 def _run_entry(run: Any, label: str, roots: Sequence[Path]) -> dict[str, Any]:
+    """One report for the page; ``roots`` are the resolved results folders."""
     meta, config = run.meta, run.config
     return {
         "label": label,
@@ -35,11 +36,11 @@ def _run_entry(run: Any, label: str, roots: Sequence[Path]) -> dict[str, Any]:
 
 
 def _relative_link(path: Path, roots: Sequence[Path]) -> str | None:
-    """``<root index>/<path under that root>`` for the file route, or None."""
+    """``<root index>/<path under that root>`` for the file route, or None; ``roots`` already resolved."""
     resolved = path.resolve()
     for i, root in enumerate(roots):
         try:
-            return f"{i}/{resolved.relative_to(root.resolve()).as_posix()}"
+            return f"{i}/{resolved.relative_to(root).as_posix()}"
         except ValueError:
             continue
     return None
@@ -88,7 +89,8 @@ def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor
     except FusionBenchError as err:
         payload["error"] = str(err)
         return payload
-    payload["runs"] = [_run_entry(r, label, roots) for r, label in zip(runs, row_labels(runs))]
+    resolved = [r.resolve() for r in roots]
+    payload["runs"] = [_run_entry(r, label, resolved) for r, label in zip(runs, row_labels(runs))]
     payload["tables"] = [_table_entry(t, digits) for t in tables]
     payload["markdown"] = markdown_document(tables, digits=digits, sources=[str(r.path) for r in runs])
     return payload

@@ -3,14 +3,14 @@
 Huang et al., *EMR-Merging: Tuning-Free High-Performance Model Merging*, NeurIPS 2024.
 https://arxiv.org/abs/2405.17461 (code: https://github.com/harveyhuang18/EMR_Merging)
 
-Per tensor: the elected sign ``γ = sign(Σ_t τ_t)`` (a zero sum counts as negative, as the authors' code);
-the unified vector ``τ_uni = γ ⊙ max_t |m_t ⊙ τ_t|`` with the task masks ``m_t = (τ_t ⊙ γ > 0)``. Per task,
-the rescaler ``λ_t = Σ_k mean|τ_t[k]| / Σ_k mean|m_t[k] ⊙ τ_uni[k]|`` (sums over the tensors k of the
-per-tensor mean magnitudes, as the authors' code). The model for task t is ``θ0 + λ_t · (m_t ⊙ τ_uni)``, so
-the result needs the task at inference (:mod:`fusion_bench.models.task_conditioned`); the CLIP task pool
-evaluates each task with its own mask and rescaler, so the pool's model names must be the task pool's task
-names. No hyperparameters (the method is tuning-free; the reference FusionBench
-``config/method/emr_merging/emr_merging.yaml`` has no options).
+Per tensor: the elected sign ``γ = sign(Σ_t τ_t)`` (a zero sum counts as negative, as the authors' code); the
+unified vector ``τ_uni = γ ⊙ max_t |m_t ⊙ τ_t|`` with the task masks ``m_t = (τ_t ⊙ γ > 0)``. Per task, the
+rescaler ``λ_t = Σ_k mean|τ_t[k]| / Σ_k mean|m_t[k] ⊙ τ_uni[k]|`` (sums over the tensors k of the per-tensor
+mean magnitudes, in float32 in the model's parameter order, as the authors' code). The model for task t is
+``θ0 + λ_t · (m_t ⊙ τ_uni)``, so the result needs the task at inference
+(:mod:`fusion_bench.models.task_conditioned`); the CLIP task pool evaluates each task with its own mask and
+rescaler, so the pool's model names must be the task pool's task names. No hyperparameters (the method is
+tuning-free; the reference FusionBench ``config/method/emr_merging/emr_merging.yaml`` has no options).
 """
 
 from __future__ import annotations
@@ -66,17 +66,31 @@ def emr_rescalers(old: Tensor, new: Tensor, names: Sequence[str]) -> list[float]
 
 
 class MagnitudeSums:
-    """Per task, the sums over tensors of ``mean|τ_t|`` and ``mean|m_t ⊙ τ_uni|``, accumulated in float32 in
-    key order (as the authors' ``torch.zeros(T)`` accumulators)."""
+    """Per task, the sums over tensors of ``mean|τ_t|`` and ``mean|m_t ⊙ τ_uni|``.
+
+    The per-tensor means are kept and summed at the end in float32 in the order given (the model's own
+    parameter order, as the authors' ``torch.zeros(T)`` accumulators over the state dict), so the rescalers
+    equal theirs bit for bit whatever order the tensors were read in.
+    """
 
     def __init__(self, n: int) -> None:
-        self.old = torch.zeros(n)
-        self.new = torch.zeros(n)
+        self.n = n
+        self.old: dict[str, list[Tensor]] = {}
+        self.new: dict[str, list[Tensor]] = {}
 
-    def add(self, tvs: Sequence[Tensor], unified: Tensor, masks: Sequence[Tensor]) -> None:
-        for t, (tv, m) in enumerate(zip(tvs, masks)):
-            self.old[t] += tv.abs().mean().float()
-            self.new[t] += (unified * m).abs().mean().float()
+    def add(self, key: str, tvs: Sequence[Tensor], unified: Tensor, masks: Sequence[Tensor]) -> None:
+        self.old[key] = [tv.abs().mean().float() for tv in tvs]
+        self.new[key] = [(unified * m).abs().mean().float() for m in masks]
+
+    def totals(self, order: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(old, new)`` summed over the keys in ``order`` (then any others, sorted)."""
+        keys = [k for k in order if k in self.old] + sorted(set(self.old) - set(order))
+        old, new = torch.zeros(self.n), torch.zeros(self.n)
+        for key in keys:
+            for t in range(self.n):
+                old[t] += self.old[key][t]
+                new[t] += self.new[key][t]
+        return old, new
 
 
 def emr_state_dicts(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -87,9 +101,9 @@ def emr_state_dicts(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str,
     for key in keys:
         tvs = [sd[key] - base[key] for sd in finetuned]
         unified, masks = emr_elect(tvs)
-        acc.add(tvs, unified, masks)
+        acc.add(key, tvs, unified, masks)
         parts[key] = (unified, masks)
-    scales = emr_rescalers(acc.old, acc.new, [str(t) for t in range(len(finetuned))])
+    scales = emr_rescalers(*acc.totals(list(base)), [str(t) for t in range(len(finetuned))])
     return [{k: base[k] + parts[k][0] * parts[k][1][t] * scales[t] for k in keys} for t in range(len(finetuned))]
 
 
@@ -104,13 +118,15 @@ class EMRMergingAlgorithm(BaseAlgorithm):
         base, vector, masks = {}, {}, {name: {} for name in plan.names}
         for key, tvs in PoolTaskVectors(modelpool, plan).by_key():
             unified, key_masks = emr_elect(tvs)
-            acc.add(tvs, unified, key_masks)
+            acc.add(key, tvs, unified, key_masks)
             vector[key] = unified
             base[key] = base_source.get(key).to(unified.dtype)
             for name, m in zip(plan.names, key_masks):
                 masks[name][key] = m
-        self._rescalers = dict(zip(plan.names, emr_rescalers(acc.old, acc.new, plan.names)))
-        return MaskedTaskVectorModel(modelpool.load_model(PRETRAINED), base, vector, masks, self._rescalers)
+        backbone = modelpool.load_model(PRETRAINED)
+        order = [name for name, _ in backbone.named_parameters()]
+        self._rescalers = dict(zip(plan.names, emr_rescalers(*acc.totals(order), plan.names)))
+        return MaskedTaskVectorModel(backbone, base, vector, masks, self._rescalers)
 
     def extra_report(self) -> dict:
         return {"emr_rescalers": dict(getattr(self, "_rescalers", {}))}

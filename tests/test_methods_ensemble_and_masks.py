@@ -278,3 +278,27 @@ def test_task_pool_evaluates_each_task_with_its_own_model(tiny_example, tmp_path
             clip_model=str(tiny_example.base_model),
             head_cache_dir=str(tmp_path / "heads"),
         ).evaluate(model)
+
+
+@pytest.mark.parametrize("method", ["tall_mask", "simple_ensemble"])
+def test_saving_writes_one_folder_per_task_or_member(tiny_example, tmp_path, method):
+    import json
+
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from fusion_bench.models.hf_clip import vision_state_dict
+
+    out = tmp_path / "saved"
+    _, model = run_program([f"method={method}", TINY_POOL, "taskpool=dummy", f"merged_model_save_path={out}"])
+    assert (out / "README.md").is_file()
+    for name in tiny_example.finetuned:
+        saved = vision_state_dict(CLIPVisionModelPool({"m": str(out / name)}).load_model("m"))
+        expected = vision_state_dict(
+            model.for_task(name) if method == "tall_mask" else model.model_list[model.member_names.index(name)]
+        )
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved), name
+    if method == "simple_ensemble":
+        assert json.loads((out / "ensemble.json").read_text()) == {
+            "mode": "mean",
+            "weights": None,
+            "members": list(tiny_example.finetuned),
+        }

@@ -47,11 +47,19 @@ class EnsembleCLIPVisionModel(CLIPVisionModelWrapper):
         models: the members (CLIP vision encoders), in pool order.
         mode: ``"mean"``, ``"weighted"`` (needs ``weights``) or ``"max"``.
         weights: one weight per member (``mode="weighted"`` only), used as given.
+        names: the members' names (default ``member_<i>``), for :meth:`save_pretrained`.
     """
 
     MODES = ("mean", "weighted", "max")
 
-    def __init__(self, models: Sequence[nn.Module], *, mode: str = "mean", weights: Sequence[float] | None = None):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        *,
+        mode: str = "mean",
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+    ):
         super().__init__()
         if not models:
             raise ConfigError("an ensemble needs at least one model")
@@ -62,6 +70,9 @@ class EnsembleCLIPVisionModel(CLIPVisionModelWrapper):
         if weights is not None and len(weights) != len(models):
             raise ConfigError(f"{len(weights)} weights for {len(models)} models; give one weight per model")
         self.model_list = nn.ModuleList(models)
+        self.member_names = list(names) if names is not None else [f"member_{i}" for i in range(len(models))]
+        if len(self.member_names) != len(models):
+            raise ConfigError(f"{len(self.member_names)} names for {len(models)} models")
         self.mode = mode
         self.register_buffer(
             "weights", torch.tensor([float(w) for w in weights or []], dtype=torch.float32), persistent=True
@@ -74,6 +85,18 @@ class EnsembleCLIPVisionModel(CLIPVisionModelWrapper):
         if self.mode == "weighted":
             return weighted_outputs(outputs, self.weights)
         return max_outputs(outputs)
+
+    def save_pretrained(self, save_directory: str, **_: object) -> None:
+        """Write every member as ``save_directory/<name>/`` and ``ensemble.json`` (mode, weights, members)."""
+        import json
+        from pathlib import Path
+
+        from fusion_bench.models.task_conditioned import save_module
+
+        for name, model in zip(self.member_names, self.model_list):
+            save_module(model, Path(save_directory) / name)
+        meta = {"mode": self.mode, "weights": self.weights.tolist() or None, "members": self.member_names}
+        (Path(save_directory) / "ensemble.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def forward(self, pixel_values: Tensor, **kwargs) -> object:
         from transformers.modeling_outputs import BaseModelOutputWithPooling

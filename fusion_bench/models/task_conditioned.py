@@ -11,7 +11,8 @@ evaluates ``for_task(task)`` on each task. Any ``nn.Module`` with these two memb
 and a scale over one shared task vector: ``for_task(t)`` sets the backbone's parameters to
 ``θ0 + s_t · (m_t ⊙ τ)`` (recomputed from θ0 each time, so switching tasks never accumulates
 rounding) and returns the backbone. Memory: one backbone, θ0 and τ of the merged tensors, and one
-boolean per entry per task.
+boolean per entry per task. ``save_pretrained(dir)`` (``merged_model_save_path``) writes each task's
+model as its own folder ``dir/<task>/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from torch import Tensor, nn
 
 from fusion_bench.errors import ConfigError
 
-__all__ = ["TaskConditionedModel", "is_task_conditioned", "check_tasks_covered", "MaskedTaskVectorModel"]
+__all__ = [
+    "TaskConditionedModel",
+    "is_task_conditioned",
+    "check_tasks_covered",
+    "save_module",
+    "MaskedTaskVectorModel",
+]
 
 
 @runtime_checkable
@@ -51,6 +58,22 @@ def check_tasks_covered(model: Any, tasks: Sequence[str], *, what: str = "taskpo
             f"{', '.join(map(repr, missing))} (it knows {', '.join(map(repr, model.task_names))}); evaluate it on "
             "tasks named like the pool's models"
         )
+
+
+def save_module(module: nn.Module, directory: Any) -> None:
+    """``module.save_pretrained(directory)`` when it has it, else its state dict as ``model.safetensors``."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(directory)
+        return
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(directory / "model.safetensors")
+    )
 
 
 class MaskedTaskVectorModel(nn.Module):
@@ -112,6 +135,13 @@ class MaskedTaskVectorModel(nn.Module):
         """The fraction of entries each task's mask keeps."""
         total = sum(self._vector[k].numel() for k in self._keys)
         return {t: sum(int(m.sum()) for m in self._masks[t].values()) / max(total, 1) for t in self.task_names}
+
+    def save_pretrained(self, save_directory: str, **_: Any) -> None:
+        """Write each task's model as its own folder, ``save_directory/<task>/`` (``merged_model_save_path``)."""
+        from pathlib import Path
+
+        for task in self.task_names:
+            save_module(self.for_task(task), Path(save_directory) / task)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.current_task is None:

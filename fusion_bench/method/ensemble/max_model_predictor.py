@@ -23,4 +23,4 @@ class MaxModelPredictorAlgorithm(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> EnsembleCLIPVisionModel:
         models = [modelpool.load_model(name) for name in modelpool.model_names]
-        return EnsembleCLIPVisionModel(models, mode="max")
+        return EnsembleCLIPVisionModel(models, mode="max", names=modelpool.model_names)

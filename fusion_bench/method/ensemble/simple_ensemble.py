@@ -22,4 +22,4 @@ class SimpleEnsembleAlgorithm(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> EnsembleCLIPVisionModel:
         models = [modelpool.load_model(name) for name in modelpool.model_names]
-        return EnsembleCLIPVisionModel(models, mode="mean")
+        return EnsembleCLIPVisionModel(models, mode="mean", names=modelpool.model_names)

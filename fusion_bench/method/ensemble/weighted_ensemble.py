@@ -61,4 +61,4 @@ class WeightedEnsembleAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool) -> EnsembleCLIPVisionModel:
         weights = ensemble_weights(self.weights, modelpool.model_names, normalize=self.normalize)
         models = [modelpool.load_model(name) for name in modelpool.model_names]
-        return EnsembleCLIPVisionModel(models, mode="weighted", weights=weights)
+        return EnsembleCLIPVisionModel(models, mode="weighted", weights=weights, names=modelpool.model_names)

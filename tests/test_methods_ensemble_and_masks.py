@@ -302,3 +302,20 @@ def test_saving_writes_one_folder_per_task_or_member(tiny_example, tmp_path, met
             "weights": None,
             "members": list(tiny_example.finetuned),
         }
+
+
+@pytest.mark.parametrize("method", ["tall_mask", "emr_merging"])
+def test_program_refuses_a_task_pool_with_other_tasks_before_merging(tiny_example, method, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from fusion_bench.example import register_resolvers
+    from fusion_bench.program import FabricModelFusionProgram
+    from fusion_bench.scripts.cli import CONFIG_DIR
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("fusion_bench_config", overrides=[f"method={method}", TINY_POOL])  # mini-clip task pool
+    algorithm = {"tall_mask": TallMaskAlgorithm, "emr_merging": EMRMergingAlgorithm}[method]
+    monkeypatch.setattr(algorithm, "run", lambda *a: pytest.fail("merged before the check"))
+    with pytest.raises(ConfigError, match=rf"method '{method}': .* no model for task\(s\) 'shape', 'color'"):
+        FabricModelFusionProgram(cfg).run()

@@ -28,6 +28,7 @@ __all__ = [
     "TaskConditionedModel",
     "is_task_conditioned",
     "check_tasks_covered",
+    "check_task_names",
     "save_module",
     "MaskedTaskVectorModel",
 ]
@@ -51,11 +52,18 @@ def is_task_conditioned(model: Any) -> bool:
 
 def check_tasks_covered(model: Any, tasks: Sequence[str], *, what: str = "taskpool") -> None:
     """Raise :class:`ConfigError` naming the tasks of ``tasks`` that ``model`` has no model for."""
-    missing = [t for t in tasks if t not in model.task_names]
+    check_task_names(list(model.task_names), tasks, what=what)
+
+
+def check_task_names(known: Sequence[str], tasks: Sequence[str], *, what: str = "taskpool") -> None:
+    """Raise :class:`ConfigError` naming the tasks of ``tasks`` not in ``known`` (the tasks a task-conditioned
+    model has, i.e. the model pool's model names). The program calls it before merging for methods whose class
+    sets ``needs_task_at_inference = True``."""
+    missing = [t for t in tasks if t not in known]
     if missing:
         raise ConfigError(
             f"{what}: the merged model needs the task at inference and has no model for task(s) "
-            f"{', '.join(map(repr, missing))} (it knows {', '.join(map(repr, model.task_names))}); evaluate it on "
+            f"{', '.join(map(repr, missing))} (it knows {', '.join(map(repr, known))}); evaluate it on "
             "tasks named like the pool's models"
         )
 

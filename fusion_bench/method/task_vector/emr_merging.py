@@ -111,6 +111,8 @@ def emr_state_dicts(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str,
 class EMRMergingAlgorithm(BaseAlgorithm):
     """EMR-Merging: a unified task vector with per-task masks and rescalers (evaluated with the task known)."""
 
+    needs_task_at_inference = True  # the program checks the task pool's tasks before merging
+
     def run(self, modelpool: BaseModelPool) -> MaskedTaskVectorModel:
         plan = plan_pool(modelpool)
         base_source = modelpool.tensor_source(PRETRAINED)

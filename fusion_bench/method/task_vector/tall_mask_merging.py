@@ -59,6 +59,8 @@ class TallMaskAlgorithm(BaseAlgorithm):
         tall_mask_lambda: λ of the masks: one number, or one per model in pool order (each ≥ 0).
     """
 
+    needs_task_at_inference = True  # the program checks the task pool's tasks before merging
+
     def __init__(self, tall_mask_lambda: float | list[float] = 0.6) -> None:
         values = [tall_mask_lambda] if isinstance(tall_mask_lambda, (int, float)) else list(tall_mask_lambda)
         for i, v in enumerate(values):

@@ -1,4 +1,4 @@
-"""The built-in zero-shot data of the eight CLIP tasks: class names, templates, aliases."""
+"""The built-in zero-shot data of the CLIP tasks (the eight + the twelve of the 20-task benchmark)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from fusion_bench.data.clip_tasks import (
     ALIASES,
+    TALL20_TASK_NAMES,
     TASK_NAMES,
     canonical_task_name,
     load_classnames_and_templates,
@@ -25,6 +26,19 @@ EXPECTED_COUNTS = {
     "gtsrb": (43, 3),
     "mnist": (10, 1),
     "dtd": (47, 8),
+    # the twelve more of the TALL-masks benchmark (the reference's prompt sets)
+    "oxford_flowers102": (102, 1),
+    "pcam": (2, 1),
+    "fer2013": (7, 6),
+    "oxford_iiit_pet": (37, 1),
+    "stl10": (10, 2),
+    "cifar100": (100, 18),
+    "cifar10": (10, 18),
+    "food101": (101, 1),
+    "fashion_mnist": (10, 2),
+    "emnist_letters": (26, 1),
+    "kmnist": (10, 1),
+    "rendered_sst2": (2, 1),
 }
 
 
@@ -32,13 +46,13 @@ def test_task_names_in_benchmark_order():
     assert TASK_NAMES == ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", TALL20_TASK_NAMES)
 def test_counts(task):
     classnames, templates = load_classnames_and_templates(task)
     assert (len(classnames), len(templates)) == EXPECTED_COUNTS[task]
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", TALL20_TASK_NAMES)
 def test_json_file_fields(task):
     data = json.loads((resources.files("fusion_bench.data.clip_tasks") / f"{task}.json").read_text(encoding="utf-8"))
     assert set(data) == {"task", "source", "classnames", "templates"}
@@ -46,7 +60,7 @@ def test_json_file_fields(task):
     assert isinstance(data["source"], str) and data["source"].strip()
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", TALL20_TASK_NAMES)
 def test_templates_have_one_placeholder_and_format(task):
     classnames, templates = load_classnames_and_templates(task)
     assert len(set(templates)) == len(templates)
@@ -59,7 +73,7 @@ def test_templates_have_one_placeholder_and_format(task):
             assert name in text and "{" not in text
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", TALL20_TASK_NAMES)
 def test_classnames_unique_nonempty_strings(task):
     classnames, _ = load_classnames_and_templates(task)
     assert all(isinstance(c, str) and c and c == c.strip() for c in classnames)
@@ -93,6 +107,23 @@ def test_classnames_unique_nonempty_strings(task):
         ("sun397", 212, "kindergarden classroom"),
         ("sun397", 351, "theater indoor procenium"),
         ("sun397", 396, "youth hostel"),
+        ("oxford_flowers102", 0, "pink primrose"),
+        ("oxford_flowers102", 101, "blackberry lily"),
+        ("pcam", 1, "lymph node containing metastatic tumor tissue"),
+        ("fer2013", 0, "angry"),
+        ("fer2013", 6, "surprised"),
+        ("oxford_iiit_pet", 0, "abyssinian"),
+        ("oxford_iiit_pet", 36, "yorkshire_terrier"),
+        ("stl10", 9, "truck"),
+        ("cifar100", 0, "apple"),
+        ("cifar100", 99, "worm"),
+        ("cifar10", 1, "automobile"),
+        ("food101", 0, "apple pie"),
+        ("food101", 100, "waffles"),
+        ("fashion_mnist", 9, "Ankle boot"),
+        ("emnist_letters", 25, "Z"),
+        ("kmnist", 0, "お"),
+        ("rendered_sst2", 0, "negative"),
     ],
 )
 def test_spot_checks(task, index, name):
@@ -132,6 +163,11 @@ def test_exact_published_templates():
         ("tanganke/sun397", "sun397"),
         ("ufldl-stanford/svhn", "svhn"),
         ("ylecun/mnist", "mnist"),
+        ("oxford-iiit-pet", "oxford_iiit_pet"),
+        ("rendered-sst2", "rendered_sst2"),
+        ("oxford-flowers102", "oxford_flowers102"),
+        ("ethz/food101", "food101"),
+        ("nateraw/rendered-sst2", "rendered_sst2"),
     ],
 )
 def test_aliases_resolve(alias, canonical):
@@ -140,9 +176,9 @@ def test_aliases_resolve(alias, canonical):
 
 
 def test_every_alias_targets_a_task():
-    assert set(ALIASES.values()) <= set(TASK_NAMES)
-    assert all(key == key.lower() and key not in TASK_NAMES for key in ALIASES)
-    for task in TASK_NAMES:
+    assert set(ALIASES.values()) <= set(TALL20_TASK_NAMES)
+    assert all(key == key.lower() and key not in TALL20_TASK_NAMES for key in ALIASES)
+    for task in TALL20_TASK_NAMES:
         assert canonical_task_name(task) == task
 
 
@@ -156,7 +192,7 @@ def test_unknown_task_error_names_it_and_lists_known():
     assert isinstance(info.value, KeyError)
     message = str(info.value)
     assert "'imagenet'" in message
-    for task in TASK_NAMES:
+    for task in TALL20_TASK_NAMES:
         assert task in message
 
 

@@ -69,7 +69,7 @@ def test_every_data_free_method_has_a_registered_core():
         "task_arithmetic",
         "ties_merging",
     }
-    data_free |= {"tsv_merging", "weighted_average", "wudi_merging"}
+    data_free |= {"tsv_merging", "weighted_average", "wudi_merging", "magmax"}
     assert set(CORES) == data_free
 
 

@@ -2,7 +2,7 @@
 
 One lookup shared by everything that builds zero-shot heads outside the task pool (fine-tuning,
 test-time adaptation, data-based merges): explicit lists win, then the mini benchmark's tasks
-(:mod:`fusion_bench.data.mini_tasks`), then the eight CLIP tasks (:mod:`fusion_bench.data.clip_tasks`).
+(:mod:`fusion_bench.data.mini_tasks`), then the CLIP tasks (:mod:`fusion_bench.data.clip_tasks`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,6 @@ def task_classnames_and_templates(
         return load_classnames_and_templates(canonical_task_name(task))
     except UnknownNameError:
         raise ConfigError(
-            f"{what}: no built-in class names for task {task!r} (known: the eight CLIP tasks and the mini tasks "
+            f"{what}: no built-in class names for task {task!r} (known: the 20 CLIP tasks of fusion_bench.data.clip_tasks and the mini tasks "
             f"{', '.join(mini_tasks.MINI_TASKS)}); give 'classnames' and 'templates'"
         ) from None

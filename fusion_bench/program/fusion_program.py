@@ -142,6 +142,10 @@ class FabricModelFusionProgram:
         taskpool = None
         if cfg.get("taskpool") is not None:
             taskpool = instantiate_component(cfg.taskpool, TASKPOOLS, key="type", what="taskpool")
+        if taskpool is not None and getattr(method, "needs_task_at_inference", False):
+            from fusion_bench.models.task_conditioned import check_task_names
+
+            check_task_names(modelpool.model_names, getattr(taskpool, "task_names", []), what=f"method {method.name!r}")
         return modelpool, method, taskpool
 
     def _skip(self) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Class names and zero-shot prompt templates of the eight standard CLIP image tasks.
+"""Class names and zero-shot prompt templates of the CLIP image tasks (the eight of task arithmetic + the
+twelve more of the 14/20-task benchmark).
 
 Each task has a JSON file beside this module::
 
@@ -11,6 +12,13 @@ Each task has a JSON file beside this module::
 each a format string with exactly one ``{}`` for the class name, e.g.
 ``"a photo of a {}.".format("abbey")``. The ``source`` field of each file says where its
 lists come from.
+
+The 14- and 20-task benchmark of the TALL-masks paper (Wang et al. 2024,
+https://arxiv.org/abs/2405.07813) adds twelve tasks (:data:`TALL20_TASK_NAMES`), evaluated on
+``dpdl-benchmark/oxford_flowers102``, ``1aurent/PatchCamelyon``, ``clip-benchmark/wds_fer2013``,
+``timm/oxford-iiit-pet``, ``tanganke/stl10``, ``tanganke/cifar100``, ``tanganke/cifar10``,
+``ethz/food101`` (``validation`` split), ``zalando-datasets/fashion_mnist``,
+``tanganke/emnist_letters``, ``tanganke/kmnist`` and ``nateraw/rendered-sst2``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,14 @@ from typing import Mapping
 
 from fusion_bench.errors import UnknownNameError
 
-__all__ = ["TASK_NAMES", "ALIASES", "canonical_task_name", "load_classnames_and_templates"]
+__all__ = [
+    "TASK_NAMES",
+    "TALL14_TASK_NAMES",
+    "TALL20_TASK_NAMES",
+    "ALIASES",
+    "canonical_task_name",
+    "load_classnames_and_templates",
+]
 
 TASK_NAMES: tuple[str, ...] = (
     "sun397",
@@ -35,6 +50,28 @@ TASK_NAMES: tuple[str, ...] = (
     "dtd",
 )
 """The canonical task names, in the usual order of the eight-task benchmark."""
+
+TALL14_TASK_NAMES: tuple[str, ...] = (
+    *TASK_NAMES,
+    "oxford_flowers102",
+    "pcam",
+    "fer2013",
+    "oxford_iiit_pet",
+    "stl10",
+    "cifar100",
+)
+"""The 14-task benchmark: the eight + six, in the order of the TALL-masks paper."""
+
+TALL20_TASK_NAMES: tuple[str, ...] = (
+    *TALL14_TASK_NAMES,
+    "cifar10",
+    "food101",
+    "fashion_mnist",
+    "emnist_letters",
+    "kmnist",
+    "rendered_sst2",
+)
+"""The 20-task benchmark: the 14 + six more. Every name here has built-in class names and templates."""
 
 ALIASES: Mapping[str, str] = {
     # Stanford Cars: the reference FusionBench name, the task-vectors name ("Cars").
@@ -52,6 +89,26 @@ ALIASES: Mapping[str, str] = {
     "tanganke/gtsrb": "gtsrb",
     "ylecun/mnist": "mnist",
     "tanganke/dtd": "dtd",
+    # The twelve tasks of the 14/20-task benchmark: the reference FusionBench names (hyphens) and the hub ids.
+    "oxford-flowers102": "oxford_flowers102",
+    "flowers102": "oxford_flowers102",
+    "oxford-iiit-pet": "oxford_iiit_pet",
+    "pets": "oxford_iiit_pet",
+    "rendered-sst2": "rendered_sst2",
+    "renderedsst2": "rendered_sst2",
+    "fashion-mnist": "fashion_mnist",
+    "emnist-letters": "emnist_letters",
+    "dpdl-benchmark/oxford_flowers102": "oxford_flowers102",
+    "clip-benchmark/wds_fer2013": "fer2013",
+    "timm/oxford-iiit-pet": "oxford_iiit_pet",
+    "tanganke/stl10": "stl10",
+    "tanganke/cifar100": "cifar100",
+    "tanganke/cifar10": "cifar10",
+    "ethz/food101": "food101",
+    "zalando-datasets/fashion_mnist": "fashion_mnist",
+    "tanganke/emnist_letters": "emnist_letters",
+    "tanganke/kmnist": "kmnist",
+    "nateraw/rendered-sst2": "rendered_sst2",
 }
 """Other accepted spellings (lower case) and the canonical task name each stands for.
 
@@ -69,7 +126,7 @@ def canonical_task_name(name: str) -> str:
     :func:`load_classnames_and_templates` raises for it.
     """
     key = name.strip().lower()
-    if key in TASK_NAMES:
+    if key in TALL20_TASK_NAMES:
         return key
     return ALIASES.get(key, name)
 
@@ -94,13 +151,14 @@ def load_classnames_and_templates(task: str) -> tuple[list[str], list[str]]:
     copies; callers may modify them.
 
     Raises:
-        UnknownNameError: (a :class:`KeyError`) ``task`` is not one of :data:`TASK_NAMES`
+        UnknownNameError: (a :class:`KeyError`) ``task`` is not one of :data:`TALL20_TASK_NAMES`
             or an alias; the message quotes it and lists the known tasks.
     """
     canonical = canonical_task_name(task)
-    if canonical not in TASK_NAMES:
+    if canonical not in TALL20_TASK_NAMES:
         raise UnknownNameError(
-            f"unknown CLIP task {task!r}; known tasks: {', '.join(TASK_NAMES)} (aliases: {', '.join(sorted(ALIASES))})"
+            f"unknown CLIP task {task!r}; known tasks: {', '.join(TALL20_TASK_NAMES)} "
+            f"(aliases: {', '.join(sorted(ALIASES))})"
         )
     classnames, templates = _load(canonical)
     return list(classnames), list(templates)

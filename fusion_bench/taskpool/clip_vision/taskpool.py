@@ -8,6 +8,8 @@ short). The average is the unweighted mean over tasks; ``task_groups`` adds the 
 named group of tasks (e.g. ``seen`` / ``unseen``, :mod:`fusion_bench.taskpool.task_groups`).
 Dataset entries may ask for corrupted images (:mod:`fusion_bench.data.corruptions`); the
 report's ``meta.corruption`` then says which corruption, severity and seed each task used.
+A model that needs the task at inference (TALL masks, EMR-Merging; the protocol of
+:mod:`fusion_bench.models.task_conditioned`) is evaluated on each task as ``model.for_task(task)``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fusion_bench.data.loading import (
 from fusion_bench.data.task_text import task_classnames_and_templates
 from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
+from fusion_bench.models.task_conditioned import check_tasks_covered, is_task_conditioned
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
 from fusion_bench.taskpool.classification import (
@@ -211,13 +214,16 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Evaluate ``model`` (a CLIP vision encoder) on every task.
+        """Evaluate ``model`` (a CLIP vision encoder, or a task-conditioned model) on every task.
 
         Returns:
             ``{task: {"accuracy", "loss"}, ..., "average": {...}, group: {...}, ...}`` (one
             entry per task group, after the average).
         """
-        if not is_clip_vision_model(model):
+        conditioned = is_task_conditioned(model)  # a task-specific encoder per task: model.for_task(task)
+        if conditioned:
+            check_tasks_covered(model, self.task_names)
+        elif not is_clip_vision_model(model):
             raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
         if self.layer_wise_feature_save_path is not None and world_size(self.fabric) > 1:
             raise ConfigError(
@@ -230,7 +236,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.clip_model.to(device)
         report: dict[str, Any] = {}
         for task in progress(self.task_names, desc="evaluating", leave=True):
-            classifier = self.get_classifier(model, task).to(device)
+            encoder = model.for_task(task).to(device).eval() if conditioned else model
+            classifier = self.get_classifier(encoder, task).to(device)
             self.on_task_evaluation_begin(classifier, task)
             try:
                 report[task] = self._evaluate_task(classifier, task, device)

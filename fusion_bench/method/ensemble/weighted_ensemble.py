@@ -1,0 +1,64 @@
+"""Weighted ensemble: ``Σ_i w_i · f_i(x)`` over the experts' outputs.
+
+The weighted output ensemble (cf. Wortsman et al., *Model soups*, ICML 2022,
+https://arxiv.org/abs/2203.05482). Defaults as the reference FusionBench
+``config/method/ensemble/weighted_ensemble.yaml``: ``weights: null`` (equal weights) and
+``normalize: true`` (weights divided by their sum). For CLIP vision encoders the pooled features
+are combined before the projection and the zero-shot head.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fusion_bench.errors import ConfigError
+from fusion_bench.method._options import check_bool, check_number_list
+from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
+from fusion_bench.modelpool import BaseModelPool
+from fusion_bench.models.ensemble import EnsembleCLIPVisionModel
+
+__all__ = ["ensemble_weights", "WeightedEnsembleAlgorithm"]
+
+NAME = "weighted_ensemble"
+
+
+def ensemble_weights(weights: Sequence[float] | None, names: Sequence[str], *, normalize: bool) -> list[float]:
+    """One weight per model in pool order (equal if None; divided by their sum if ``normalize``).
+
+    Raises:
+        ConfigError: a count that differs from the number of models, or weights summing to 0
+            that must be normalised.
+    """
+    values = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+    if len(values) != len(names):
+        raise ConfigError(
+            f"{NAME}: option 'weights' has {len(values)} entries but the pool has {len(names)} fine-tuned models "
+            f"{list(names)}; give one weight per model, in pool order"
+        )
+    if not normalize:
+        return values
+    total = sum(values)
+    if total == 0:
+        raise ConfigError(f"{NAME}: option 'weights' {values} sums to 0 and cannot be normalised; set normalize: false")
+    return [w / total for w in values]
+
+
+@register_algorithm(NAME)
+class WeightedEnsembleAlgorithm(BaseAlgorithm):
+    """Weighted sum of the outputs of the pool's fine-tuned models.
+
+    Args:
+        weights: one weight per fine-tuned model in pool order; null: equal weights.
+        normalize: divide the weights by their sum.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None, normalize: bool = True) -> None:
+        self.weights = None if weights is None else check_number_list(NAME, "weights", weights)
+        self.normalize = check_bool(NAME, "normalize", normalize)
+        if self.weights is not None and self.normalize and sum(self.weights) == 0:
+            ensemble_weights(self.weights, [str(i) for i in range(len(self.weights))], normalize=True)  # raises
+
+    def run(self, modelpool: BaseModelPool) -> EnsembleCLIPVisionModel:
+        weights = ensemble_weights(self.weights, modelpool.model_names, normalize=self.normalize)
+        models = [modelpool.load_model(name) for name in modelpool.model_names]
+        return EnsembleCLIPVisionModel(models, mode="weighted", weights=weights, names=modelpool.model_names)

@@ -28,7 +28,7 @@ from fusion_bench.method._options import check_bool, check_int, check_range
 from fusion_bench.method.test_time.base import Phase, TestTimeAlgorithm, check_optimizer, make_optimizer
 from fusion_bench.method.base_algorithm import register_algorithm
 from fusion_bench.modelpool import BaseModelPool
-from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters, unload
+from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 from fusion_bench.utils.instantiate import to_container
 
@@ -201,18 +201,12 @@ class _AdaMerging(TestTimeAlgorithm):
             self, coefficients, stack, clamp=self.clamp, save_path=self.save_merging_weights
         )
         self.model_names = list(stack.models)
-        with torch.no_grad():
-            merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device))
-        return unload(skeleton, merged, dtype=self.model_dtype).cpu()
+        return self.merged_encoder(skeleton, stack, self.merging_weights)
 
     def _learn(self, stack: TaskVectorStack, modelpool: BaseModelPool) -> Tensor:
         lam = torch.full(self._shape(stack), self.init_values, device=self.fabric.device, requires_grad=True)
         optimizer = make_optimizer(self.optimizer, [lam], self.lr)
-
-        def objective(merged: Mapping[str, Tensor]) -> float:
-            value = self.entropy_backward(merged)
-            self.average_gradients([lam])
-            return value
+        objective = self.entropy_objective([lam])
 
         def step(step: int, global_step: int) -> dict[str, float]:
             return {"loss": adamerging_step(stack, lam, optimizer, objective, clamp=self.clamp)}

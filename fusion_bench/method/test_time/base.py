@@ -48,6 +48,8 @@ from fusion_bench.models.functional_merge import (
     TaskVectorStack,
     backward_into_merge,
     detached_leaves,
+    merge_parameters,
+    unload,
 )
 from fusion_bench.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fusion_bench.utils.instantiate import to_container
@@ -267,6 +269,32 @@ class TestTimeAlgorithm(BaseAlgorithm):
         for t in tensors:
             if t.grad is not None:
                 t.grad.copy_(self.fabric.all_reduce(t.grad, reduce_op="mean"))
+
+    def entropy_objective(self, params: Sequence[Tensor]) -> Callable[[Mapping[str, Tensor]], float]:
+        """``merged tensors -> summed entropy``: :meth:`entropy_backward`, then ``params``' gradients averaged.
+
+        Args:
+            params: the learned tensors the merge depends on (``λ``, mask logits).
+        """
+
+        def objective(merged: Mapping[str, Tensor]) -> float:
+            value = self.entropy_backward(merged)
+            self.average_gradients(params)
+            return value
+
+        return objective
+
+    def merged_encoder(
+        self,
+        skeleton: nn.Module,
+        stack: TaskVectorStack,
+        coefficients: Tensor,
+        mask: Mapping[str, Tensor] | None = None,
+    ) -> nn.Module:
+        """The final merge ``θ0 + Σ_t λ_t (m ⊙ τ_t)`` loaded into ``skeleton``, in the pool's dtype, on the CPU."""
+        with torch.no_grad():
+            merged = merge_parameters(stack, coefficients.to(self.fabric.device), mask)
+        return unload(skeleton, merged, dtype=self.model_dtype).cpu()
 
     @torch.no_grad()
     def entropy_on(self, params: Mapping[str, Tensor], pixels: Mapping[str, Tensor]) -> float:

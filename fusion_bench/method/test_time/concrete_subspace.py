@@ -50,7 +50,7 @@ from fusion_bench.models.concrete_mask import (
     rescale_mask,
     sample_concrete_mask,
 )
-from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters, unload
+from fusion_bench.models.functional_merge import TaskVectorStack, merge_parameters
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -135,14 +135,6 @@ class _ConcreteBase(TestTimeAlgorithm):
 
     def _generator(self, *keys: int) -> torch.Generator:
         return torch.Generator(device=self.fabric.device).manual_seed(derived_seed(self.seed, *keys))
-
-    def _mask_objective(self, logits: Mapping[str, Tensor]) -> Any:
-        def objective(merged: Mapping[str, Tensor]) -> float:
-            value = self.entropy_backward(merged)
-            self.average_gradients(list(logits.values()))
-            return value
-
-        return objective
 
     def _mask_logits(self, modelpool: BaseModelPool, stack: TaskVectorStack) -> dict[str, Tensor]:
         logits = init_mask_logits(
@@ -270,7 +262,7 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
         if self.mask_checkpoint is None:
             self.setup_test_time(modelpool, skeleton, heads)
             optimizer = make_optimizer(self.optimizer, list(logits.values()), self.lr)
-            objective = self._mask_objective(logits)
+            objective = self.entropy_objective(list(logits.values()))
 
             def step(step: int, global_step: int) -> dict[str, float]:
                 value, density = concrete_mask_step(
@@ -289,9 +281,7 @@ class ConcreteTaskArithmeticAlgorithm(_ConcreteBase):
                 {"mask_logits": logits, "optimizer": optimizer},
                 self.identity(stack, modelpool),
             )
-        with torch.no_grad():
-            merged = merge_parameters(stack, lam, self._final_mask(logits, stack))
-        return unload(skeleton, merged, dtype=self.model_dtype).cpu()
+        return self.merged_encoder(skeleton, stack, lam, self._final_mask(logits, stack))
 
     def extra_report(self) -> dict[str, Any]:
         return self._report({"scaling_factor": self.scaling_factor})
@@ -408,9 +398,7 @@ class ConcreteLayerWiseAdaMergingAlgorithm(_ConcreteBase):
         self.merging_weights = finish_coefficients(
             self, bilevel.lam, stack, clamp=self.clamp, save_path=self.save_merging_weights
         )
-        with torch.no_grad():
-            merged = merge_parameters(stack, self.merging_weights.to(self.fabric.device), mask)
-        return unload(skeleton, merged, dtype=self.model_dtype).cpu()
+        return self.merged_encoder(skeleton, stack, self.merging_weights, mask)
 
     def extra_report(self) -> dict[str, Any]:
         extra = {}
@@ -434,7 +422,8 @@ class _BiLevel:
         self.mask_opt = make_optimizer(m.optimizer, list(logits.values()), m.lr)
         self.inner_opt = make_optimizer(m.optimizer, [self.lam], m.base_lr)
         self.ada_opt = make_optimizer(m.optimizer, [self.lam], m.adamerging_lr)
-        self.mask_objective = m._mask_objective(logits)
+        self.mask_objective = m.entropy_objective(list(logits.values()))
+        self.lam_objective = m.entropy_objective([self.lam])
         self._final: dict[str, Tensor] = {}
 
     def state(self) -> dict[str, Any]:
@@ -446,11 +435,6 @@ class _BiLevel:
             "inner_optimizer": self.inner_opt,
             "adamerging_optimizer": self.ada_opt,
         }
-
-    def lam_objective(self, merged: Mapping[str, Tensor]) -> float:
-        value = self.method.entropy_backward(merged)
-        self.method.average_gradients([self.lam])
-        return value
 
     def reset_lambda(self) -> None:
         """``λ ← λ0`` (in place; the optimisers keep their state)."""

@@ -16,7 +16,7 @@ prediction). Two estimators over N inputs:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ __all__ = ["FISHER_ESTIMATORS", "batch_fisher_objective", "diagonal_fisher"]
 
 FISHER_ESTIMATORS = ("batch", "per_example")
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Term = tuple[tuple[torch.Tensor | None, ...], float | torch.Tensor]  # (∂/∂θ of every parameter, weight of its square)
 
 
 def batch_fisher_objective(logits: torch.Tensor) -> torch.Tensor:
@@ -52,31 +53,20 @@ def _add_squared(
             fisher[name] += weight * grad.detach().float().square()
 
 
-def _batch_step(
-    forward: Forward,
-    inputs: torch.Tensor,
-    names: list[str],
-    params: list[nn.Parameter],
-    fisher: dict[str, torch.Tensor],
-) -> None:
+def _batch_terms(forward: Forward, inputs: torch.Tensor, params: list[nn.Parameter]) -> Iterator[Term]:
+    """The ``"batch"`` estimator on one batch: the gradient of :func:`batch_fisher_objective`, weight 1."""
     objective = batch_fisher_objective(forward(inputs))
-    _add_squared(fisher, names, torch.autograd.grad(objective, params, allow_unused=True))
+    yield torch.autograd.grad(objective, params, allow_unused=True), 1.0
 
 
-def _per_example_step(
-    forward: Forward,
-    inputs: torch.Tensor,
-    names: list[str],
-    params: list[nn.Parameter],
-    fisher: dict[str, torch.Tensor],
-) -> None:
+def _per_example_terms(forward: Forward, inputs: torch.Tensor, params: list[nn.Parameter]) -> Iterator[Term]:
+    """The ``"per_example"`` estimator on one batch: ``∂ log p_bc / ∂θ`` weighted by ``p_bc``, per input and class."""
     for b in range(inputs.shape[0]):
         log_probs = torch.log_softmax(forward(inputs[b : b + 1]).float(), dim=-1)[0]  # (C,)
         probs = log_probs.detach().exp()  # (C,)
         last = log_probs.shape[0] - 1
         for c in range(log_probs.shape[0]):
-            grads = torch.autograd.grad(log_probs[c], params, retain_graph=c < last, allow_unused=True)
-            _add_squared(fisher, names, grads, probs[c])
+            yield torch.autograd.grad(log_probs[c], params, retain_graph=c < last, allow_unused=True), probs[c]
 
 
 def diagonal_fisher(
@@ -104,10 +94,11 @@ def diagonal_fisher(
         raise ValueError(f"unknown Fisher estimator {estimator!r}; choose one of {FISHER_ESTIMATORS}")
     names, params = list(parameters), list(parameters.values())
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
-    step = _batch_step if estimator == "batch" else _per_example_step
+    terms = _batch_terms if estimator == "batch" else _per_example_terms
     count = 0
     for inputs in batches:
-        step(forward, inputs, names, params, fisher)
+        for grads, weight in terms(forward, inputs, params):
+            _add_squared(fisher, names, grads, weight)
         count += inputs.shape[0]
         if on_batch is not None:
             on_batch(inputs.shape[0])

@@ -163,7 +163,15 @@ def linear_weight_keys(modelpool: BaseModelPool) -> frozenset[str]:
 
 
 class _DareOptions(BaseAlgorithm):
-    """The options both DARE variants share (validated here, at construction)."""
+    """The options both DARE variants share (validated here, at construction).
+
+    Args:
+        scaling_factor: λ.
+        sparsity_ratio: drop rate p in [0, 1).
+        rescale: divide kept entries by ``1 − p``.
+        only_on_linear_weights: drop only in ``nn.Linear`` weights.
+        seed: base seed of the drop masks.
+    """
 
     def __init__(
         self, scaling_factor: float, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool, seed: int
@@ -192,11 +200,7 @@ class DareTaskArithmeticAlgorithm(_DareOptions):
     """DARE + task arithmetic, streamed.
 
     Args:
-        scaling_factor: λ.
-        sparsity_ratio: drop rate p in [0, 1).
-        rescale: divide kept entries by ``1 − p``.
-        only_on_linear_weights: drop only in ``nn.Linear`` weights.
-        seed: base seed of the drop masks.
+        scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed: see :class:`_DareOptions`.
     """
 
     def __init__(
@@ -226,11 +230,7 @@ class DareTiesMergingAlgorithm(_DareOptions):
     """DARE + TIES, streamed (whole-model TIES statistics over the dropped task vectors).
 
     Args:
-        scaling_factor: λ.
-        sparsity_ratio: drop rate p in [0, 1).
-        rescale: divide kept entries by ``1 − p``.
-        only_on_linear_weights: drop only in ``nn.Linear`` weights.
-        seed: base seed of the drop masks.
+        scaling_factor, sparsity_ratio, rescale, only_on_linear_weights, seed: see :class:`_DareOptions`.
         threshold: TIES' percent kept by magnitude, in (0, 100].
         merge_func: ``sum`` (reference), ``mean`` (TIES paper) or ``max``.
     """

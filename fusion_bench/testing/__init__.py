@@ -5,17 +5,10 @@ random ``CLIPModel``, "fine-tuned" ``CLIPVisionModel`` variants in both checkpoi
 layouts, generated image datasets, and :func:`build_tiny_example` that builds them all once.
 """
 
-from fusion_bench.testing.tiny_clip import (
-    DEFAULT_TASKS,
-    FORMAT_VERSION,
-    KeyLayout,
-    TinyExample,
-    build_tiny_clip,
-    build_tiny_example,
-    build_tiny_image_dataset,
-    make_finetuned_variant,
-    train_tiny_clip_tokenizer,
-)
+from fusion_bench.testing.tiny_clip import DEFAULT_TASKS, FORMAT_VERSION, TinyExample, build_tiny_example
+from fusion_bench.testing.tiny_datasets import build_tiny_image_dataset
+from fusion_bench.testing.tiny_models import KeyLayout, build_tiny_clip, make_finetuned_variant
+from fusion_bench.testing.tokenizer import train_tiny_clip_tokenizer
 
 __all__ = [
     "DEFAULT_TASKS",

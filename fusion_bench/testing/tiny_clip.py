@@ -25,19 +25,8 @@ from typing import Mapping, Sequence
 from fusion_bench.testing.build_cache import build_once
 from fusion_bench.testing.tiny_datasets import GRAYSCALE_TASKS, build_tiny_image_dataset
 from fusion_bench.testing.tiny_models import KeyLayout, build_tiny_clip, make_finetuned_variant
-from fusion_bench.testing.tokenizer import train_tiny_clip_tokenizer
 
-__all__ = [
-    "DEFAULT_TASKS",
-    "FORMAT_VERSION",
-    "KeyLayout",
-    "TinyExample",
-    "build_tiny_clip",
-    "build_tiny_example",
-    "build_tiny_image_dataset",
-    "make_finetuned_variant",
-    "train_tiny_clip_tokenizer",
-]
+__all__ = ["DEFAULT_TASKS", "FORMAT_VERSION", "TinyExample", "build_tiny_example"]
 
 FORMAT_VERSION = 1
 DIGITS = [str(i) for i in range(10)]

@@ -15,15 +15,43 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import DatasetError
+from fusion_bench.taskpool.base_pool import BaseTaskPool
 from fusion_bench.utils.distributed import ShardSampler, global_rank, is_global_zero, sum_across_ranks, world_size
 
 __all__ = [
+    "LOSS_REDUCTION",
+    "ClassificationTaskPool",
     "fast_dev_run_limit",
     "sharded_test_loader",
     "evaluate_classifier",
     "dataset_num_classes",
     "check_num_classes",
 ]
+
+LOSS_REDUCTION = "cross-entropy averaged over samples"
+
+
+class ClassificationTaskPool(BaseTaskPool):
+    """What the image-classification task pools share: task names from their test datasets and the report's meta.
+
+    Subclasses set ``_dataset_cfgs`` (``{task: test dataset entry}``) and ``fast_dev_run`` in their constructor
+    and record each task's evaluated sample count in ``_num_samples``.
+    """
+
+    _dataset_cfgs: dict[str, Any]
+    fast_dev_run: bool | int
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._dataset_cfgs)
+
+    def evaluation_meta(self) -> dict[str, Any]:
+        """Samples per task, the loss reduction and whether the run was partial."""
+        return {
+            "loss_reduction": LOSS_REDUCTION,
+            "num_samples": dict(getattr(self, "_num_samples", {})),
+            "fast_dev_run": bool(self.fast_dev_run),
+        }
 
 
 def fast_dev_run_limit(fast_dev_run: bool | int, batch_size: int) -> int | None:

@@ -34,9 +34,13 @@ from fusion_bench.data.loading import (
 from fusion_bench.errors import ConfigError, DatasetError, ModelLoadError
 from fusion_bench.modelpool.image_classification import HFImageClassificationModelPool, is_image_classifier
 from fusion_bench.models.batchnorm import has_batchnorm, recompute_batchnorm_statistics
-from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
-from fusion_bench.taskpool.classification import evaluate_classifier, fast_dev_run_limit, sharded_test_loader
-from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
+from fusion_bench.taskpool.base_pool import register_taskpool
+from fusion_bench.taskpool.classification import (
+    ClassificationTaskPool,
+    evaluate_classifier,
+    fast_dev_run_limit,
+    sharded_test_loader,
+)
 from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.tasks.classification.datamodule import label_info
 from fusion_bench.tasks.classification.processor import (
@@ -63,7 +67,7 @@ def _mapping(value: Any, option: str, *, required: bool = False) -> dict[str, An
 
 
 @register_taskpool("ImageClassificationTaskPool", "image_classification")
-class ImageClassificationTaskPool(BaseTaskPool):
+class ImageClassificationTaskPool(ClassificationTaskPool):
     """Accuracy and loss of an image classifier per task (see module docstring).
 
     Args:
@@ -91,9 +95,9 @@ class ImageClassificationTaskPool(BaseTaskPool):
         dataloader_kwargs: Mapping[str, Any] | None = None,
         fast_dev_run: bool | int = False,
     ) -> None:
-        self._test_cfgs = _mapping(test_datasets, "test_datasets", required=True)
+        self._dataset_cfgs = _mapping(test_datasets, "test_datasets", required=True)
         heads = _mapping(classification_heads, "classification_heads")
-        missing = [t for t in self._test_cfgs if heads and t not in heads]
+        missing = [t for t in self._dataset_cfgs if heads and t not in heads]
         if missing:
             raise ConfigError(
                 f"taskpool: no classification_heads entry for task(s) {missing}; heads given: {sorted(heads)}"
@@ -124,14 +128,10 @@ class ImageClassificationTaskPool(BaseTaskPool):
         self._num_samples: dict[str, int] = {}
         self._batchnorm_used = "none in model"
 
-    @property
-    def task_names(self) -> list[str]:
-        return list(self._test_cfgs)
-
     # ---- data ----------------------------------------------------------------------------------
     def _dataset(self, split: str, task: str) -> Any:
         if (split, task) not in self._datasets:
-            cfgs = self._test_cfgs if split == "test" else self._train_cfgs
+            cfgs = self._dataset_cfgs if split == "test" else self._train_cfgs
             what = f"{split} dataset {task!r}"
             dataset = load_dataset_from_config(cfgs[task], split=split, what=what)
             check_image_classification_columns(dataset, what=what)
@@ -227,12 +227,7 @@ class ImageClassificationTaskPool(BaseTaskPool):
 
     def evaluation_meta(self) -> dict[str, Any]:
         """Samples per task, the loss reduction, partial runs and how BatchNorm statistics were set."""
-        return {
-            "loss_reduction": LOSS_REDUCTION,
-            "num_samples": dict(self._num_samples),
-            "fast_dev_run": bool(self.fast_dev_run),
-            "batchnorm": self._batchnorm_used,
-        }
+        return {**super().evaluation_meta(), "batchnorm": self._batchnorm_used}
 
 
 def _with_recomputed_statistics(model: nn.Module, batches: Iterator[torch.Tensor]) -> nn.Module:

@@ -24,14 +24,14 @@ from fusion_bench.data.loading import (
 from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.openclip_checkpoints import load_classification_head
 from fusion_bench.models.openclip_vision import ImageEncoder, TransformImageProcessor
-from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.base_pool import register_taskpool
 from fusion_bench.taskpool.classification import (
+    ClassificationTaskPool,
     check_num_classes,
     evaluate_classifier,
     fast_dev_run_limit,
     sharded_test_loader,
 )
-from fusion_bench.taskpool.clip_vision.taskpool import LOSS_REDUCTION
 from fusion_bench.taskpool.task_groups import mean_over_tasks
 from fusion_bench.utils.instantiate import to_container
 
@@ -51,7 +51,7 @@ class OpenCLIPImageClassifier(nn.Module):
 
 
 @register_taskpool("OpenCLIPVisionModelTaskPool")
-class OpenCLIPVisionModelTaskPool(BaseTaskPool):
+class OpenCLIPVisionModelTaskPool(ClassificationTaskPool):
     """Evaluate an OpenCLIP :class:`~fusion_bench.models.openclip_vision.ImageEncoder` with given heads.
 
     Args:
@@ -90,10 +90,6 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
         self.fast_dev_run = fast_dev_run
         self._is_setup = False
         self._num_samples: dict[str, int] = {}
-
-    @property
-    def task_names(self) -> list[str]:
-        return list(self._dataset_cfgs)
 
     def setup(self) -> None:
         """Load the heads and the test datasets, checking each head's class count against its dataset."""
@@ -161,11 +157,3 @@ class OpenCLIPVisionModelTaskPool(BaseTaskPool):
             )
         report["average"] = mean_over_tasks(report, self.task_names)
         return report
-
-    def evaluation_meta(self) -> dict[str, Any]:
-        """Samples per task, the loss reduction and whether the run was partial."""
-        return {
-            "loss_reduction": LOSS_REDUCTION,
-            "num_samples": dict(self._num_samples),
-            "fast_dev_run": bool(self.fast_dev_run),
-        }

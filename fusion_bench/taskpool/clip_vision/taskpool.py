@@ -34,8 +34,10 @@ from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import is_clip_vision_model, load_clip_model, load_clip_processor
 from fusion_bench.models.task_conditioned import check_tasks_covered, is_task_conditioned
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
-from fusion_bench.taskpool.base_pool import BaseTaskPool, register_taskpool
+from fusion_bench.taskpool.base_pool import register_taskpool
 from fusion_bench.taskpool.classification import (
+    LOSS_REDUCTION,
+    ClassificationTaskPool,
     check_num_classes,
     evaluate_classifier,
     fast_dev_run_limit,
@@ -52,8 +54,6 @@ __all__ = ["CLIPVisionModelTaskPool", "default_head_cache_dir", "LOSS_REDUCTION"
 
 log = logging.getLogger(__name__)
 
-LOSS_REDUCTION = "cross-entropy averaged over samples"
-
 
 def default_head_cache_dir() -> str:
     """``$FUSION_BENCH_CACHE_DIR/zeroshot_heads`` (default ``~/.cache/fusion_bench``)."""
@@ -61,7 +61,7 @@ def default_head_cache_dir() -> str:
 
 
 @register_taskpool("clip_vit_classification", "CLIPVisionModelTaskPool")
-class CLIPVisionModelTaskPool(BaseTaskPool):
+class CLIPVisionModelTaskPool(ClassificationTaskPool):
     """Evaluate a CLIP vision encoder on image classification tasks (zero-shot heads).
 
     Args:
@@ -132,10 +132,6 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             classnames, templates = entry.pop("classnames", None), entry.pop("templates", None)
         text = task_classnames_and_templates(task, classnames, templates, what=f"test dataset {task!r}")
         return entry, text
-
-    @property
-    def task_names(self) -> list[str]:
-        return list(self._dataset_cfgs)
 
     # ---- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -271,10 +267,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         """What a reader needs to interpret the numbers (samples per task, loss reduction, partial runs), and
         each task's evaluation speed (images/s over all ranks: data loading, preprocessing and forward)."""
         meta = {
-            "loss_reduction": LOSS_REDUCTION,
-            "num_samples": dict(getattr(self, "_num_samples", {})),
+            **super().evaluation_meta(),
             "images_per_second": dict(getattr(self, "_images_per_second", {})),
-            "fast_dev_run": bool(self.fast_dev_run),
             "world_size": world_size(self.fabric),
         }
         if self.task_groups:

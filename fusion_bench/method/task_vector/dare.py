@@ -29,13 +29,13 @@ from torch import Tensor, nn
 from fusion_bench.method.task_vector.core import (
     TaskVectorTransform,
     family_core,
-    family_merge,
     plan_pool,
     sum_aggregate,
 )
 from fusion_bench.method._options import check_bool, check_int, check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
+from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_merge
 from fusion_bench.method.task_vector.ties_merging import (
     MergeFunc,
     check_ties_options,
@@ -215,10 +215,9 @@ class DareTaskArithmeticAlgorithm(_DareOptions):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool)
-        return family_merge(
+        return task_arithmetic_merge(
             modelpool,
             plan,
-            aggregate=sum_aggregate,
             scaling_factor=self.scaling_factor,
             transform=self._transform(modelpool),
             desc="DARE task arithmetic",

@@ -21,16 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench.merge.tensors import order_statistics_
-from fusion_bench.method.task_vector.core import (
-    TaskVectorTransform,
-    family_core,
-    family_merge,
-    plan_pool,
-    sum_aggregate,
-)
+from fusion_bench.method.task_vector.core import TaskVectorTransform, family_core, plan_pool, sum_aggregate
 from fusion_bench.method._options import check_range
 from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
+from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_merge
 from fusion_bench.modelpool import BaseModelPool
 
 __all__ = ["breadcrumbs_mask", "breadcrumbs_transform", "model_breadcrumbs", "ModelBreadcrumbsAlgorithm"]
@@ -132,11 +127,9 @@ class ModelBreadcrumbsAlgorithm(BaseAlgorithm):
         )
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
-        plan = plan_pool(modelpool)
-        return family_merge(
+        return task_arithmetic_merge(
             modelpool,
-            plan,
-            aggregate=sum_aggregate,
+            plan_pool(modelpool),
             scaling_factor=self.scaling_factor,
             transform=breadcrumbs_transform(self.beta, self.gamma),
             desc="model breadcrumbs",

@@ -7,6 +7,7 @@ in model-pool order, through the family core (:mod:`fusion_bench.method.task_vec
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from fusion_bench.method.task_vector.core import (
 )
 from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["task_arithmetic_tensor", "task_arithmetic", "TaskArithmeticAlgorithm"]
+__all__ = ["task_arithmetic_tensor", "task_arithmetic", "task_arithmetic_merge", "TaskArithmeticAlgorithm"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -36,6 +37,12 @@ def task_arithmetic(
     return family_core(base, finetuned, aggregate=sum_aggregate, scaling_factor=scaling_factor)
 
 
+#: Streamed ``θ0 + λ Σ_t f(τ_t)``: the family merge with task arithmetic's sum over the task vectors passed
+#: through ``transform=f`` (DARE, breadcrumbs; none: plain task arithmetic). Called as
+#: ``task_arithmetic_merge(modelpool, plan, scaling_factor=λ, transform=f, desc=label)``.
+task_arithmetic_merge = partial(family_merge, aggregate=sum_aggregate)
+
+
 @register_algorithm("task_arithmetic", core=task_arithmetic)
 class TaskArithmeticAlgorithm(BaseAlgorithm):
     """Args:
@@ -46,10 +53,6 @@ class TaskArithmeticAlgorithm(BaseAlgorithm):
         self.scaling_factor = float(scaling_factor)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
-        return family_merge(
-            modelpool,
-            plan_pool(modelpool),
-            aggregate=sum_aggregate,
-            scaling_factor=self.scaling_factor,
-            desc="task arithmetic",
+        return task_arithmetic_merge(
+            modelpool, plan_pool(modelpool), scaling_factor=self.scaling_factor, desc="task arithmetic"
         )

@@ -91,15 +91,20 @@ def consensus_aggregate(
     return aggregate
 
 
-def _lambdas(value: float | list[float], names: Sequence[str]) -> list[float]:
+def tall_mask_lambdas(value: float | Sequence[float], names: Sequence[str], method: str = NAME) -> list[float]:
+    """The TALL-mask λ of each fine-tuned model: one number for all, or one per model in pool order.
+
+    Raises:
+        ConfigError: a list whose length is not the number of models (``method`` names the method in the message).
+    """
     if isinstance(value, (int, float)):
         return [float(value)] * len(names)
     if len(value) != len(names):
         raise ConfigError(
-            f"{NAME}: option 'tall_mask_lambda' has {len(value)} entries but the pool has {len(names)} fine-tuned "
+            f"{method}: option 'tall_mask_lambda' has {len(value)} entries but the pool has {len(names)} fine-tuned "
             f"models {list(names)}; give one number, or one per model in pool order"
         )
-    return list(value)
+    return [float(v) for v in value]
 
 
 @pure_core()
@@ -126,7 +131,7 @@ def consensus_merging(
         density=density,
         merge_func=merge_func,
     )
-    lambdas = _lambdas(tall_mask_lambda, [str(i) for i in range(len(finetuned))])
+    lambdas = tall_mask_lambdas(tall_mask_lambda, [str(i) for i in range(len(finetuned))])
     return family_core(
         base, finetuned, aggregate=consensus_aggregate(inner, lambdas, consensus_k), scaling_factor=scaling_factor
     )
@@ -171,7 +176,7 @@ class ConsensusMergingAlgorithm(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         plan = plan_pool(modelpool, min_models=max(1, self.consensus_k))
-        lambdas = _lambdas(self.tall_mask_lambda, plan.names)
+        lambdas = tall_mask_lambdas(self.tall_mask_lambda, plan.names)
         inner = inner_aggregate(
             PoolTaskVectors(modelpool, plan), self._inner, density=self._density, merge_func=self.merge_func
         )

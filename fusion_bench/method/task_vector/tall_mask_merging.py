@@ -19,11 +19,10 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from fusion_bench.errors import ConfigError
 from fusion_bench.merge.tensors import sum_in_order
 from fusion_bench.method._options import check_range
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.method.task_vector.consensus import tall_mask
+from fusion_bench.method.task_vector.consensus import tall_mask, tall_mask_lambdas
 from fusion_bench.method.task_vector.core import PoolTaskVectors, plan_pool
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.modelpool.base_pool import PRETRAINED
@@ -38,17 +37,6 @@ def tall_mask_parts(tvs: Sequence[Tensor], lambdas: Sequence[float]) -> tuple[Te
     """``(τ_MTL, [m_t])`` of one tensor: the summed task vector and each task's TALL mask."""
     merged = sum_in_order(list(tvs))
     return merged, [tall_mask(tv, merged, lam) for tv, lam in zip(tvs, lambdas)]
-
-
-def _lambdas(value: float | Sequence[float], names: Sequence[str]) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * len(names)
-    if len(value) != len(names):
-        raise ConfigError(
-            f"{NAME}: option 'tall_mask_lambda' has {len(value)} entries but the pool has {len(names)} fine-tuned "
-            f"models {list(names)}; give one number, or one per model in pool order"
-        )
-    return [float(v) for v in value]
 
 
 @register_algorithm(NAME)
@@ -69,7 +57,7 @@ class TallMaskAlgorithm(BaseAlgorithm):
 
     def run(self, modelpool: BaseModelPool) -> MaskedTaskVectorModel:
         plan = plan_pool(modelpool)
-        lambdas = _lambdas(self.tall_mask_lambda, plan.names)
+        lambdas = tall_mask_lambdas(self.tall_mask_lambda, plan.names, NAME)
         base_source = modelpool.tensor_source(PRETRAINED)
         base, vector, masks = {}, {}, {name: {} for name in plan.names}
         for key, tvs in PoolTaskVectors(modelpool, plan).by_key():

@@ -26,24 +26,34 @@ __all__ = ["resolve_weights", "weighted_average_tensor", "weighted_average", "We
 NAME = "weighted_average"
 
 
-def resolve_weights(weights: Sequence[float] | None, names: Sequence[str], *, normalize: bool) -> list[float]:
-    """One weight per model in pool order (normalised to sum 1 if ``normalize``).
+def resolve_weights(
+    weights: Sequence[float] | None,
+    names: Sequence[str],
+    *,
+    normalize: bool,
+    method: str = NAME,
+    equal: float = 1.0,
+) -> list[float]:
+    """One weight per model in pool order (``equal`` each if ``weights`` is None; normalised to sum 1 if
+    ``normalize``); ``method`` names the method in the messages.
 
     Raises:
         ConfigError: a count that differs from the number of models (naming both), or
             weights summing to 0 when they must be normalised.
     """
-    values = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    values = [equal] * len(names) if weights is None else [float(w) for w in weights]
     if len(values) != len(names):
         raise ConfigError(
-            f"{NAME}: option 'weights' has {len(values)} entries but the pool has {len(names)} fine-tuned models "
+            f"{method}: option 'weights' has {len(values)} entries but the pool has {len(names)} fine-tuned models "
             f"{list(names)}; give one weight per model, in pool order"
         )
     if not normalize:
         return values
     total = sum(values)
     if total == 0:
-        raise ConfigError(f"{NAME}: option 'weights' {values} sums to 0 and cannot be normalised; set normalize: false")
+        raise ConfigError(
+            f"{method}: option 'weights' {values} sums to 0 and cannot be normalised; set normalize: false"
+        )
     return [w / total for w in values]
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fusion_bench.errors import ConfigError
 from fusion_bench.method._options import check_bool, check_number_list
+from fusion_bench.method.averaging.weighted_average import resolve_weights
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.models.ensemble import EnsembleCLIPVisionModel
@@ -23,24 +23,14 @@ NAME = "weighted_ensemble"
 
 
 def ensemble_weights(weights: Sequence[float] | None, names: Sequence[str], *, normalize: bool) -> list[float]:
-    """One weight per model in pool order (equal if None; divided by their sum if ``normalize``).
+    """One weight per model in pool order (1/n each if None; divided by their sum if ``normalize``): the
+    weighted average's rule with equal weights 1/n.
 
     Raises:
         ConfigError: a count that differs from the number of models, or weights summing to 0
             that must be normalised.
     """
-    values = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
-    if len(values) != len(names):
-        raise ConfigError(
-            f"{NAME}: option 'weights' has {len(values)} entries but the pool has {len(names)} fine-tuned models "
-            f"{list(names)}; give one weight per model, in pool order"
-        )
-    if not normalize:
-        return values
-    total = sum(values)
-    if total == 0:
-        raise ConfigError(f"{NAME}: option 'weights' {values} sums to 0 and cannot be normalised; set normalize: false")
-    return [w / total for w in values]
+    return resolve_weights(weights, names, normalize=normalize, method=NAME, equal=1.0 / len(names))
 
 
 @register_algorithm(NAME)

@@ -80,6 +80,20 @@ def test_pretraining_pool_has_every_domain_equally_and_differs_from_the_tasks_sp
     assert not any(np.array_equal(a, b) for a in images[tasks == 7] for b in train)
 
 
+def test_pretraining_pool_keeps_the_tasks_appearance_for_a_share_of_the_images():
+    tasks_look, tasks, labels = v2.pretraining_pool(seed=0, per_task=40, task_appearance=1.0)
+    mixed, tasks_again, labels_again = v2.pretraining_pool(seed=0, per_task=40, task_appearance=0.25)
+    assert np.array_equal(tasks, tasks_again) and np.array_equal(labels, labels_again)
+    kept = np.array([np.array_equal(a, b) for a, b in zip(tasks_look, mixed)])
+    rotated = np.array([np.array_equal(a[..., (1, 2, 0)], b) for a, b in zip(tasks_look, mixed)])
+    assert (kept | rotated).all()  # each image is either as the task renders it or in the pool's colours
+    scenes = tasks == TASKS.index("scenes")
+    assert 4 <= kept[scenes].sum() <= 20 and rotated[scenes].sum() == 40 - kept[scenes].sum()
+    assert kept[tasks == TASKS.index("handwritten")].all()  # grey digits look the same either way
+    image = tasks_look[0]
+    assert np.array_equal(v2.pool_appearance(image)[..., 0], image[..., 1])
+
+
 def test_dataset_has_image_and_label_columns():
     ds = v2.build_task_dataset_v2("handwritten", n_train=10, n_test=10, seed=1)
     assert ds["train"].features["label"].names == list(DOMAINS["handwritten"].classnames)

@@ -63,7 +63,7 @@ class MiniClipRecipeV2:
     projection_dim: int = 64
     pretrain_images_per_task: int = 1500
     class_mention: float = 0.8
-    pretrain_task_appearance: float = 0.05
+    pretrain_task_appearance: float = 0.0
     pretrain_steps: int = 1200
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3

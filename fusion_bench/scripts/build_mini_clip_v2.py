@@ -43,6 +43,8 @@ class MiniClipRecipeV2:
         text_num_layers: the text tower's depth (it only has to tell ~70 short class names apart).
         pretrain_images_per_task: size of the pre-training pool, per domain.
         class_mention: chance that a pre-training caption names the class.
+        pretrain_task_appearance: share of the pre-training images rendered as the tasks' images are
+            (the others in the pool's own colours, :func:`~fusion_bench.data.mini_tasks.v2.pool_appearance`).
         pretrain_steps / pretrain_batch_size / pretrain_learning_rate: contrastive pre-training
             (AdamW, warm-up then cosine decay).
         finetune_steps / finetune_batch_size / finetune_learning_rate: each expert's
@@ -61,6 +63,7 @@ class MiniClipRecipeV2:
     projection_dim: int = 64
     pretrain_images_per_task: int = 1500
     class_mention: float = 0.8
+    pretrain_task_appearance: float = 0.0
     pretrain_steps: int = 1200
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3
@@ -90,7 +93,9 @@ def _pretrain_v2(clip_dir: Path, recipe: MiniClipRecipeV2) -> list[float]:
     from fusion_bench.scripts.build_mini_clip import _pixel_values
 
     model, processor = CLIPModel.from_pretrained(str(clip_dir)), CLIPProcessor.from_pretrained(str(clip_dir))
-    images, tasks, labels = v2.pretraining_pool(recipe.seed, recipe.pretrain_images_per_task)
+    images, tasks, labels = v2.pretraining_pool(
+        recipe.seed, recipe.pretrain_images_per_task, recipe.pretrain_task_appearance
+    )
 
     def batches(step: int) -> tuple[torch.Tensor, list[str]]:
         rng = np.random.default_rng([recipe.seed, step])

@@ -32,6 +32,7 @@ __all__ = [
     "build_mini_task_datasets_v2",
     "build_task_dataset_v2",
     "caption_v2",
+    "pool_appearance",
     "pretraining_pool",
     "tokenizer_corpus_v2",
 ]
@@ -42,6 +43,7 @@ CLASS_MENTION = 0.5
 """Chance that a pre-training caption names the image's class (otherwise only its domain)."""
 SPLITS = ("train", "test")
 _PRETRAIN_STREAM = 7  # keeps the pre-training images' seeds apart from the tasks' splits (0, 1)
+_APPEARANCE_STREAM = 8  # which pre-training images keep the tasks' appearance
 
 _FRAMES = (
     "a photo of a {}.",
@@ -152,8 +154,28 @@ def build_task_dataset_v2(name: str, *, n_train: int = 2000, n_test: int = 500, 
     return datasets.DatasetDict(splits)
 
 
-def pretraining_pool(seed: int, per_task: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pool_appearance(image: np.ndarray) -> np.ndarray:
+    """The pre-training pool's own rendering of an image: its colour channels rotated (R, G, B -> G, B, R).
+
+    Stands in for the difference between web photos and a benchmark's images (a satellite's false-colour
+    bands, a sensor's colour response): shapes and layout stay, colours change. Grey images (handwritten
+    digits) and domains whose colours are drawn at random (house numbers, textures, vehicle bodies) look
+    alike in both renderings.
+    """
+    return image[..., (1, 2, 0)].copy()
+
+
+def pretraining_pool(
+    seed: int, per_task: int, task_appearance: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The images pre-training draws its batches from: ``per_task`` of each domain.
+
+    Args:
+        seed: seeds the images and which of them keep the tasks' appearance.
+        per_task: images per domain.
+        task_appearance: share of the images rendered as the tasks' images are; the others are in
+            the pool's own appearance (:func:`pool_appearance`), so zero-shot transfer to the tasks
+            is partial, as the real CLIP's is.
 
     Returns:
         ``(images (8·per_task, 32, 32, 3) uint8, task index (N,), label (N,))``.
@@ -162,7 +184,9 @@ def pretraining_pool(seed: int, per_task: int) -> tuple[np.ndarray, np.ndarray, 
     for t, task in enumerate(TASKS_V2):
         rng = _split_rng(seed, task, _PRETRAIN_STREAM)
         y = rng.integers(len(DOMAINS[task].classnames), size=per_task)
-        images += [render(rng, task, int(label), "train") for label in y]
+        rendered = [render(rng, task, int(label), "train") for label in y]
+        shifted = _split_rng(seed, task, _APPEARANCE_STREAM).random(per_task) >= task_appearance
+        images += [pool_appearance(img) if s else img for img, s in zip(rendered, shifted)]
         tasks.append(np.full(per_task, t))
         labels.append(y)
     return np.stack(images), np.concatenate(tasks), np.concatenate(labels)

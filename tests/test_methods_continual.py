@@ -67,6 +67,17 @@ def test_opcm_steps_rescale_to_the_average_task_vector_norm():
     assert torch.allclose(steps[2]["bias"], t([3, 4]) * 5 / math.sqrt(58), atol=1e-12)
 
 
+def test_opcm_frozen_parameters_take_no_new_task_and_are_rescaled():
+    base = {"w": t([0.0, 0.0]), "cls": t([0.0])}
+    models = [{"w": t([3.0, 0.0]), "cls": t([4.0])}, {"w": t([0.0, 3.0]), "cls": t([4.0])}]  # both norms 5
+    frozen = list(opcm_steps(base, models, linear_keys=set(), frozen_keys={"cls"}))[1]
+    # S = (3, 3) and cls keeps τ̄ = 4 (the reference's class_embedding): ‖S‖ = √34, average norm 5
+    assert torch.allclose(frozen["w"], t([3.0, 3.0]) * 5 / math.sqrt(34), atol=1e-12)
+    assert torch.allclose(frozen["cls"], t([4.0]) * 5 / math.sqrt(34), atol=1e-12)
+    merged = list(opcm_steps(base, models, linear_keys=set()))[1]  # cls merged too: 4 + 4, ‖S‖ = √82
+    assert torch.allclose(merged["cls"], t([8.0]) * 5 / math.sqrt(82), atol=1e-12)
+
+
 def test_opcm_keeps_theta0_where_the_sum_of_updates_is_zero():
     base = {"w": t([1.0, 1.0])}
     steps = list(opcm_steps(base, [{"w": t([2.0, 1.0])}, {"w": t([0.0, 1.0])}], linear_keys=set()))

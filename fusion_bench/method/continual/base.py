@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -35,7 +36,8 @@ from fusion_bench.utils.io import atomic_write, check_output_path
 __all__ = [
     "StateDict",
     "merge_order",
-    "linear_weight_keys",
+    "ModelLayout",
+    "model_layout",
     "seen_average",
     "plot_continual_curve",
     "ContinualMergeAlgorithm",
@@ -88,18 +90,32 @@ def merge_order(
     return order
 
 
-def linear_weight_keys(model: nn.Module, state_dict: StateDict) -> set[str]:
-    """The keys of ``state_dict`` holding the weight of an ``nn.Linear`` of ``model``.
+@dataclass(frozen=True)
+class ModelLayout:
+    """Which tensors of a model play which role (canonical keys of the pool).
 
-    ``state_dict`` is the pool's canonical state dict of ``model`` (sharing its storage), so keys are
-    matched by storage, whatever prefix the pool's canonical names drop.
+    Attributes:
+        linear: the weights of ``nn.Linear`` modules.
+        non_leaf: parameters held directly by a module that has children (CLIP's ``class_embedding``).
     """
+
+    linear: frozenset[str]
+    non_leaf: frozenset[str]
+
+
+def model_layout(model: nn.Module, state_dict: StateDict) -> ModelLayout:
+    """The :class:`ModelLayout` of ``model``; ``state_dict`` is the pool's canonical state dict of ``model``
+    (sharing its storage), so keys are matched by storage, whatever prefix the canonical names drop."""
     by_pointer = {t.data_ptr(): k for k, t in state_dict.items()}
-    keys = set()
+    linear, non_leaf = set(), set()
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.data_ptr() in by_pointer:
-            keys.add(by_pointer[module.weight.data_ptr()])
-    return keys
+            linear.add(by_pointer[module.weight.data_ptr()])
+        if any(True for _ in module.children()):
+            non_leaf.update(
+                by_pointer[p.data_ptr()] for p in module.parameters(recurse=False) if p.data_ptr() in by_pointer
+            )
+    return ModelLayout(frozenset(linear), frozenset(non_leaf))
 
 
 def _is_metrics(value: Any) -> bool:
@@ -192,7 +208,7 @@ class ContinualMergeAlgorithm(BaseAlgorithm):
 
     # ---- what a method defines ----------------------------------------------------------------
     def steps(
-        self, base: dict[str, Tensor] | None, models: Iterable[dict[str, Tensor]], *, linear_keys: set[str]
+        self, base: dict[str, Tensor] | None, models: Iterable[dict[str, Tensor]], *, layout: ModelLayout
     ) -> Iterator[dict[str, Tensor]]:
         """Yield the merged floating tensors after each model of ``models`` (θ0 is ``base``)."""
         raise NotImplementedError
@@ -207,11 +223,11 @@ class ContinualMergeAlgorithm(BaseAlgorithm):
         log.info("%s: merging in the order %s", self.name, order)
         model = modelpool.load_model(PRETRAINED if self.needs_base else order[0])
         own = modelpool.canonical_state_dict(model)
-        linear_keys = linear_weight_keys(model, own)
+        layout = model_layout(model, own)
         base = self._floats(PRETRAINED, own) if self.needs_base else None
         models = (self._read(modelpool, name, own) for name in order)
         steps: list[dict[str, Any]] = []
-        progress = tqdm(self.steps(base, models, linear_keys=linear_keys), total=len(order), desc=self.name)
+        progress = tqdm(self.steps(base, models, layout=layout), total=len(order), desc=self.name)
         for index, merged in enumerate(progress):
             own = modelpool.canonical_state_dict(model)  # again: an evaluation may have moved the model
             with torch.no_grad():

@@ -49,5 +49,5 @@ class ContinualSimpleAverageAlgorithm(ContinualMergeAlgorithm):
             plot_path=plot_path,
         )
 
-    def steps(self, base, models, *, linear_keys):
+    def steps(self, base, models, *, layout):
         return continual_simple_average_steps(models)

@@ -59,5 +59,5 @@ class ContinualTaskArithmeticAlgorithm(ContinualMergeAlgorithm):
             plot_path=plot_path,
         )
 
-    def steps(self, base, models, *, linear_keys):
+    def steps(self, base, models, *, layout):
         return continual_task_arithmetic_steps(base, models, scaling_factor=self.scaling_factor)

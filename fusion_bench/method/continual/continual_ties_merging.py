@@ -85,7 +85,7 @@ class ContinualTiesMergingAlgorithm(ContinualMergeAlgorithm):
             plot_path=plot_path,
         )
 
-    def steps(self, base, models, *, linear_keys):
+    def steps(self, base, models, *, layout):
         return continual_ties_merging_steps(
             base, models, scaling_factor=self.scaling_factor, threshold=self.threshold, merge_func=self.merge_func
         )

@@ -216,7 +216,15 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             ``{task: {"accuracy", "loss"}, ..., "average": {...}, group: {...}, ...}`` (one
             entry per task group, after the average).
         """
-        if not is_clip_vision_model(model):
+        conditioned = callable(getattr(model, "for_task", None)) and getattr(model, "task_names", None) is not None
+        if conditioned:  # a task-specific encoder per task (the task known at inference): model.for_task(task)
+            missing = [t for t in self.task_names if t not in model.task_names]
+            if missing:
+                raise ConfigError(
+                    f"taskpool: the model needs the task at inference and has no model for task(s) "
+                    f"{', '.join(map(repr, missing))} (it knows {', '.join(map(repr, model.task_names))})"
+                )
+        elif not is_clip_vision_model(model):
             raise ModelLoadError(f"the model to evaluate is a {type(model).__name__}, not a CLIP vision model")
         if self.layer_wise_feature_save_path is not None and world_size(self.fabric) > 1:
             raise ConfigError(
@@ -229,7 +237,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.clip_model.to(device)
         report: dict[str, Any] = {}
         for task in progress(self.task_names, desc="evaluating", leave=True):
-            classifier = self.get_classifier(model, task).to(device)
+            encoder = model.for_task(task).to(device).eval() if conditioned else model
+            classifier = self.get_classifier(encoder, task).to(device)
             self.on_task_evaluation_begin(classifier, task)
             try:
                 report[task] = self._evaluate_task(classifier, task, device)

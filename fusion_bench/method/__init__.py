@@ -2,8 +2,9 @@
 
 Layout: ``averaging/``, ``task_vector/`` (family ``core`` + task arithmetic, TIES, DARE, Model
 Breadcrumbs, consensus, PCB, LiNeS), ``subspace/`` (TSV-M, Iso-C/CTS, WUDI, Model Stock),
-``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE),
-``train/`` (fine-tuning), ``analysis/``, and ``dummy``. Every module is imported here, so each
+``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE, Surgery),
+``continual/`` (OPCM and the sequential baselines), ``upscaling/`` (SMILE), ``train/`` (fine-tuning),
+``analysis/``, and ``dummy``. Every module is imported here, so each
 algorithm's ``@register_algorithm`` runs and the public names (``__all__``) of every member
 module are available as ``fusion_bench.method.<Name>``. Adding a method means adding one module
 (and its YAML) to its family; no list to keep in sync.

@@ -82,6 +82,8 @@ class CLIPLayerWiseAdaMergingSurgeryAlgorithm(CLIPLayerWiseAdaMergingAlgorithm):
         "    every other option: see ``clip_layer_wise_adamerging``.\n"
     )
 
+    needs_task_at_inference = True  # the result is evaluated task by task (the task-conditioned protocol)
+
     def __init__(
         self,
         *,

@@ -122,6 +122,8 @@ def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list
                 steps = f" method.max_steps={test_time_steps}"
                 if "layer_wise_adamerging" in override and "concrete" in override:
                     steps += f" method.max_adamerging_steps={test_time_steps}"
+                if "surgery" in override:
+                    steps += f" method.surgery_steps={test_time_steps}"
                 label, override = f"{label}, {test_time_steps} steps", override + steps
             if name in MULTITASK:
                 label, override = f"{label}, {multitask_steps()}", override + " " + multitask_overrides()

@@ -2,8 +2,9 @@
 
 Layout: ``averaging/``, ``task_vector/`` (family ``core`` + task arithmetic, TIES, DARE, Model
 Breadcrumbs, consensus, PCB, LiNeS), ``subspace/`` (TSV-M, Iso-C/CTS, WUDI, Model Stock),
-``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE),
-``train/`` (fine-tuning), ``analysis/``, and ``dummy``.
+``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE, Surgery),
+``continual/`` (OPCM and the sequential baselines), ``upscaling/`` (SMILE), ``ensemble/`` (output
+ensembles), ``train/`` (fine-tuning), ``analysis/``, and ``dummy``.
 
 Nothing is imported up front: the registry (:data:`ALGORITHMS`) knows which module registers
 each name by reading the modules' source (:mod:`fusion_bench.utils.lazy_registry`), so a run

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import lightning
 
     from fusion_bench.modelpool import BaseModelPool
+    from fusion_bench.taskpool import BaseTaskPool
 
 __all__ = ["BaseAlgorithm", "ALGORITHMS", "CORES", "register_algorithm"]
 
@@ -43,11 +44,13 @@ class BaseAlgorithm:
 
     Subclasses are registered with :func:`register_algorithm` (which sets :attr:`name`), take their hyperparameters as keyword arguments in ``__init__`` (the
     same names as in their YAML config) and implement :meth:`run`. The program sets
-    :attr:`fabric` (a ``lightning.Fabric``) before calling ``run``; methods use it for
+    :attr:`fabric` (a ``lightning.Fabric``) and :attr:`taskpool` (the run's task pool, or None) before
+    calling ``run``; methods use it for
     devices instead of calling ``.cuda()``.
     """
 
     fabric: "lightning.Fabric | None" = None
+    taskpool: "BaseTaskPool | None" = None  # the run's task pool, set by the program (None in the Python API)
     name: str = "method"  # set by :func:`register_algorithm` on every registered subclass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -67,7 +70,9 @@ class BaseAlgorithm:
         return {}
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "fabric")
+        opts = ", ".join(
+            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in ("fabric", "taskpool")
+        )
         return f"{type(self).__name__}({opts})"
 
 

@@ -126,9 +126,12 @@ class CLIPZeroShotClassifier(nn.Module):
         self.register_buffer("head", head.detach().float())
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised projected image features, (B, D) float32."""
+        """Normalised projected image features, (B, D) float32, then the vision model's
+        ``transform_image_embeds`` if it has one (a task's Representation Surgery)."""
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # (B, H)
-        return F.normalize(self.visual_projection(pooled).float(), dim=-1)
+        embeds = F.normalize(self.visual_projection(pooled).float(), dim=-1)
+        transform = getattr(self.vision_model, "transform_image_embeds", None)
+        return embeds if transform is None else transform(embeds).float()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.logit_scale_exp * self.image_embeds(pixel_values) @ self.head.T  # (B, C)

@@ -190,6 +190,7 @@ class FabricModelFusionProgram:
     ) -> dict[str, Any]:
         """Fuse, evaluate and report on this process (rank 0 prints and writes)."""
         method.fabric = fabric
+        method.taskpool = taskpool  # methods that evaluate intermediate models (continual merging) use it
         start = time.perf_counter()
         model = self.model = method.run(modelpool)
         fusion_seconds = time.perf_counter() - start

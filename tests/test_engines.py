@@ -10,7 +10,6 @@ Missing engines skip these tests on a developer machine and fail them in CI (``C
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

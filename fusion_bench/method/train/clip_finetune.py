@@ -10,7 +10,7 @@ decay to 0. One call fine-tunes one expert: the pool's ``_pretrained_`` vision e
 pool's train dataset ``task``.
 
 Variants (one training loop): ``use_lora`` trains only LoRA factors on the vision encoder
-(Hu et al. 2021, https://arxiv.org/abs/2106.09685; the seeds: ``q_proj``/``v_proj``, r 16, alpha 32,
+(Hu et al. 2021, https://arxiv.org/abs/2106.09685; the published LoRA experts: ``q_proj``/``v_proj``, r 16, alpha 32,
 dropout 0.1, the published experts 2000 steps); ``use_l_lora`` linearises every LoRA layer around its
 initialisation (L-LoRA, Tang et al. 2024, https://arxiv.org/abs/2310.04742), computed with
 ``torch.func.jvp``. Those save a peft adapter folder that :class:`~fusion_bench.modelpool.CLIPVisionLoRAModelPool`
@@ -43,7 +43,7 @@ __all__ = ["CLIPFinetuneAlgorithm", "finetune_classifier"]
 
 NAME = "clip_finetune"
 LR_SCHEDULERS = ("fixed", "cosine")
-# the seeds' LoRA experts (r 16, alpha 32, q/v projections, dropout 0.1)
+# the published LoRA experts (r 16, alpha 32, q/v projections, dropout 0.1)
 DEFAULT_LORA_CONFIG = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1}
 
 
@@ -105,7 +105,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
             plus the pool's processor, atomically), or the adapter folder for LoRA / L-LoRA; None: not saved.
         use_lora: train LoRA factors only (the vision encoder frozen).
         use_l_lora: train linearised LoRA (L-LoRA); implies ``use_lora``.
-        lora_config: ``{r, lora_alpha, target_modules, lora_dropout}`` (missing keys: the seeds' values).
+        lora_config: ``{r, lora_alpha, target_modules, lora_dropout}`` (missing keys: the published experts' values).
     """
 
     def __init__(
@@ -277,7 +277,7 @@ class CLIPFinetuneAlgorithm(BaseAlgorithm):
 
 
 def _check_lora_config(config: Any) -> dict[str, Any]:
-    """The LoRA options with the seeds' defaults filled in; a ConfigError naming a bad one."""
+    """The LoRA options with the published experts' defaults filled in; a ConfigError naming a bad one."""
     if config is not None and not isinstance(config, Mapping):
         raise ConfigError(
             f"{NAME}: option 'lora_config' must be a mapping {{r, lora_alpha, target_modules, lora_dropout}}; got {config!r}"

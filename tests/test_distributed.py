@@ -89,7 +89,10 @@ def _ddp_gradient(fabric, inputs, targets):
     loss = weight * ((model(x).squeeze(-1) - y) ** 2).mean()
     fabric.backward(loss)
     counts = sum_across_ranks(fabric, [len(y), float(y.sum())])
-    return [p.grad.tolist() for p in model.parameters()], counts, fabric.global_rank  # lists: tensors cannot cross
+    grads = [p.grad.tolist() for p in model.parameters()]  # lists: tensors cannot cross
+    fabric.barrier()  # close the group as the program does: a worker that exits with gloo's threads alive aborts
+    torch.distributed.destroy_process_group()
+    return grads, counts, fabric.global_rank
 
 
 def test_shard_batch_gradient_equals_full_batch_on_two_processes(tmp_path):

@@ -195,6 +195,24 @@ def _finetune(clip_dir: Path, task: str, out: Path, recipe: MiniClipRecipe) -> d
     return algorithm.extra_report()["clip_finetune"]
 
 
+def write_build_record(folder: Path, recipe: Any, tasks: Sequence[str], training: dict, **extra: Any) -> None:
+    """``folder/BUILD.json``: the format, ``extra`` (e.g. ``design``), the recipe, the tasks, the training record,
+    thread count, library versions and the SHA-256 of every file already in ``folder``."""
+    import transformers
+
+    build = {
+        "format": BUILD_FORMAT,
+        **extra,
+        "recipe": dataclasses.asdict(recipe),
+        "tasks": list(tasks),
+        "training": training,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
+        "files": _digests(folder),
+    }
+    (folder / "BUILD.json").write_text(json.dumps(build, indent=1) + "\n")
+
+
 def _digests(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root``, by relative path (sorted)."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -235,7 +253,6 @@ def build_mini_clip(
     Returns:
         ``out`` as a ``Path``.
     """
-    import transformers
 
     tasks = list(tasks or mini_tasks.MINI_TASKS)
     for task in tasks:
@@ -243,16 +260,7 @@ def build_mini_clip(
     start = time.perf_counter()
     with atomic_directory(out, overwrite=True) as tmp:  # rebuilding the shipped folder in place
         record = _build_into(tmp, recipe, tasks, start)
-        build = {
-            "format": BUILD_FORMAT,
-            "recipe": dataclasses.asdict(recipe),
-            "tasks": tasks,
-            "training": record,
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
-            "files": _digests(tmp),
-        }
-        (tmp / "BUILD.json").write_text(json.dumps(build, indent=1) + "\n")
+        write_build_record(tmp, recipe, tasks, record)
     _log(f"done: {out}", start)
     return Path(out)
 

@@ -14,8 +14,6 @@ image domains of :mod:`fusion_bench.data.mini_tasks.domains`:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,15 +141,7 @@ def build_mini_clip_v2(
     Writes ``clip-mini``, ``clip-mini_<task>`` and ``BUILD.json`` (``"design": 2``, the recipe,
     library versions, thread count, losses and every file's SHA-256), like the first design.
     """
-    import transformers
-
-    from fusion_bench.scripts.build_mini_clip import (
-        BASE_NAME,
-        BUILD_FORMAT,
-        _digests,
-        _init_clip,
-        _log,
-    )
+    from fusion_bench.scripts.build_mini_clip import BASE_NAME, _init_clip, _log, write_build_record
 
     tasks = list(tasks or v2.TASKS_V2)
     unknown = [t for t in tasks if t not in DOMAINS]
@@ -171,16 +161,6 @@ def build_mini_clip_v2(
         for task in tasks:
             record[task] = _finetune_v2(clip_dir, task, data_root, tmp / f"{BASE_NAME}_{task}", recipe)
             _log(f"expert {task!r}: loss {record[task]['loss_first']:.3f} -> {record[task]['loss_last']:.3f}", start)
-        build = {
-            "format": BUILD_FORMAT,
-            "design": 2,
-            "recipe": dataclasses.asdict(recipe),
-            "tasks": tasks,
-            "training": record,
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
-            "files": _digests(tmp),
-        }
-        (tmp / "BUILD.json").write_text(json.dumps(build, indent=1) + "\n")
+        write_build_record(tmp, recipe, tasks, record, design=2)
     _log(f"done: {out}", start)
     return Path(out)

@@ -23,11 +23,12 @@ deterministically from a seed (labels balanced, test digits from held-out writer
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -195,15 +196,26 @@ def build_mini_task_datasets(root: str | Path, *, n_train: int = 2000, n_test: i
     Raises:
         DatasetError: ``root`` is a non-empty folder that holds no complete build.
     """
-    root = Path(root).expanduser().absolute()
     marker = {"format": DATASET_FORMAT, "seed": seed, "n_train": n_train, "n_test": n_test, "tasks": list(MINI_TASKS)}
+    build = functools.partial(build_task_dataset, n_train=n_train, n_test=n_test, seed=seed)
+    return build_datasets_once(root, marker, MINI_TASKS, build)
+
+
+def build_datasets_once(root: str | Path, marker: dict, names: Sequence[str], build: Callable[[str], Any]) -> Path:
+    """``build(name).save_to_disk(root/<name>)`` for every name, unless ``root`` already holds a complete build
+    with this ``marker`` (``root/.complete``); built into a temporary sibling that replaces ``root`` at the end.
+
+    Raises:
+        DatasetError: ``root`` is a non-empty folder that holds no complete build.
+    """
+    root = Path(root).expanduser().absolute()
     if _read_marker(root) == marker:
         return root
     if root.is_dir() and any(root.iterdir()) and _read_marker(root) is None:
         raise DatasetError(f"{str(root)!r} is not empty and holds no mini benchmark datasets; not replacing it")
     with atomic_directory(root) as tmp, _no_progress_bars():
-        for name in MINI_TASKS:
-            build_task_dataset(name, n_train=n_train, n_test=n_test, seed=seed).save_to_disk(str(tmp / name))
+        for name in names:
+            build(name).save_to_disk(str(tmp / name))
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     return root
 

@@ -12,16 +12,14 @@
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fusion_bench.data.mini_tasks.domains import DOMAINS, render
-from fusion_bench.data.mini_tasks.tasks import MARKER, _no_progress_bars, _read_marker
-from fusion_bench.errors import DatasetError
-from fusion_bench.utils.io import atomic_directory
+from fusion_bench.data.mini_tasks.tasks import build_datasets_once
 
 if TYPE_CHECKING:
     import datasets
@@ -205,7 +203,6 @@ def build_mini_task_datasets_v2(root: str | Path, *, n_train: int = 2000, n_test
     Raises:
         DatasetError: ``root`` is a non-empty folder that holds no complete build.
     """
-    root = Path(root).expanduser().absolute()
     marker = {
         "format": DATASET_FORMAT_V2,
         "design": 2,
@@ -214,12 +211,5 @@ def build_mini_task_datasets_v2(root: str | Path, *, n_train: int = 2000, n_test
         "n_test": n_test,
         "tasks": list(TASKS_V2),
     }
-    if _read_marker(root) == marker:
-        return root
-    if root.is_dir() and any(root.iterdir()) and _read_marker(root) is None:
-        raise DatasetError(f"{str(root)!r} is not empty and holds no mini benchmark datasets; not replacing it")
-    with atomic_directory(root) as tmp, _no_progress_bars():
-        for name in TASKS_V2:
-            build_task_dataset_v2(name, n_train=n_train, n_test=n_test, seed=seed).save_to_disk(str(tmp / name))
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    return root
+    build = functools.partial(build_task_dataset_v2, n_train=n_train, n_test=n_test, seed=seed)
+    return build_datasets_once(root, marker, TASKS_V2, build)

@@ -174,8 +174,11 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     best_merge = max(signals[row]["avg"] for row in ("simple_average", "task_arithmetic_0.3", "ties_0.3"))
     assert pretrained + 4 < best_merge < signals["experts"]["avg"]
     assert signals["task_probe"] >= 50
-    for row in ("simple_average", "task_arithmetic_0.3", "ties_0.3"):
+    for row in ("simple_average", "task_arithmetic_0.3", "ties_0.3", "single_expert_0.3", "routing_bound"):
         assert set(signals[row]) == {*TASKS, "avg"}
+    # a perfect router over the merge adds back each expert's MLPs: never far below the merge it starts from
+    assert signals["routing_bound"]["avg"] >= signals["task_arithmetic_0.3"]["avg"] - 5
+    assert all(-1 <= rho <= 1 for rho in signals["entropy_loss_spearman"].values())
     assert set(signals["pairs"]["aerial+signs"]["0.5"]) == {"aerial", "signs", "avg"}
 
 

@@ -11,7 +11,14 @@ Measures, in one process and without the fusion program (seconds, not minutes):
 * a linear probe (logistic regression) on the pre-trained image features that predicts which
   task an image comes from;
 * the mean pairwise cosine of each task's zero-shot head rows (near 1: the text tower does not
-  tell the class names apart).
+  tell the class names apart);
+* each expert alone at λ 0.3 on its own task: how much of its gain a fraction of the task vector
+  keeps (the real benchmark's experts keep most of it, which is why a λ of 0.3 works there);
+* the routing bound: each task with its own expert's MLPs over the task-arithmetic merge (λ 0.3) of
+  everything else, what weight-ensembling MoE reaches with a perfect router;
+* the Spearman correlation, per test image, between the prediction entropy and the cross-entropy
+  loss of the task-arithmetic merge: what the test-time methods (AdaMerging, WEMoE) rely on when they
+  minimise entropy instead of the loss.
 
 The merges here are plain re-implementations for a quick look; the benchmark's table is made
 by the library's methods (``benchmarks/mini_clip_table.py``).
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from fusion_bench.data.mini_tasks import v2
 from fusion_bench.data.mini_tasks.domains import DOMAINS
 
-__all__ = ["MiniClipSignals", "measure_signals", "task_arithmetic", "ties"]
+__all__ = ["MiniClipSignals", "measure_signals", "task_arithmetic", "ties", "with_expert_mlps"]
 
 State = dict[str, torch.Tensor]
 
@@ -89,9 +96,23 @@ class MiniClipSignals:
 
     def accuracy(self, state: State, task: str) -> float:
         """Zero-shot-head accuracy (%) of the vision weights ``state`` on ``task``'s test images."""
-        images, labels = self.test[task]
+        return float((self.logits(state, task).argmax(1).numpy() == self.test[task][1]).mean() * 100)
+
+    @torch.no_grad()
+    def logits(self, state: State, task: str) -> torch.Tensor:
+        """Zero-shot logits (the model's logit scale) of the vision weights ``state`` on ``task``'s test images."""
+        images, _ = self.test[task]
         embeds = F.normalize(self.model.visual_projection(self.features(state, images)), dim=-1)
-        return float((((embeds @ self.heads[task].T).argmax(1)).numpy() == labels).mean() * 100)
+        return self.model.logit_scale.exp() * embeds @ self.heads[task].T
+
+    def entropy_loss_spearman(self, state: State, task: str) -> float:
+        """Spearman correlation over ``task``'s test images of prediction entropy and cross-entropy loss."""
+        from scipy.stats import spearmanr
+
+        log_p = self.logits(state, task).log_softmax(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        loss = -log_p[torch.arange(len(log_p)), torch.as_tensor(self.test[task][1])]
+        return float(spearmanr(entropy.numpy(), loss.numpy())[0])
 
     def evaluate(self, state: State, tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Accuracy on each of ``tasks`` (default: the experts' tasks) and their average (``"avg"``)."""
@@ -120,6 +141,11 @@ def task_arithmetic(pretrained: State, experts: Mapping[str, State], scaling: fl
     }
 
 
+def with_expert_mlps(merged: State, expert: State) -> State:
+    """``merged`` with every MLP tensor (``.mlp.`` in its name) taken from ``expert``."""
+    return {k: expert[k] if ".mlp." in k else v for k, v in merged.items()}
+
+
 def ties(pretrained: State, experts: Mapping[str, State], scaling: float = 0.3, keep: float = 0.2) -> State:
     """TIES merging: keep each task vector's top ``keep`` entries by magnitude, elect signs by the
     sum, average the agreeing entries, add ``scaling`` times that to ``θ0``."""
@@ -139,17 +165,28 @@ def ties(pretrained: State, experts: Mapping[str, State], scaling: float = 0.3, 
     return merged
 
 
+def _with_average(values: dict[str, float]) -> dict[str, float]:
+    return {**values, "avg": float(np.mean(list(values.values())))} if values else {}
+
+
 def measure_signals(signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Every signal of the module docstring, as a JSON-able dict (accuracies in %)."""
     s = signals
     result: dict[str, Any] = {"tasks": s.tasks, "head_cosine": {t: round(s.head_cosine(t), 4) for t in v2.TASKS_V2}}
     result["pretrained"] = s.evaluate(s.pretrained, v2.TASKS_V2)
-    own = {t: s.accuracy(s.experts[t], t) for t in s.tasks}
-    result["experts"] = {**own, "avg": float(np.mean(list(own.values())))} if own else {}
+    result["experts"] = _with_average({t: s.accuracy(s.experts[t], t) for t in s.tasks})
+    result["single_expert_0.3"] = _with_average(
+        {t: s.accuracy(task_arithmetic(s.pretrained, {t: s.experts[t]}, 0.3), t) for t in s.tasks}
+    )
     if len(s.tasks) > 1:
+        merged = task_arithmetic(s.pretrained, s.experts, 0.3)
         result["simple_average"] = s.evaluate(task_arithmetic(s.pretrained, s.experts, 1.0 / len(s.tasks)))
-        result["task_arithmetic_0.3"] = s.evaluate(task_arithmetic(s.pretrained, s.experts, 0.3))
+        result["task_arithmetic_0.3"] = s.evaluate(merged)
         result["ties_0.3"] = s.evaluate(ties(s.pretrained, s.experts, 0.3))
+        result["routing_bound"] = _with_average(
+            {t: s.accuracy(with_expert_mlps(merged, s.experts[t]), t) for t in s.tasks}
+        )
+        result["entropy_loss_spearman"] = _with_average({t: s.entropy_loss_spearman(merged, t) for t in s.tasks})
     result["pairs"] = {}
     for a, b in pairs:
         two = {a: s.experts[a], b: s.experts[b]}

@@ -22,8 +22,8 @@ Steps (the authors' defaults, as in their published configuration; docs/algorith
    zero-shot heads and makes one Adam step (lr 1e-4); 1000 steps.
 
 With every routing weight 1 and ``rank_k`` the matrices' rank, a layer's weights are ``W0 + Σt τt``; with
-all weights λ they are task arithmetic's. The routed weight is never built: a matrix's output is
-``x W0ᵀ + ((x (SV)ᵀ) ⊙ r) Uᵀ``, so evaluation routes every sample on its own at the cost of a
+all weights λ they are task arithmetic's. Per-sample routing never builds a routed weight: a matrix's
+output is ``x W0ᵀ + ((x (SV)ᵀ) ⊙ r) Uᵀ``, so evaluation routes every sample on its own at the cost of a
 ``T·k``-wide low-rank product (the reference keeps the batch-averaged routing of training at evaluation).
 
 Checkpoints, resuming and the report are WEMoE's (``save_checkpoint=``, ``checkpoint=``,
@@ -119,7 +119,10 @@ def soft_top_k(weights: torch.Tensor, k: int) -> torch.Tensor:
 def rank_one_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, experts: RankOneExperts, routing: torch.Tensor
 ) -> torch.Tensor:
-    """``x (W + U diag(r) SVᵀ)ᵀ + b`` without building the routed weight.
+    """``x (W + U diag(r) SVᵀ)ᵀ + b``.
+
+    One routing row for the batch (training): the routed weight is built once. One row per sample
+    (evaluation): never built, ``x Wᵀ + ((x (SV)ᵀ) ⊙ r) Uᵀ``, a ``E``-wide low-rank product per sample.
 
     Args:
         x: ``(B, N, in)``.
@@ -130,6 +133,8 @@ def rank_one_linear(
     Returns:
         ``(B, N, out)``.
     """
+    if routing.shape[0] == 1:
+        return F.linear(x, weight + (experts.left * routing) @ experts.right, bias)
     coefficients = (x @ experts.right.T) * routing.unsqueeze(1)  # (B, N, E)
     return F.linear(x, weight, bias) + coefficients @ experts.left.T
 

@@ -229,6 +229,28 @@ def test_checkpoint_round_trip_and_refusal_for_another_rank(pool, trained, tmp_p
         CLIPRankOneMoEAlgorithm(checkpoint=str(path), select_k=4).run(pool)
 
 
+def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(pool, trained, tmp_path):
+    _, model, _ = trained
+    state = tmp_path / "state.ckpt"
+    interrupted = CLIPRankOneMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state))
+    after_step = interrupted._after_step
+
+    def crash(step, *args):
+        after_step(step, *args)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    interrupted._after_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(pool)
+    assert torch.load(state, weights_only=True)["meta"]["kind"] == "rankone_moe_train_state"
+    resumed = CLIPRankOneMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state))
+    routers = resumed.run(pool).router_state_dict()
+    assert resumed.extra_report()["rankone_moe"]["resumed_from_step"] == 2
+    assert all(torch.equal(routers[k], v) for k, v in model.router_state_dict().items())
+    assert not state.exists()
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "options, message",

@@ -36,7 +36,7 @@ SKIP = {
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
 MULTITASK = ("clip_multitask_finetune",)  # trains one model on all tasks (traditional MTL): the experts' recipe
-TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "surgery", "concrete")
+TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete")
 DATA_WORDS = ("fisher", "regmean")
 MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
 POOLS = {"merge": "CLIPVisionModelPool/mini-clip_TA8", "single": "CLIPVisionModelPool/mini-clip_individual"}
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--test-time-steps",
         type=int,
         default=0,
-        help="also run the test-time methods (AdaMerging, Concrete, WEMoE) for this many steps",
+        help="also run the test-time methods (AdaMerging, Concrete, WEMoE, RankOne-MoE) for this many steps",
     )
     parser.add_argument(
         "--fast-dev-run", action="store_true", help="one batch of 25 test images per task (a smoke run)"

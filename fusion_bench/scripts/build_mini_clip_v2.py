@@ -7,9 +7,11 @@ image domains of :mod:`fusion_bench.data.mini_tasks.domains`:
 2. a tokenizer trained on the captions and prompts, and a randomly initialised ``CLIPModel``;
 3. contrastive pre-training on a pool of generated images of all eight domains
    (:func:`~fusion_bench.data.mini_tasks.v2.pretraining_pool`), each step a seeded random batch
-   with freshly drawn captions that name the class half of the time;
-4. one expert per task: ``clip_finetune`` with a small learning rate and few steps, so the
-   experts stay near the pre-trained weights (as fine-tuning a large pre-trained CLIP does).
+   with freshly drawn captions that name the class (80% of them) or only the domain;
+4. one expert per task: ``clip_finetune`` (Adam, lr 1e-4, 400 steps of 32 images): far enough that
+   the experts gain 35 points over zero-shot and task arithmetic keeps part of every gain, near
+   enough that the merges stay in the pre-trained model's basin (a smaller learning rate, 3e-5 for
+   200 steps, gained 28 points and left task arithmetic only 8 above zero-shot).
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ class MiniClipRecipeV2:
     pretrain_steps: int = 1200
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3
-    finetune_steps: int = 200
+    finetune_steps: int = 400
     finetune_batch_size: int = 32
-    finetune_learning_rate: float = 3e-5
+    finetune_learning_rate: float = 1e-4
     n_train: int = 2000
     n_test: int = 500
 

@@ -114,5 +114,67 @@ def test_smile_runs_from_the_cli_and_saves_its_experts(tiny_example, tmp_path):
     meta = json.loads((out / "smile_moe.json").read_text())
     assert meta["models"] == ["mnist", "eurosat", "svhn"] and len(meta["upscaled_layers"]) == layers
     assert (out / "smile_moe.safetensors").stat().st_size > 0
+    # the saved model evaluates again through a model pool entry, to the same accuracy
+    entry = (
+        f"+modelpool.models._pretrained_={{_target_: fusion_bench.models.smile_moe.load_smile_model, path: '{out}'}}"
+    )
+    proc = run_cli(
+        [
+            "method=dummy",
+            "modelpool=CLIPVisionModelPool/tiny-clip_example_individual",
+            "~modelpool.models._pretrained_",
+            entry,
+            pool[1],
+            f"report_save_path={tmp_path / 'again.json'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["average"]["accuracy"] == report["average"]["accuracy"]
     proc = run_cli(["method=smile_upscaling", "method.top_k=4", *pool], cwd=tmp_path)
     assert proc.returncode == 2 and "option 'top_k' (4) exceeds the number of fine-tuned models (3)" in proc.stderr
+
+
+@pytest.mark.parametrize("k", [2, 0])
+def test_a_saved_smile_model_loads_back_to_the_same_outputs(tmp_path, k):
+    """``load_smile_model`` rebuilds the saved model: same tensors, same forward (compressed and full experts)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from fusion_bench.models.smile_moe import load_smile_model
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    base = CLIPVisionModel(config).eval()
+    experts = []
+    for _ in range(3):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for module in expert.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.add_(0.1 * torch.randn_like(module.weight))
+        experts.append(expert)
+    pool = CLIPVisionModelPool({"_pretrained_": base, **{f"t{i}": e for i, e in enumerate(experts)}})
+    model = SmileUpscalingAlgorithm(k=k, top_k=2).run(pool).eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = load_smile_model(tmp_path)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in model.state_dict().items())
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+    assert loaded.meta["k"] == k and loaded.meta["models"] == ["t0", "t1", "t2"]
+
+
+def test_loading_a_folder_that_is_not_a_smile_save_is_one_error(tmp_path):
+    from fusion_bench.errors import ModelLoadError
+    from fusion_bench.models.smile_moe import load_smile_model
+
+    with pytest.raises(ModelLoadError, match="no smile_moe.json"):
+        load_smile_model(tmp_path)
+    (tmp_path / "smile_moe.json").write_text('{"models": []}')
+    (tmp_path / "smile_moe.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is not a SMILE description"):
+        load_smile_model(tmp_path)

@@ -21,6 +21,8 @@ A linear layer ``y = W0 x + b0`` with fine-tuned versions ``(Wi, bi)``, i = 1..T
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -29,7 +31,15 @@ from torch import Tensor, nn
 
 from fusion_bench.models.hf_clip import CLIPVisionModelWrapper
 
-__all__ = ["svd", "SmileGate", "SmileCompressedLinear", "SmileMoELinear", "SmileCLIPVisionModel", "upscale_linear"]
+__all__ = [
+    "svd",
+    "SmileGate",
+    "SmileCompressedLinear",
+    "SmileMoELinear",
+    "SmileCLIPVisionModel",
+    "upscale_linear",
+    "load_smile_model",
+]
 
 CHECKPOINT_FILE = "smile_moe.safetensors"
 CONFIG_FILE = "smile_moe.json"
@@ -200,8 +210,8 @@ class SmileCLIPVisionModel(CLIPVisionModelWrapper):
     """A CLIP vision encoder whose linear layers were upscaled by SMILE; ``forward`` is the encoder's.
 
     ``save_pretrained`` writes every tensor (``smile_moe.safetensors``) and what built them
-    (``smile_moe.json``: the options, the pool's models, the upscaled layers) instead of a
-    ``CLIPVisionModel`` folder, which could not hold the experts.
+    (``smile_moe.json``: the options, the pool's models, the upscaled layers, the encoder's config) instead
+    of a ``CLIPVisionModel`` folder, which could not hold the experts; :func:`load_smile_model` reads it back.
 
     Args:
         vision_model: the ``CLIPVisionModel`` whose linear layers were replaced in place.
@@ -221,11 +231,73 @@ class SmileCLIPVisionModel(CLIPVisionModelWrapper):
         return {n: m for n, m in self.vision_model.named_modules() if isinstance(m, SmileMoELinear)}
 
     def save_pretrained(self, save_directory: str, **_: Any) -> None:
-        from pathlib import Path
-
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(Path(save_directory) / CHECKPOINT_FILE))
         meta = {**self.meta, "upscaled_layers": list(self.moe_layers())}
+        config = getattr(self.vision_model, "config", None)
+        if config is not None:
+            meta["vision_config"] = config.to_dict()
         (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _skeleton_layer(linear: nn.Linear, tensors: Mapping[str, Tensor], prefix: str, top_k: int) -> SmileMoELinear:
+    """A :class:`SmileMoELinear` shaped like the saved tensors under ``prefix`` (values loaded afterwards)."""
+    gate_weight = tensors[f"{prefix}gate.weight"]
+    experts: list[nn.Module] = []
+    while f"{prefix}experts.{len(experts)}.u" in tensors or f"{prefix}experts.{len(experts)}.weight" in tensors:
+        at = f"{prefix}experts.{len(experts)}."
+        bias = tensors.get(f"{at}bias")
+        if f"{at}u" in tensors:
+            u, svh = tensors[f"{at}u"], tensors[f"{at}svh"]
+            k = u.shape[1]
+            expert: nn.Module = SmileCompressedLinear(
+                torch.empty_like(u), torch.ones(k, dtype=u.dtype), torch.empty_like(svh.T), k, bias
+            )
+        else:
+            weight = tensors[f"{at}weight"]
+            expert = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).requires_grad_(False)
+        experts.append(expert)
+    num_experts = max(len(experts), 1)
+    k = gate_weight.shape[0] // num_experts
+    gate = SmileGate([torch.empty(gate_weight.shape[1], k, dtype=gate_weight.dtype)] * num_experts, k)
+    return SmileMoELinear(linear, gate, experts, top_k)
+
+
+def load_smile_model(path: str | os.PathLike[str]) -> SmileCLIPVisionModel:
+    """Read back a SMILE model that ``merged_model_save_path`` wrote (``smile_moe.json`` + ``.safetensors``).
+
+    Use it as a model pool entry to evaluate a saved SMILE model, e.g.
+    ``modelpool.models._pretrained_={_target_: fusion_bench.models.smile_moe.load_smile_model, path: DIR}``.
+
+    Raises:
+        ModelLoadError: the folder lacks either file, or its files do not describe a SMILE CLIP model.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from fusion_bench.errors import ModelLoadError
+
+    folder = Path(path)
+    what = f"SMILE model {str(folder)!r}"
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (folder / name).is_file():
+            raise ModelLoadError(f"{what}: no {name} (is it a folder that smile_upscaling saved?)")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = CLIPVisionConfig(**meta["vision_config"])
+        layers, top_k = list(meta["upscaled_layers"]), int(meta["top_k"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{what}: {CONFIG_FILE} is not a SMILE description ({err!r})") from None
+    tensors = load_file(str(folder / CHECKPOINT_FILE))
+    encoder = CLIPVisionModel(config).requires_grad_(False)
+    try:
+        for name in layers:
+            linear = encoder.get_submodule(name)
+            encoder.set_submodule(name, _skeleton_layer(linear, tensors, f"vision_model.{name}.", top_k))
+        model = SmileCLIPVisionModel(encoder, meta={k: v for k, v in meta.items() if k != "upscaled_layers"})
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, AttributeError, RuntimeError) as err:
+        raise ModelLoadError(f"{what}: its tensors do not match {CONFIG_FILE} ({err})") from None
+    return model.eval()

@@ -258,6 +258,41 @@ def test_training_changes_only_the_routers_and_is_seeded(tiny_example, loss):
     )
 
 
+def _interrupted(opts: dict, at: int) -> PWEMoEAlgorithm:
+    """A method that raises KeyboardInterrupt right after its step ``at`` (its periodic state written)."""
+    method = PWEMoEAlgorithm(**opts)
+    after_step = method._after_step
+
+    def crash(step, *args):
+        after_step(step, *args)
+        if step == at:
+            raise KeyboardInterrupt
+
+    method._after_step = crash
+    return method
+
+
+def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(tiny_example, tmp_path):
+    pool = make_pool(tiny_example)
+    state = tmp_path / "state.ckpt"
+    opts = {**OPTS, "num_steps": 4, "save_interval": 2, "train_state_path": str(state)}
+    whole = PWEMoEAlgorithm(**{**opts, "save_interval": 0})
+    expected = whole.run(pool).state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted(opts, 3).run(pool)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    resumed = PWEMoEAlgorithm(**opts)
+    merged = resumed.run(pool).state_dict()
+    assert resumed.extra_report()["pwe_moe"]["resumed_from_step"] == 2
+    assert resumed._history == whole._history
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+    assert not state.exists()  # the finished run supersedes it
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted(opts, 3).run(pool)
+    with pytest.raises(ConfigError, match=r"train state: .* was made for lr 0\.05, not 0\.02; delete it to start over"):
+        PWEMoEAlgorithm(**{**opts, "lr": 0.02}).run(pool)
+
+
 def method_heads(method, pool):
     from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 

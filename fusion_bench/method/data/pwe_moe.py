@@ -450,6 +450,9 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         seed: seeds the routers' initialisation, the preference draws and the batches' order.
         checkpoint_path: routers saved by ``save_checkpoint`` to evaluate; skips training.
         save_checkpoint: where to write the trained routers (atomically).
+        save_interval: write the resumable training state every this many steps (0: never).
+        train_state_path: that state's file (None: ``<save_checkpoint>.train_state``, none without save_checkpoint);
+            a rerun with the same options resumes from it and gives the routers of an uninterrupted run.
         eval_grid: evaluate the grid of preference vectors (else only ``preference_vectors``, if given).
         eval_grid_n: the grid's dimension; null: the number of models (any other value is refused).
         eval_grid_m: grid points per edge of the simplex (2: the one-hot vectors).
@@ -475,6 +478,8 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         seed: int = 42,
         checkpoint_path: str | None = None,
         save_checkpoint: str | None = None,
+        save_interval: int = 2000,
+        train_state_path: str | None = None,
         eval_grid: bool = True,
         eval_grid_n: int | None = None,
         eval_grid_m: int = 2,
@@ -500,6 +505,9 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         self.seed = check_int(NAME, "seed", seed)
         self.checkpoint_path = optional_path(checkpoint_path, f"{NAME}: option 'checkpoint_path'")
         self.save_checkpoint = optional_path(save_checkpoint, f"{NAME}: option 'save_checkpoint'")
+        self.save_interval = check_int(NAME, "save_interval", save_interval)
+        default_state = f"{self.save_checkpoint}.train_state" if self.save_checkpoint else None
+        self.train_state_path = optional_path(train_state_path, f"{NAME}: option 'train_state_path'") or default_state
         self.eval_grid = check_bool(NAME, "eval_grid", eval_grid)
         self.eval_grid_n = None if eval_grid_n is None else check_int(NAME, "eval_grid_n", eval_grid_n, low=1)
         self.eval_grid_m = check_int(NAME, "eval_grid_m", eval_grid_m, low=2)
@@ -521,6 +529,8 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         self.clip_model = to_container(clip_model)
         self._history: list[float] = []
         self._report: dict[str, Any] = {}
+        self._resumed_from = 0
+        self._seconds_per_step: float | None = None
 
     @staticmethod
     def _list_option(option: str, value: Any, *, nested: bool = False) -> list | None:
@@ -603,6 +613,19 @@ class PWEMoEAlgorithm(BaseAlgorithm):
             "init_lambda": self.init_lambda,
         }
 
+    def _train_meta(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """A training state also needs the same training options to be resumed."""
+        training = {k: getattr(self, k) for k in ("loss", "lr", "num_steps", "alpha", "seed")}
+        return {**meta, "kind": "pwe_moe_train_state", **training, "batch_size": self.dataloader_kwargs["batch_size"]}
+
+    def _load_train_state(self, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        if self.train_state_path is None or not Path(self.train_state_path).is_file():
+            return None
+        try:
+            return load_checkpoint(self.train_state_path, expect=self._train_meta(meta), what=f"{NAME}: train state")
+        except ConfigError as err:
+            raise ConfigError(f"{err}; delete it to start over, or set method.train_state_path") from None
+
     # ---- run ------------------------------------------------------------------------------------------------
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         """Build the upscaled model, load or train its routers, evaluate the preferences; return the merge at
@@ -617,16 +640,17 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         taskpool = self._front_taskpool(front, names)
         meta = self._meta(names, self._layout(modelpool))
         heads = CLIPTaskClassifiers(modelpool, clip_model=self.clip_model, what=NAME)
-        loaded = None
-        if self.checkpoint_path is not None:
+        loaded = resume = None
+        if self.checkpoint_path is not None:  # validated before any heavy work
             loaded = load_checkpoint(self.checkpoint_path, expect=meta, what=f"{NAME}: checkpoint")
         elif self.num_steps > 0:
             heads.check_tasks("train", names)
+            resume = self._load_train_state(meta)
         model = self.build(modelpool, names, meta)
         if loaded is not None:
             model.load_router_state_dict(loaded["routers"], what=f"{NAME}: checkpoint {self.checkpoint_path!r}")
         else:
-            self._train(model, heads, names)
+            self._train(model, heads, names, resume)
             if self.save_checkpoint is not None and (self.fabric is None or self.fabric.is_global_zero):
                 save_checkpoint(self.save_checkpoint, {"routers": model.router_state_dict()}, meta=model.meta)
         evaluations = self._evaluate_front(model, taskpool, names, front)
@@ -679,9 +703,15 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         return ParetoWeightEnsemblingModule(base, vectors, router.to(base_dtype(base)))
 
     # ---- training -----------------------------------------------------------------------------------------
-    def _train(self, model: PWEMoECLIPVisionModel, heads: CLIPTaskClassifiers, names: list[str]) -> None:
+    def _train(
+        self,
+        model: PWEMoECLIPVisionModel,
+        heads: CLIPTaskClassifiers,
+        names: list[str],
+        resume: Mapping[str, Any] | None = None,
+    ) -> None:
         """Adam over the routers: per step a Dirichlet preference, one labelled batch per task, the scalarised
-        cross-entropies."""
+        cross-entropies; from ``resume`` (a training state) if given."""
         if self.num_steps == 0:
             return
         fabric = fabric_or_cpu(self.fabric)
@@ -689,6 +719,7 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         optimizer = torch.optim.Adam(params, lr=self.lr)
         module, optimizer = fabric.setup(model, optimizer)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.num_steps, eta_min=self.lr * 0.1)
+        start = self._apply_resume(model, optimizer, scheduler, resume)
         classifiers = {t: heads.classifier(module, t).to(fabric.device) for t in names}
         streams = heads.test_time_batches(
             names,
@@ -696,12 +727,15 @@ class PWEMoEAlgorithm(BaseAlgorithm):
             seed=self.seed,
             num_workers=self.dataloader_kwargs["num_workers"],
             split="train",
+            start=start,  # a resumed run skips the batches used (indices only)
         )
         rng = np.random.default_rng(self.seed)
+        for _ in range(start):  # replay the preferences drawn before the interruption
+            rng.dirichlet([self.alpha] * len(names))
         dtype = next(model.parameters()).dtype
         model.train()
         began = time.perf_counter()
-        for step in tqdm(range(self.num_steps), desc=NAME, disable=None):
+        for step in tqdm(range(start, self.num_steps), initial=start, total=self.num_steps, desc=NAME, disable=None):
             preference = torch.from_numpy(rng.dirichlet([self.alpha] * len(names)).astype(np.float32))
             model.set_preference(preference)
             losses = []
@@ -721,8 +755,38 @@ class PWEMoEAlgorithm(BaseAlgorithm):
             scheduler.step()
             self._history.append(float(loss.item()))
             log_metrics(fabric, {"train/loss": self._history[-1]}, step=step + 1)
+            self._after_step(step + 1, model, optimizer, scheduler)
         model.eval()
-        self._seconds_per_step = (time.perf_counter() - began) / self.num_steps
+        if self.train_state_path is not None and fabric.is_global_zero:
+            Path(self.train_state_path).unlink(missing_ok=True)  # the final routers supersede it
+        steps = self.num_steps - start
+        self._seconds_per_step = (time.perf_counter() - began) / steps if steps else None
+
+    def _apply_resume(self, model: PWEMoECLIPVisionModel, optimizer: Any, scheduler: Any, resume: Any) -> int:
+        """Load a training state; return the step it was written after (0 without one)."""
+        if resume is None:
+            return 0
+        model.load_router_state_dict(resume["routers"], what=f"{NAME}: train state {self.train_state_path!r}")
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        self._history = resume["history"].tolist()
+        self._resumed_from = min(int(resume["step"]), self.num_steps)
+        log.info("%s: resumed from step %d of %s", NAME, self._resumed_from, self.train_state_path)
+        return self._resumed_from
+
+    def _after_step(self, step: int, model: PWEMoECLIPVisionModel, optimizer: Any, scheduler: Any) -> None:
+        """Called after every step: the periodic resumable state."""
+        periodic = self.save_interval and step % self.save_interval == 0 and step < self.num_steps
+        if not periodic or self.train_state_path is None or not (self.fabric is None or self.fabric.is_global_zero):
+            return
+        state = {
+            "step": step,
+            "routers": model.router_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": torch.tensor(self._history, dtype=torch.float64),
+        }
+        save_checkpoint(self.train_state_path, state, meta=self._train_meta(model.meta))
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     @staticmethod
@@ -757,6 +821,7 @@ class PWEMoEAlgorithm(BaseAlgorithm):
         }
         if self._history:
             window = max(1, min(10, len(self._history) // 2))
+            report["resumed_from_step"] = self._resumed_from
             report["seconds_per_step"] = self._seconds_per_step
             report["loss_first"] = sum(self._history[:window]) / window
             report["loss_last"] = sum(self._history[-window:]) / window

@@ -115,6 +115,20 @@ def test_one_hot_preference_of_a_linear_router_picks_its_column():
     assert merged["bias"].tolist() == pytest.approx([1.3, -0.5 + 0.8 - 3 * 1.9], abs=1e-6)
 
 
+def test_forward_follows_the_router_after_an_optimiser_step():
+    module = _toy_module(1)
+    module.set_preference(torch.tensor([1.0, 0.0]))
+    x = torch.tensor([[1.0, -2.0]])
+    first = module(x)
+    optimizer = torch.optim.SGD(module.router.parameters(), lr=0.1)
+    first.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = module.merged_module()(x)  # from the updated router
+        assert not torch.allclose(first, expected)
+        assert torch.allclose(module(x), expected, atol=1e-6)  # no stale cache
+
+
 def test_router_initialisation():
     for depth in (1, 2):
         a = PreferenceRouter(4, depth=depth, init_lambda=0.3, generator=torch.Generator().manual_seed(7))

@@ -161,6 +161,7 @@ class ParetoWeightEnsemblingModule(nn.Module):
         self.router = router
         self.preference: Tensor | None = None
         self._merged: dict[str, Tensor] | None = None
+        self._merged_for: tuple[int, ...] | None = None  # the router parameters' versions the cache was made with
 
     def set_preference(self, preference: Tensor) -> None:
         """Set ``p`` (T,) and drop the cached merged weights."""
@@ -188,8 +189,10 @@ class ParetoWeightEnsemblingModule(nn.Module):
         }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._merged is None:  # once per preference (the training loop sets one per step)
-            self._merged = self.merged_tensors()
+        # merged once per preference and router state (in training: once per step, shared by the tasks' batches)
+        versions = tuple(p._version for p in self.router.parameters())
+        if self._merged is None or self._merged_for != versions:
+            self._merged, self._merged_for = self.merged_tensors(), versions
         return torch.func.functional_call(self.base, self._merged, args, kwargs)
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ SKIP = {
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
 MULTITASK = ("clip_multitask_finetune",)  # trains one model on all tasks (traditional MTL): the experts' recipe
-TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete")
+TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete", "pwe_moe")
 DATA_WORDS = ("fisher", "regmean")
 MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
 POOLS = {"merge": "CLIPVisionModelPool/mini-clip_TA8", "single": "CLIPVisionModelPool/mini-clip_individual"}
@@ -119,7 +119,8 @@ def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list
             choices = [c for c in choices if c[0] == name] or choices
         for label, override in dict.fromkeys(choices):
             if trains and test_time_steps > 0:
-                steps = f" method.max_steps={test_time_steps}"
+                steps_option = "num_steps" if "pwe_moe" in override else "max_steps"  # PWE-MoE: the reference's name
+                steps = f" method.{steps_option}={test_time_steps}"
                 if "layer_wise_adamerging" in override and "concrete" in override:
                     steps += f" method.max_adamerging_steps={test_time_steps}"
                 if "surgery" in override:

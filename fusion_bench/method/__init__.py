@@ -2,7 +2,7 @@
 
 Layout: ``averaging/``, ``task_vector/`` (family ``core`` + task arithmetic, TIES, DARE, Model
 Breadcrumbs, consensus, PCB, LiNeS), ``subspace/`` (TSV-M, Iso-C/CTS, WUDI, Model Stock),
-``data/`` (Fisher, RegMean, RegMean++), ``test_time/`` (AdaMerging, Concrete, WEMoE, RankOne-MoE, Surgery),
+``data/`` (Fisher, RegMean, RegMean++, PWE-MoE), ``test_time/`` (AdaMerging, Concrete, WEMoE, RankOne-MoE, Surgery),
 ``continual/`` (OPCM and the sequential baselines), ``upscaling/`` (SMILE), ``ensemble/`` (output
 ensembles), ``train/`` (fine-tuning), ``analysis/``, and ``dummy``.
 

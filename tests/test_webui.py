@@ -181,7 +181,7 @@ def test_compose_by_clicking_run_and_see_the_report(server, page) -> None:
         and provenance["seed"] == 42
         and provenance["config"]["method"]["scaling_factor"] == 0.3
     )
-    page.wait_for_selector("#bars .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
     _screenshot(page, "results")
 
 
@@ -232,13 +232,36 @@ def test_files_outside_the_results_folders_are_refused(server, results_dir) -> N
         assert _request(base, "GET", path)[0] == 404, path
 
 
+def _svg_texts(svg: bytes) -> list[str]:
+    """The text of each ``<text>`` element of an SVG document; fails on a script or an event attribute."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    for node in root.iter():
+        assert not node.tag.endswith(("script", "foreignObject")), node.tag
+        assert not [a for a in node.attrib if a.lower().startswith("on")], node.attrib
+        assert not [v for k, v in node.attrib.items() if k.endswith("href") and not v.startswith("#")], node.attrib
+    return ["".join(node.itertext()) for node in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
 def test_a_task_named_script_shows_as_text(server, page) -> None:
     base, *_ = server
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-results-ready]")
     headers = page.locator('table[data-table="methods"] th').all_inner_texts()
     assert EVIL_TASK in headers
-    page.wait_for_selector("#bars .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
+    # the charts are images (which run no script), and the task's name is one <text> element's text in each
+    srcs = page.locator("figure.chart img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
+    assert len(srcs) == 2 and all(re.fullmatch(r"/charts/[0-9a-f]{20}\.svg", s) for s in srcs), srcs
+    status, bars = _request(base, "GET", srcs[0])
+    assert status == 200 and EVIL_TASK in _svg_texts(bars)
+    # drawn by plotly.js on request, the name is text too
+    page.locator('figure[data-chart="bars"] figcaption button').click()
+    page.wait_for_selector('figure[data-chart="bars"] .main-svg')
+    ticks = page.locator('figure[data-chart="bars"] .xtick text').all_text_contents()
+    assert EVIL_TASK in ticks, ticks
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
     assert page.evaluate("[...document.scripts].map(s => s.src.replace(location.origin, ''))") == [
         "/static/app.js",
@@ -246,7 +269,7 @@ def test_a_task_named_script_shows_as_text(server, page) -> None:
     ]
 
 
-def test_results_page_preloads_its_data_and_loads_plotly_once(server, page) -> None:
+def test_results_page_preloads_its_data_and_loads_plotly_only_on_request(server, page) -> None:
     base, *_ = server
     import importlib.util
 
@@ -259,7 +282,32 @@ def test_results_page_preloads_its_data_and_loads_plotly_once(server, page) -> N
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-charts-ready]")
     fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name.replace(location.origin, ''))")
-    assert fetched.count("/api/results") == 1 and fetched.count("/static/plotly.min.js") == 1, fetched
+    charts = [f for f in fetched if f.startswith("/charts/")]
+    assert fetched.count("/api/results") == 1 and len(charts) == len(set(charts)) == 2, fetched
+    assert "/static/plotly.min.js" not in fetched and page.evaluate("window.Plotly") is None
+    for i in range(2):  # both charts made interactive: plotly.js is loaded once
+        page.locator("figure.chart figcaption button").first.click()
+        page.wait_for_selector(f"figure.chart[data-interactive] >> nth={i}")
+    fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name.replace(location.origin, ''))")
+    assert fetched.count("/static/plotly.min.js") == 1 and page.locator("figure.chart .js-plotly-plot").count() == 2
+
+
+def test_chart_images_are_served_by_key_only(server) -> None:
+    base, *_ = server
+    payload = json.loads(_request(base, "GET", "/api/results")[1])
+    url = payload["charts"][0]["url"]
+    status, body = _request(base, "GET", url)
+    assert status == 200 and body.startswith(b"<?xml") and b"<svg" in body
+    key = url.removeprefix("/charts/").removesuffix(".svg")
+    for path in (
+        f"/charts/{key}",
+        f"/charts/{key[:-1]}0.svg" if key[-1] != "0" else f"/charts/{key[:-1]}1.svg",
+        f"/charts/{key.upper()}.svg",
+        f"/charts/../charts/{key}.svg",
+        "/charts/..%2Fapp.py",
+        "/charts/%2Fetc%2Fpasswd",
+    ):
+        assert _request(base, "GET", path)[0] == 404, path
 
 
 def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> None:
@@ -282,8 +330,11 @@ def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> Non
     assert lambdas() == ["0.5", "0.3", "0.1"]
     table.locator("th button", has_text="avg").click()
     assert lambdas() == ["0.1", "0.3", "0.5"]
-    page.wait_for_selector("#sweeps .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
     assert "scaling_factor" in page.locator("#sweeps h2").inner_text()
+    sweep = page.locator("#sweeps img").get_attribute("src")
+    texts = _svg_texts(_request(base, "GET", sweep)[1])
+    assert "scaling_factor" in texts and "task_arithmetic" in texts and "simple_average" not in texts
     page.select_option("#cmp-a", label="simple_average")
     page.select_option("#cmp-b", label="task_arithmetic (scaling_factor=0.5)")
     svhn = page.locator("#compare tr", has_text="svhn").locator("td").all_inner_texts()
@@ -342,7 +393,7 @@ def test_start_up_imports_no_heavy_library(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from fusion_bench.webui.server import parse_args; import uvicorn; "
         "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
-        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly', 'matplotlib') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import re
 import threading
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from fusion_bench.webui.charts import ChartStore, figure_size_px
 from fusion_bench.webui.configs import GROUPS, ConfigTree
 from fusion_bench.webui.results import results_payload, safe_file
 from fusion_bench.webui.runs import RunQueue
@@ -34,6 +36,7 @@ STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # the same request (URL, mode, credentials) as app.js makes for the Results view, so that it reuses the answer
 RESULTS_PRELOAD = "</api/results>; rel=preload; as=fetch; crossorigin"
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
+CHART_NAME = re.compile(r"([0-9a-f]{20})\.svg")
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -65,11 +68,11 @@ def _plotly_js() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _plotly_bytes() -> bytes:
-    """The plotly package's ``plotly.min.js`` as served: the file unchanged, after one comment line, V8's
-    explicit compile hint. With it, Chromium compiles all of plotly.js on a background thread as the file
-    downloads, instead of each function on the page's main thread when it is first called. Measured in
-    Chromium's trace with 200 reports: 0.35 s less CPU on the main thread, 0.25 s more on a background
-    one (other browsers read a comment)."""
+    """The plotly package's ``plotly.min.js`` as served (the page loads it when a chart is made interactive):
+    the file unchanged, after one comment line, V8's explicit compile hint. With it, Chromium compiles all
+    of plotly.js on a background thread as the file downloads, instead of each function on the page's main
+    thread when it is first called. Measured in Chromium's trace with 200 reports: 0.35 s less CPU on the
+    main thread, 0.25 s more on a background one (other browsers read a comment)."""
     return COMPILE_HINT + _plotly_js().read_bytes()
 
 
@@ -86,6 +89,7 @@ def create_app(settings: Settings) -> Starlette:
     tree = ConfigTree(settings.config_dir)
     queue = RunQueue(settings.runs_dir, settings.config_dir)
     roots = [*settings.results, settings.runs_dir]
+    charts = ChartStore()
 
     def authorised(request: Request) -> bool:
         token = request.headers.get(TOKEN_HEADER, "")
@@ -93,6 +97,7 @@ def create_app(settings: Settings) -> Starlette:
         return hmac.compare_digest(token.encode(), settings.token.encode()) and client in LOOPBACK
 
     async def page(request: Request) -> Response:
+        charts.warm()  # matplotlib is imported by the time the page asks for its charts
         headers = dict(SECURITY_HEADERS)
         if request.url.path == "/results":  # the browser asks for the view's data before app.js has run
             headers["Link"] = RESULTS_PRELOAD
@@ -167,7 +172,20 @@ def create_app(settings: Settings) -> Starlette:
         return _json(run.as_dict(len(run.log))) if run else _json({"error": "no such run"}, 404)
 
     def results(request: Request) -> Response:
-        return _json(results_payload(roots))
+        payload = results_payload(roots)
+        for chart in payload["charts"]:  # rendering starts now, while the page draws its tables
+            width, height = figure_size_px(chart)
+            chart.update(url=f"/charts/{charts.add(dict(chart))}.svg", width=width, height=height)
+        return _json(payload)
+
+    def chart(request: Request) -> Response:
+        name = CHART_NAME.fullmatch(request.path_params["name"])
+        svg = charts.svg(name.group(1)) if name else None
+        if svg is None:
+            return PlainTextResponse("not found", status_code=404, headers=SECURITY_HEADERS)
+        # the address names the content: a browser may keep the image
+        cache = {"Cache-Control": "private, max-age=86400"}
+        return Response(svg, media_type="image/svg+xml", headers={**SECURITY_HEADERS, **cache})
 
     def files(request: Request) -> Response:
         path = safe_file(roots, request.path_params["link"])
@@ -189,6 +207,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/api/results", results),
+        Route("/charts/{name}", chart),
         Route("/files/{link:path}", files),
     ]
 
@@ -196,6 +215,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         queue.close()  # stop the runs still going when the server stops
+        charts.close()
 
     # a page elsewhere cannot read this one through a DNS name pointed at 127.0.0.1 (DNS rebinding)
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))]

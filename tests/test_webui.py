@@ -440,3 +440,84 @@ def test_an_extra_config_dir_is_offered_and_validated(tmp_path: Path) -> None:
     assert validate_overrides(["method=my_average"], str(tmp_path)) is None
     assert compose_config(["method=my_average"], str(tmp_path)).method.weight == 2
     assert "unknown method 'my_average'" in validate_overrides(["method=my_average"])
+
+
+def _tables_for_charts():
+    from fusion_bench.reporting.tables import Row, Table
+
+    averages = [50.0, None, 70.0, 70.0, *[10.0 + i for i in range(10)]]  # 14 rows; two tie at 70
+    methods = Table(
+        "methods",
+        "accuracy (%) of each method",
+        ["a", EVIL_TASK, "avg"],
+        [Row(f"m{i}", [1.0 * i, None, avg]) for i, avg in enumerate(averages)],
+    )
+    sweep = Table("sweep_scaling_factor", "avg against scaling_factor", ["0.1", "0.3"], [Row("ta", [1.0, 2.0])])
+    sweep.x = [0.1, 0.3]
+    return methods, sweep
+
+
+def test_chart_specs_show_the_best_rows_and_each_sweep() -> None:
+    from fusion_bench.reporting.tables import Table
+    from fusion_bench.webui.charts import COLORS, chart_specs
+
+    methods, sweep = _tables_for_charts()
+    bars, lines = chart_specs([methods, sweep])
+    # by average, best first (ties in table order, no average last); 12 of the 14 rows
+    assert [s["label"] for s in bars["series"]] == ["m2", "m3", "m0", *[f"m{i}" for i in range(13, 4, -1)]]
+    assert bars["categories"] == ["a", EVIL_TASK] and bars["series"][0]["values"] == [2.0, None]
+    assert bars["title"] == "the 12 best rows by average" and bars["ylabel"] == "accuracy (%)"
+    assert [s["color"] for s in bars["series"]] == list(COLORS[:12])
+    assert lines == {
+        "id": "sweep_scaling_factor",
+        "kind": "lines",
+        "heading": "avg against scaling_factor",
+        "title": "",
+        "x": [0.1, 0.3],
+        "xlabel": "scaling_factor",
+        "ylabel": "average accuracy (%)",
+        "series": [{"label": "ta", "values": [1.0, 2.0], "color": COLORS[0]}],
+    }
+    assert chart_specs([Table("by_x_1", "t", ["a", "avg"], methods.rows)]) == []  # no chart table: no chart
+
+
+def test_chart_colours_are_matplotlibs_tab10_then_their_light_partners() -> None:
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    from fusion_bench.webui.charts import COLORS
+
+    tab20 = [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+    assert list(COLORS) == tab20[0::2] + tab20[1::2]
+
+
+def test_chart_svg_keeps_every_string_as_text() -> None:
+    from fusion_bench.webui.charts import chart_specs, figure_size_px, render_svg
+
+    methods, sweep = _tables_for_charts()
+    methods.rows[2].label = "cost $5 & $x$ <b>"
+    bars, lines = chart_specs([methods, sweep])
+    svg = render_svg(bars)
+    texts = _svg_texts(svg)
+    assert EVIL_TASK in texts and "cost $5 & $x$ <b>" in texts and "the 12 best rows by average" in texts
+    assert b"<script" not in svg and render_svg(bars) == svg  # the same spec, the same bytes
+    width, height = figure_size_px(bars)
+    size_pt = re.search(rb'<svg [^>]*width="([\d.]+)pt" height="([\d.]+)pt"', svg).groups()
+    assert [round(float(v) * 96 / 72) for v in size_pt] == [width, height]  # the size the page reserves
+    assert {"ta", "scaling_factor", "average accuracy (%)"} <= set(_svg_texts(render_svg(lines)))
+
+
+def test_chart_store_renders_once_by_key_and_keeps_the_newest() -> None:
+    from fusion_bench.webui.charts import ChartStore, chart_key, chart_specs, render_svg
+
+    bars, lines = chart_specs(list(_tables_for_charts()))
+    store = ChartStore(size=1)
+    try:
+        store.prepare(lambda: [bars])
+        key = chart_key(bars)
+        store._pool.submit(lambda: None).result()  # the preparation has run (one worker, in order)
+        assert store.svg(key) == render_svg(bars) and store.add(bars) == key
+        assert store.svg("0" * 20) is None
+        assert store.svg(store.add(lines)) == render_svg(lines) and store.svg(key) is None  # one kept
+    finally:
+        store.close()

@@ -97,7 +97,6 @@ def create_app(settings: Settings) -> Starlette:
         return hmac.compare_digest(token.encode(), settings.token.encode()) and client in LOOPBACK
 
     async def page(request: Request) -> Response:
-        charts.warm()  # matplotlib is imported by the time the page asks for its charts
         headers = dict(SECURITY_HEADERS)
         if request.url.path == "/results":  # the browser asks for the view's data before app.js has run
             headers["Link"] = RESULTS_PRELOAD
@@ -213,6 +212,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        charts.prepare(lambda: results_payload(roots)["charts"])  # in the background
         yield
         queue.close()  # stop the runs still going when the server stops
         charts.close()

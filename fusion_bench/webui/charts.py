@@ -7,7 +7,7 @@
   writer; ``$`` is not read as math), nothing is fetched (no fonts, no scripts), and the same spec gives
   the same bytes;
 * :class:`ChartStore`: SVG images by a key made from their spec, rendered one at a time on a worker thread
-  as soon as the page's data names them; the newest ones kept.
+  as soon as the server starts or the page's data names them; the newest ones kept.
 
 Drawing on the server keeps the first visit of a page with 200 reports fast: the browser decodes two
 images instead of compiling 4.6 MB of plotly.js (``benchmarks/webui_timings.py``).
@@ -22,7 +22,7 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -170,13 +170,17 @@ class ChartStore:
         self._lock = threading.Lock()
         self._images: OrderedDict[str, Future[bytes]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion_bench-charts")
-        self._warm: Future[None] | None = None
 
-    def warm(self) -> None:
-        """Import matplotlib on the worker now (once), so the first charts do not wait for it."""
-        with self._lock:
-            if self._warm is None:
-                self._warm = self._pool.submit(_import_matplotlib)
+    def prepare(self, specs: Callable[[], list[dict[str, Any]]]) -> None:
+        """On the worker: import matplotlib, then render the charts ``specs()`` names (the server calls this
+        as it starts, so that the first visit of the Results view finds its charts drawn)."""
+
+        def run() -> None:
+            _import_matplotlib()
+            for spec in specs():
+                self.add(spec)
+
+        self._pool.submit(run)
 
     def add(self, spec: dict[str, Any]) -> str:
         """``spec``'s key; its image is rendered unless it is already kept."""

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+import textwrap
 import threading
 import warnings
 from collections import OrderedDict
@@ -36,7 +37,8 @@ COLORS = (
 )
 MARKERS = ("o", "s", "^", "D", "v")  # a curve's marker changes with each round of the 20 colours
 WIDTH_IN, HEIGHT_IN = 11.0, 3.8  # the figure's size; the page shows it at 96 px an inch
-TICK_CHARS = 90  # task names longer than this, all together, are written aslant
+TICK_CHARS = 80  # the longest task name's length × the number of tasks above which they are written aslant
+LABEL_CHARS = 48  # a legend label's line length: longer labels take more lines
 LEGEND_ROWS = 16  # legend entries a column holds before the legend takes another column (at most 3)
 RC = {
     "svg.fonttype": "none",  # text as <text> (the browser's fonts), not as glyph outlines
@@ -114,13 +116,19 @@ def _height_in(spec: dict[str, Any]) -> float:
     return max(HEIGHT_IN, 0.18 * math.ceil(n / _legend_columns(n)) + 0.6)
 
 
+def _wrap(label: str) -> str:
+    """``label`` in lines of at most ``LABEL_CHARS`` characters (a long label would narrow the plot)."""
+    return "\n".join(textwrap.wrap(label, LABEL_CHARS, break_on_hyphens=False)) or label
+
+
 def _draw_bars(ax: Any, spec: dict[str, Any]) -> None:
     n, categories = max(len(spec["series"]), 1), spec["categories"]
     width = 0.8 / n
     for i, s in enumerate(spec["series"]):
         points = [(j + (i - (n - 1) / 2) * width, v) for j, v in enumerate(s["values"]) if v is not None]
-        ax.bar([p[0] for p in points], [p[1] for p in points], width, color=s["color"], linewidth=0, label=s["label"])
-    crowded = sum(len(c) for c in categories) > TICK_CHARS
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.bar(xs, ys, width, color=s["color"], linewidth=0, label=_wrap(s["label"]))
+    crowded = max((len(c) for c in categories), default=0) * len(categories) > TICK_CHARS
     ax.set_xticks(
         range(len(categories)), categories, rotation=25 if crowded else 0, ha="right" if crowded else "center"
     )
@@ -131,7 +139,7 @@ def _draw_lines(ax: Any, spec: dict[str, Any]) -> None:
         points = [(x, v) for x, v in zip(spec["x"], s["values"]) if v is not None]
         marker = MARKERS[(i // len(COLORS)) % len(MARKERS)]
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, marker=marker, markersize=4, color=s["color"], label=s["label"])
+        ax.plot(xs, ys, marker=marker, markersize=4, color=s["color"], label=_wrap(s["label"]))
     ax.grid(alpha=0.3)
 
 

@@ -276,6 +276,8 @@ def test_results_page_preloads_its_data_and_loads_plotly_only_on_request(server,
     status, body = _request(base, "GET", "/static/plotly.min.js")
     package_file = Path(importlib.util.find_spec("plotly").origin).parent / "package_data" / "plotly.min.js"
     assert status == 200 and body == b"//# allFunctionsCalledOnLoad\n" + package_file.read_bytes()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     response = page.goto(f"{base}/results")
     assert response.headers["link"] == "</api/results>; rel=preload; as=fetch; crossorigin"
     assert "link" not in page.goto(f"{base}/").headers
@@ -290,6 +292,8 @@ def test_results_page_preloads_its_data_and_loads_plotly_only_on_request(server,
         page.wait_for_selector(f"figure.chart[data-interactive] >> nth={i}")
     fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name.replace(location.origin, ''))")
     assert fetched.count("/static/plotly.min.js") == 1 and page.locator("figure.chart .js-plotly-plot").count() == 2
+    # charts, static or drawn by plotly.js, ask nothing of another server (no CDN, no font download)
+    assert requested and all(url.startswith(base + "/") for url in requested), requested
 
 
 def test_chart_images_are_served_by_key_only(server) -> None:

@@ -1,4 +1,4 @@
-"""The Starlette application: the page, its JSON API, and files under the results folders.
+"""The Starlette application: the page, its JSON API, its charts (SVG images), and files under the results folders.
 
 Reads (``GET``) are open to whoever can reach the server; every state-changing request
 (``POST``) needs the header ``X-FusionBench-Token`` and comes from a loopback client.
@@ -179,7 +179,10 @@ def create_app(settings: Settings) -> Starlette:
 
     def chart(request: Request) -> Response:
         name = CHART_NAME.fullmatch(request.path_params["name"])
-        svg = charts.svg(name.group(1)) if name else None
+        try:
+            svg = charts.svg(name.group(1)) if name else None
+        except Exception as err:  # noqa: BLE001 - matplotlib refused the data: one line for the page's log
+            return PlainTextResponse(f"the chart could not be drawn: {err}", status_code=500, headers=SECURITY_HEADERS)
         if svg is None:
             return PlainTextResponse("not found", status_code=404, headers=SECURITY_HEADERS)
         # the address names the content: a browser may keep the image

@@ -525,3 +525,24 @@ def test_chart_store_renders_once_by_key_and_keeps_the_newest() -> None:
         assert store.svg(store.add(lines)) == render_svg(lines) and store.svg(key) is None  # one kept
     finally:
         store.close()
+
+
+def test_the_charts_are_prepared_after_the_first_answer_only() -> None:
+    import asyncio
+
+    from fusion_bench.webui.app import _AfterFirstAnswer
+
+    calls: list[int] = []
+    seen: list[tuple[str, int]] = []  # (request type, hook calls when the app ran)
+
+    async def app(scope, receive, send) -> None:
+        seen.append((scope["type"], len(calls)))
+
+    middleware = _AfterFirstAnswer(app, hook=lambda: calls.append(1))
+
+    async def requests() -> None:
+        for kind in ("lifespan", "http", "http"):
+            await middleware({"type": kind}, None, None)
+
+    asyncio.run(requests())
+    assert seen == [("lifespan", 0), ("http", 0), ("http", 1)] and calls == [1]

@@ -11,10 +11,11 @@ import functools
 import hmac
 import re
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +23,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fusion_bench.webui.charts import ChartStore, figure_size_px
 from fusion_bench.webui.configs import GROUPS, ConfigTree
@@ -74,6 +76,21 @@ def _plotly_bytes() -> bytes:
     thread when it is first called. Measured in Chromium's trace with 200 reports: 0.35 s less CPU on the
     main thread, 0.25 s more on a background one (other browsers read a comment)."""
     return COMPILE_HINT + _plotly_js().read_bytes()
+
+
+class _AfterFirstAnswer:
+    """ASGI middleware: calls ``hook`` once, after the first HTTP request has been answered (work that can
+    wait does not hold back the server's first answer)."""
+
+    def __init__(self, app: ASGIApp, hook: Callable[[], None]) -> None:
+        self.app, self.hook = app, hook
+        self.called = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http" and not self.called:
+            self.called = True
+            self.hook()
 
 
 def _json(data: Any, status: int = 200) -> JSONResponse:
@@ -215,13 +232,16 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        charts.prepare(lambda: results_payload(roots)["charts"])  # in the background
         yield
         queue.close()  # stop the runs still going when the server stops
         charts.close()
 
     # a page elsewhere cannot read this one through a DNS name pointed at 127.0.0.1 (DNS rebinding)
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))]
+    middleware = [
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts)),
+        # the charts of the results folders are drawn in the background once the server has answered
+        Middleware(_AfterFirstAnswer, hook=lambda: charts.prepare(lambda: results_payload(roots)["charts"])),
+    ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.queue = queue
     return app

@@ -8,9 +8,9 @@
   a new context), then once more in that context (what it fetched cached). A script the benchmark adds
   to the page marks the first frame painted after the page flags its tables drawn (``data-results-ready``)
   and after it flags its charts drawn (``data-charts-ready``), in seconds since the navigation started.
-  The first load of each server comes right after its start (its charts not drawn yet, for a page that
-  draws them on the server) and is shown apart; then the median of ``--loads`` loads, with the ratio to
-  the 1 s target.
+  The first load of each server comes right after its start (for a page whose server draws the charts,
+  in the background after its first answer, that drawing has just begun) and is shown apart; then the
+  median of ``--loads`` loads, with the ratio to the 1 s target.
 * renderer CPU: one more fresh load per version with Chromium's trace on: the CPU time of the page's
   main thread (its tasks' thread time, from navigation to the charts drawn) and of V8's background
   compiling. Unlike the wall-clock times, these barely change with the load on the machine.

@@ -140,7 +140,7 @@ def load_once(pw, base: str, reports: int) -> dict[str, float]:
     context.add_init_script(PAINT_MARKS)
     page = context.new_page()
     out = {}
-    for visit in ("first visit", "repeated visit"):  # the second one finds plotly.js in the cache
+    for visit in ("first visit", "repeated visit"):  # the second one finds in the cache what the first fetched
         page.goto(base + "/results")
         page.wait_for_selector("body[data-charts-ready]", timeout=60_000)
         rows = page.locator('table[data-table="methods"] tbody tr').count()

@@ -529,6 +529,7 @@ def test_chart_store_renders_once_by_key_and_keeps_the_newest() -> None:
 
 def test_the_charts_are_prepared_after_the_first_answer_only() -> None:
     import asyncio
+    import concurrent.futures
 
     from fusion_bench.webui.app import _AfterFirstAnswer
 
@@ -544,5 +545,7 @@ def test_the_charts_are_prepared_after_the_first_answer_only() -> None:
         for kind in ("lifespan", "http", "http"):
             await middleware({"type": kind}, None, None)
 
-    asyncio.run(requests())
+    # a thread of its own: the module's browser (Playwright's sync API) may hold this thread's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, requests()).result()
     assert seen == [("lifespan", 0), ("http", 0), ("http", 1)] and calls == [1]

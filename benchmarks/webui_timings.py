@@ -4,20 +4,26 @@
   ``--starts`` starts; also lists the heavy modules (torch, transformers, lightning) imported by then: none;
 * render: 200 generated reports (25 methods × 8 λ values, 8 tasks) in a ``--results`` folder; Debian's
   chromium opens ``/results`` (with the page's Content-Security-Policy in force) in a new browser each
-  time (empty caches: a browser that has run plotly.js before compiles it faster, even in a new context),
-  then once more in that context (plotly.js cached). A script the benchmark adds
+  time (a fresh profile, empty caches: a browser that has run plotly.js before compiles it faster, even in
+  a new context), then once more in that context (what it fetched cached). A script the benchmark adds
   to the page marks the first frame painted after the page flags its tables drawn (``data-results-ready``)
   and after it flags its charts drawn (``data-charts-ready``), in seconds since the navigation started.
-  Median of ``--loads`` loads, with the ratio to the 1 s target.
+  The first load of each server comes right after its start (for a page whose server draws the charts,
+  in the background after its first answer, that drawing has just begun) and is shown apart; then the
+  median of ``--loads`` loads, with the ratio to the 1 s target.
 * renderer CPU: one more fresh load per version with Chromium's trace on: the CPU time of the page's
   main thread (its tasks' thread time, from navigation to the charts drawn) and of V8's background
   compiling. Unlike the wall-clock times, these barely change with the load on the machine.
+* server CPU for the charts: this checkout draws the charts of the 200 reports as SVG (matplotlib) once
+  per state of the results; the CPU time of that drawing, in this process (matplotlib imported first).
 * ``--baseline DIR``: the same loads, alternating, on a second server that runs the ``fusion_bench`` of
-  another checkout (e.g. ``git worktree add --detach /tmp/base main``), so both versions are timed
-  under the same load on the machine.
+  another checkout, so both versions are timed under the same load on the machine;
+  ``--baseline-rev REV``: that checkout is ``fusion_bench/`` of the commit ``REV``, exported with
+  ``git archive`` into a temporary folder (e.g. ``--baseline-rev fa31fbc``, the page drawing its
+  charts with plotly.js).
 
 Run from the repository root (targets: start-up ≤ 1.5 s on 2 cores, render ≤ 1 s):
-    python benchmarks/webui_timings.py [--reports 200] [--starts 5] [--loads 5] [--baseline DIR]
+    python benchmarks/webui_timings.py [--reports 200] [--starts 5] [--loads 5] [--baseline DIR | --baseline-rev REV]
 """
 
 from __future__ import annotations
@@ -134,7 +140,7 @@ def load_once(pw, base: str, reports: int) -> dict[str, float]:
     context.add_init_script(PAINT_MARKS)
     page = context.new_page()
     out = {}
-    for visit in ("first visit", "repeated visit"):  # the second one finds plotly.js in the cache
+    for visit in ("first visit", "repeated visit"):  # the second one finds in the cache what the first fetched
         page.goto(base + "/results")
         page.wait_for_selector("body[data-charts-ready]", timeout=60_000)
         rows = page.locator('table[data-table="methods"] tbody tr').count()
@@ -175,15 +181,17 @@ def renderer_cpu(pw, base: str, trace: Path) -> dict[str, float]:
 
 def render_timings(versions: dict[str, str], reports: int, loads: int) -> dict[str, dict[str, list[float]]]:
     """{version: {"<visit>, <measure>": [seconds per load]}}; the versions take turns, and which one
-    goes first alternates, so that both see the same load on the machine."""
+    goes first alternates, so that both see the same load on the machine. Load 0 of each server (just
+    started) is kept apart."""
     from playwright.sync_api import sync_playwright
 
     timings: dict[str, dict[str, list[float]]] = {name: {} for name in versions}
     with sync_playwright() as pw:
-        for i in range(loads):
+        for i in range(loads + 1):
             order = list(versions) if i % 2 == 0 else list(reversed(versions))
             for name in order:
                 for key, seconds in load_once(pw, versions[name], reports).items():
+                    key = key.replace("first visit", "first visit to a server just started") if i == 0 else key
                     timings[name].setdefault(key, []).append(seconds)
         with tempfile.TemporaryDirectory() as tmp:
             for i, (name, base) in enumerate(
@@ -194,12 +202,41 @@ def render_timings(versions: dict[str, str], reports: int, loads: int) -> dict[s
     return timings
 
 
+def chart_drawing_cpu(results: Path, repeats: int = 3) -> float | None:
+    """Median CPU seconds (this process) to draw the charts of the reports in ``results`` as SVG, or None
+    where this checkout has no server-drawn charts."""
+    try:
+        from fusion_bench.webui.charts import render_svg
+    except ImportError:
+        return None
+    from fusion_bench.webui.results import results_payload
+
+    specs = results_payload([results])["charts"]
+    render_svg(specs[0])  # imports matplotlib
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for spec in specs:
+            render_svg(spec)
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """``fusion_bench/`` of the commit ``rev`` (of this repository) written under ``into``; ``into``."""
+    archive = subprocess.run(["git", "archive", rev, "fusion_bench"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=200)
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--loads", type=int, default=5)
-    parser.add_argument("--baseline", type=Path, help="a checkout whose fusion_bench is timed alongside this one")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", type=Path, help="a checkout whose fusion_bench is timed alongside this one")
+    baseline.add_argument("--baseline-rev", help="a commit whose fusion_bench/ is timed alongside this checkout")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, load average at the start {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,6 +246,9 @@ def main() -> None:
         codes = {"this checkout": None}
         if args.baseline is not None:
             codes[f"baseline {args.baseline}"] = args.baseline.resolve()
+        if args.baseline_rev is not None:
+            (Path(tmp) / "baseline").mkdir()
+            codes[f"baseline {args.baseline_rev}"] = export_revision(args.baseline_rev, Path(tmp) / "baseline")
         for name, code in codes.items():
             starts = []
             for _ in range(args.starts):
@@ -220,6 +260,10 @@ def main() -> None:
                 f"(all: {', '.join(f'{s:.2f}' for s in starts)})"
             )
         print(f"heavy modules imported at start-up: {heavy_modules_at_start() or 'none'}")
+        drawing = chart_drawing_cpu(results)
+        if drawing is not None:
+            print(f"this checkout: server CPU to draw the charts of {args.reports} reports (SVG): {drawing:.2f} s")
+        print(f"load average before the page loads {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         servers = {name: start(results, runs, code) for name, code in codes.items()}
         try:
             timings = render_timings({name: base for name, (_, base, _) in servers.items()}, args.reports, args.loads)

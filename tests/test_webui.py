@@ -181,7 +181,7 @@ def test_compose_by_clicking_run_and_see_the_report(server, page) -> None:
         and provenance["seed"] == 42
         and provenance["config"]["method"]["scaling_factor"] == 0.3
     )
-    page.wait_for_selector("#bars .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
     _screenshot(page, "results")
 
 
@@ -232,13 +232,36 @@ def test_files_outside_the_results_folders_are_refused(server, results_dir) -> N
         assert _request(base, "GET", path)[0] == 404, path
 
 
+def _svg_texts(svg: bytes) -> list[str]:
+    """The text of each ``<text>`` element of an SVG document; fails on a script or an event attribute."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    for node in root.iter():
+        assert not node.tag.endswith(("script", "foreignObject")), node.tag
+        assert not [a for a in node.attrib if a.lower().startswith("on")], node.attrib
+        assert not [v for k, v in node.attrib.items() if k.endswith("href") and not v.startswith("#")], node.attrib
+    return ["".join(node.itertext()) for node in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
 def test_a_task_named_script_shows_as_text(server, page) -> None:
     base, *_ = server
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-results-ready]")
     headers = page.locator('table[data-table="methods"] th').all_inner_texts()
     assert EVIL_TASK in headers
-    page.wait_for_selector("#bars .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
+    # the charts are images (which run no script), and the task's name is one <text> element's text in each
+    srcs = page.locator("figure.chart img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
+    assert len(srcs) == 2 and all(re.fullmatch(r"/charts/[0-9a-f]{20}\.svg", s) for s in srcs), srcs
+    status, bars = _request(base, "GET", srcs[0])
+    assert status == 200 and EVIL_TASK in _svg_texts(bars)
+    # drawn by plotly.js on request, the name is text too
+    page.locator('figure[data-chart="bars"] figcaption button').click()
+    page.wait_for_selector('figure[data-chart="bars"] .main-svg')
+    ticks = page.locator('figure[data-chart="bars"] .xtick text').all_text_contents()
+    assert EVIL_TASK in ticks, ticks
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
     assert page.evaluate("[...document.scripts].map(s => s.src.replace(location.origin, ''))") == [
         "/static/app.js",
@@ -246,20 +269,49 @@ def test_a_task_named_script_shows_as_text(server, page) -> None:
     ]
 
 
-def test_results_page_preloads_its_data_and_loads_plotly_once(server, page) -> None:
+def test_results_page_preloads_its_data_and_loads_plotly_only_on_request(server, page) -> None:
     base, *_ = server
     import importlib.util
 
     status, body = _request(base, "GET", "/static/plotly.min.js")
     package_file = Path(importlib.util.find_spec("plotly").origin).parent / "package_data" / "plotly.min.js"
     assert status == 200 and body == b"//# allFunctionsCalledOnLoad\n" + package_file.read_bytes()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     response = page.goto(f"{base}/results")
     assert response.headers["link"] == "</api/results>; rel=preload; as=fetch; crossorigin"
     assert "link" not in page.goto(f"{base}/").headers
     page.goto(f"{base}/results")
     page.wait_for_selector("body[data-charts-ready]")
     fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name.replace(location.origin, ''))")
-    assert fetched.count("/api/results") == 1 and fetched.count("/static/plotly.min.js") == 1, fetched
+    charts = [f for f in fetched if f.startswith("/charts/")]
+    assert fetched.count("/api/results") == 1 and len(charts) == len(set(charts)) == 2, fetched
+    assert "/static/plotly.min.js" not in fetched and page.evaluate("window.Plotly") is None
+    for i in range(2):  # both charts made interactive: plotly.js is loaded once
+        page.locator("figure.chart figcaption button").first.click()
+        page.wait_for_selector(f"figure.chart[data-interactive] >> nth={i}")
+    fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name.replace(location.origin, ''))")
+    assert fetched.count("/static/plotly.min.js") == 1 and page.locator("figure.chart .js-plotly-plot").count() == 2
+    # charts, static or drawn by plotly.js, ask nothing of another server (no CDN, no font download)
+    assert requested and all(url.startswith(base + "/") for url in requested), requested
+
+
+def test_chart_images_are_served_by_key_only(server) -> None:
+    base, *_ = server
+    payload = json.loads(_request(base, "GET", "/api/results")[1])
+    url = payload["charts"][0]["url"]
+    status, body = _request(base, "GET", url)
+    assert status == 200 and body.startswith(b"<?xml") and b"<svg" in body
+    key = url.removeprefix("/charts/").removesuffix(".svg")
+    for path in (
+        f"/charts/{key}",
+        f"/charts/{key[:-1]}0.svg" if key[-1] != "0" else f"/charts/{key[:-1]}1.svg",
+        f"/charts/{key.upper()}.svg",
+        f"/charts/../charts/{key}.svg",
+        "/charts/..%2Fapp.py",
+        "/charts/%2Fetc%2Fpasswd",
+    ):
+        assert _request(base, "GET", path)[0] == 404, path
 
 
 def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> None:
@@ -282,8 +334,11 @@ def test_sortable_table_sweep_and_side_by_side(server, page, results_dir) -> Non
     assert lambdas() == ["0.5", "0.3", "0.1"]
     table.locator("th button", has_text="avg").click()
     assert lambdas() == ["0.1", "0.3", "0.5"]
-    page.wait_for_selector("#sweeps .main-svg")
+    page.wait_for_selector("body[data-charts-ready]")
     assert "scaling_factor" in page.locator("#sweeps h2").inner_text()
+    sweep = page.locator("#sweeps img").get_attribute("src")
+    texts = _svg_texts(_request(base, "GET", sweep)[1])
+    assert "scaling_factor" in texts and "task_arithmetic" in texts and "simple_average" not in texts
     page.select_option("#cmp-a", label="simple_average")
     page.select_option("#cmp-b", label="task_arithmetic (scaling_factor=0.5)")
     svhn = page.locator("#compare tr", has_text="svhn").locator("td").all_inner_texts()
@@ -342,7 +397,7 @@ def test_start_up_imports_no_heavy_library(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from fusion_bench.webui.server import parse_args; import uvicorn; "
         "from fusion_bench.webui.app import Settings, create_app; create_app(Settings('t', [], Path('r'))); "
-        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'hydra', 'plotly', 'matplotlib') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -389,3 +444,108 @@ def test_an_extra_config_dir_is_offered_and_validated(tmp_path: Path) -> None:
     assert validate_overrides(["method=my_average"], str(tmp_path)) is None
     assert compose_config(["method=my_average"], str(tmp_path)).method.weight == 2
     assert "unknown method 'my_average'" in validate_overrides(["method=my_average"])
+
+
+def _tables_for_charts():
+    from fusion_bench.reporting.tables import Row, Table
+
+    averages = [50.0, None, 70.0, 70.0, *[10.0 + i for i in range(10)]]  # 14 rows; two tie at 70
+    methods = Table(
+        "methods",
+        "accuracy (%) of each method",
+        ["a", EVIL_TASK, "avg"],
+        [Row(f"m{i}", [1.0 * i, None, avg]) for i, avg in enumerate(averages)],
+    )
+    sweep = Table("sweep_scaling_factor", "avg against scaling_factor", ["0.1", "0.3"], [Row("ta", [1.0, 2.0])])
+    sweep.x = [0.1, 0.3]
+    return methods, sweep
+
+
+def test_chart_specs_show_the_best_rows_and_each_sweep() -> None:
+    from fusion_bench.reporting.tables import Table
+    from fusion_bench.webui.charts import COLORS, chart_specs
+
+    methods, sweep = _tables_for_charts()
+    bars, lines = chart_specs([methods, sweep])
+    # by average, best first (ties in table order, no average last); 12 of the 14 rows
+    assert [s["label"] for s in bars["series"]] == ["m2", "m3", "m0", *[f"m{i}" for i in range(13, 4, -1)]]
+    assert bars["categories"] == ["a", EVIL_TASK] and bars["series"][0]["values"] == [2.0, None]
+    assert bars["title"] == "the 12 best rows by average" and bars["ylabel"] == "accuracy (%)"
+    assert [s["color"] for s in bars["series"]] == list(COLORS[:12])
+    assert lines == {
+        "id": "sweep_scaling_factor",
+        "kind": "lines",
+        "heading": "avg against scaling_factor",
+        "title": "",
+        "x": [0.1, 0.3],
+        "xlabel": "scaling_factor",
+        "ylabel": "average accuracy (%)",
+        "series": [{"label": "ta", "values": [1.0, 2.0], "color": COLORS[0]}],
+    }
+    assert chart_specs([Table("by_x_1", "t", ["a", "avg"], methods.rows)]) == []  # no chart table: no chart
+
+
+def test_chart_colours_are_matplotlibs_tab10_then_their_light_partners() -> None:
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    from fusion_bench.webui.charts import COLORS
+
+    tab20 = [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+    assert list(COLORS) == tab20[0::2] + tab20[1::2]
+
+
+def test_chart_svg_keeps_every_string_as_text() -> None:
+    from fusion_bench.webui.charts import chart_specs, figure_size_px, render_svg
+
+    methods, sweep = _tables_for_charts()
+    methods.rows[2].label = "cost $5 & $x$ <b>"
+    bars, lines = chart_specs([methods, sweep])
+    svg = render_svg(bars)
+    texts = _svg_texts(svg)
+    assert EVIL_TASK in texts and "cost $5 & $x$ <b>" in texts and "the 12 best rows by average" in texts
+    assert b"<script" not in svg and render_svg(bars) == svg  # the same spec, the same bytes
+    width, height = figure_size_px(bars)
+    size_pt = re.search(rb'<svg [^>]*width="([\d.]+)pt" height="([\d.]+)pt"', svg).groups()
+    assert [round(float(v) * 96 / 72) for v in size_pt] == [width, height]  # the size the page reserves
+    assert {"ta", "scaling_factor", "average accuracy (%)"} <= set(_svg_texts(render_svg(lines)))
+
+
+def test_chart_store_renders_once_by_key_and_keeps_the_newest() -> None:
+    from fusion_bench.webui.charts import ChartStore, chart_key, chart_specs, render_svg
+
+    bars, lines = chart_specs(list(_tables_for_charts()))
+    store = ChartStore(size=1)
+    try:
+        store.prepare(lambda: [bars])
+        key = chart_key(bars)
+        store._pool.submit(lambda: None).result()  # the preparation has run (one worker, in order)
+        assert store.svg(key) == render_svg(bars) and store.add(bars) == key
+        assert store.svg("0" * 20) is None
+        assert store.svg(store.add(lines)) == render_svg(lines) and store.svg(key) is None  # one kept
+    finally:
+        store.close()
+
+
+def test_the_charts_are_prepared_after_the_first_answer_only() -> None:
+    import asyncio
+    import concurrent.futures
+
+    from fusion_bench.webui.app import _AfterFirstAnswer
+
+    calls: list[int] = []
+    seen: list[tuple[str, int]] = []  # (request type, hook calls when the app ran)
+
+    async def app(scope, receive, send) -> None:
+        seen.append((scope["type"], len(calls)))
+
+    middleware = _AfterFirstAnswer(app, hook=lambda: calls.append(1))
+
+    async def requests() -> None:
+        for kind in ("lifespan", "http", "http"):
+            await middleware({"type": kind}, None, None)
+
+    # a thread of its own: the module's browser (Playwright's sync API) may hold this thread's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, requests()).result()
+    assert seen == [("lifespan", 0), ("http", 0), ("http", 1)] and calls == [1]

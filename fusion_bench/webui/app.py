@@ -1,4 +1,4 @@
-"""The Starlette application: the page, its JSON API, and files under the results folders.
+"""The Starlette application: the page, its JSON API, its charts (SVG images), and files under the results folders.
 
 Reads (``GET``) are open to whoever can reach the server; every state-changing request
 (``POST``) needs the header ``X-FusionBench-Token`` and comes from a loopback client.
@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import re
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,7 +23,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fusion_bench.webui.charts import ChartStore, figure_size_px
 from fusion_bench.webui.configs import GROUPS, ConfigTree
 from fusion_bench.webui.results import results_payload, safe_file
 from fusion_bench.webui.runs import RunQueue
@@ -34,6 +38,7 @@ STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # the same request (URL, mode, credentials) as app.js makes for the Results view, so that it reuses the answer
 RESULTS_PRELOAD = "</api/results>; rel=preload; as=fetch; crossorigin"
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
+CHART_NAME = re.compile(r"([0-9a-f]{20})\.svg")
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -65,12 +70,27 @@ def _plotly_js() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _plotly_bytes() -> bytes:
-    """The plotly package's ``plotly.min.js`` as served: the file unchanged, after one comment line, V8's
-    explicit compile hint. With it, Chromium compiles all of plotly.js on a background thread as the file
-    downloads, instead of each function on the page's main thread when it is first called. Measured in
-    Chromium's trace with 200 reports: 0.35 s less CPU on the main thread, 0.25 s more on a background
-    one (other browsers read a comment)."""
+    """The plotly package's ``plotly.min.js`` as served (the page loads it when a chart is made interactive):
+    the file unchanged, after one comment line, V8's explicit compile hint. With it, Chromium compiles all
+    of plotly.js on a background thread as the file downloads, instead of each function on the page's main
+    thread when it is first called. Measured in Chromium's trace with 200 reports: 0.35 s less CPU on the
+    main thread, 0.25 s more on a background one (other browsers read a comment)."""
     return COMPILE_HINT + _plotly_js().read_bytes()
+
+
+class _AfterFirstAnswer:
+    """ASGI middleware: calls ``hook`` once, after the first HTTP request has been answered (work that can
+    wait does not hold back the server's first answer)."""
+
+    def __init__(self, app: ASGIApp, hook: Callable[[], None]) -> None:
+        self.app, self.hook = app, hook
+        self.called = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http" and not self.called:
+            self.called = True
+            self.hook()
 
 
 def _json(data: Any, status: int = 200) -> JSONResponse:
@@ -86,6 +106,7 @@ def create_app(settings: Settings) -> Starlette:
     tree = ConfigTree(settings.config_dir)
     queue = RunQueue(settings.runs_dir, settings.config_dir)
     roots = [*settings.results, settings.runs_dir]
+    charts = ChartStore()
 
     def authorised(request: Request) -> bool:
         token = request.headers.get(TOKEN_HEADER, "")
@@ -167,7 +188,23 @@ def create_app(settings: Settings) -> Starlette:
         return _json(run.as_dict(len(run.log))) if run else _json({"error": "no such run"}, 404)
 
     def results(request: Request) -> Response:
-        return _json(results_payload(roots))
+        payload = results_payload(roots)
+        for chart in payload["charts"]:  # rendering starts now, while the page draws its tables
+            width, height = figure_size_px(chart)
+            chart.update(url=f"/charts/{charts.add(dict(chart))}.svg", width=width, height=height)
+        return _json(payload)
+
+    def chart(request: Request) -> Response:
+        name = CHART_NAME.fullmatch(request.path_params["name"])
+        try:
+            svg = charts.svg(name.group(1)) if name else None
+        except Exception as err:  # noqa: BLE001 - matplotlib refused the data: one line for the page's log
+            return PlainTextResponse(f"the chart could not be drawn: {err}", status_code=500, headers=SECURITY_HEADERS)
+        if svg is None:
+            return PlainTextResponse("not found", status_code=404, headers=SECURITY_HEADERS)
+        # the address names the content: a browser may keep the image
+        cache = {"Cache-Control": "private, max-age=86400"}
+        return Response(svg, media_type="image/svg+xml", headers={**SECURITY_HEADERS, **cache})
 
     def files(request: Request) -> Response:
         path = safe_file(roots, request.path_params["link"])
@@ -189,6 +226,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/api/results", results),
+        Route("/charts/{name}", chart),
         Route("/files/{link:path}", files),
     ]
 
@@ -196,9 +234,14 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         queue.close()  # stop the runs still going when the server stops
+        charts.close()
 
     # a page elsewhere cannot read this one through a DNS name pointed at 127.0.0.1 (DNS rebinding)
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))]
+    middleware = [
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts)),
+        # the charts of the results folders are drawn in the background once the server has answered
+        Middleware(_AfterFirstAnswer, hook=lambda: charts.prepare(lambda: results_payload(roots)["charts"])),
+    ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.queue = queue
     return app

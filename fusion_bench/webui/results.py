@@ -66,11 +66,13 @@ def _table_entry(table: Any, digits: int) -> dict[str, Any]:
 
 def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor", digits: int = 1) -> dict[str, Any]:
     """Every report under ``roots`` (folders that exist), with the tables ``fusion_bench_report``
-    builds from them and its Markdown document; ``error`` holds the collector's one-line error."""
+    builds from them, its Markdown document, and the specs of the charts of those tables
+    (:func:`~fusion_bench.webui.charts.chart_specs`); ``error`` holds the collector's one-line error."""
     from fusion_bench.errors import FusionBenchError
     from fusion_bench.reporting import build_tables, load_runs
     from fusion_bench.reporting.render import markdown_document
     from fusion_bench.reporting.tables import row_labels
+    from fusion_bench.webui.charts import chart_specs
 
     existing = [r for r in roots if r.exists()]
     payload: dict[str, Any] = {
@@ -78,6 +80,7 @@ def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor
         "runs": [],
         "tables": [],
         "markdown": "",
+        "charts": [],
         "error": None,
     }
     if not existing:
@@ -92,6 +95,7 @@ def results_payload(roots: Sequence[Path], *, sweep_param: str = "scaling_factor
     resolved = [r.resolve() for r in roots]
     payload["runs"] = [_run_entry(r, label, resolved) for r, label in zip(runs, row_labels(runs))]
     payload["tables"] = [_table_entry(t, digits) for t in tables]
+    payload["charts"] = chart_specs(tables)
     payload["markdown"] = markdown_document(tables, digits=digits, sources=[str(r.path) for r in runs])
     return payload
 

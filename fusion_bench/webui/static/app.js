@@ -238,8 +238,6 @@ function exportBlock(name, text, filename) {
   const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
   return el("details", {}, el("summary", {}, name + " ", el("a", { href: url, download: filename }, "download")), el("pre", {}, text));
 }
-// resolves after the browser has laid out and painted what the page holds now
-function nextPaint() { return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))); }
 async function loadResults() {
   const data = await getJSON("/api/results");
   const highlight = new URLSearchParams(location.search).get("report");
@@ -254,35 +252,56 @@ async function loadResults() {
   if (data.markdown) exports.prepend(exportBlock("tables.md (all tables)", data.markdown, "tables.md"));
   renderReports(data.runs, highlight);
   renderCompare(data.runs, highlight);
+  const drawn = renderCharts(data.charts);
   document.body.dataset.resultsReady = "1";
   performance.mark("fusionbench-tables-ready");
-  // the tables reach the screen first: plotly.js (4.6 MB) and the charts then hold the main thread for about
-  // 0.6 s of CPU; loaded sooner, plotly.js would hold the tables back whenever it is ready before /api/results
-  await nextPaint();
-  const charts = data.tables.filter((t) => t.name.startsWith("methods") || t.name === "cross_task" || t.name.startsWith("sweep_"));
-  if (!charts.length) { $("bars").replaceChildren(); document.body.dataset.chartsReady = "1"; return; }
-  try { await loadPlotly(); } catch { $("results-error").textContent = "the charts' library /static/plotly.min.js did not load"; return; }
-  renderCharts(data.tables);
+  if (!(await drawn)) return;
   performance.mark("fusionbench-charts-ready");
   document.body.dataset.chartsReady = "1";
 }
-function renderCharts(tables) {
-  const bars = tables.find((t) => t.name === "methods") || tables.find((t) => !t.x);
-  if (bars) {
-    const tasks = bars.columns.slice(0, -1);
-    const rows = bars.rows.slice().sort((a, b) => (b.values.at(-1) ?? -1) - (a.values.at(-1) ?? -1)).slice(0, 12);
-    window.Plotly.newPlot("bars", rows.map((r) => ({ type: "bar", name: plotText(r.label), x: tasks.map(plotText), y: r.values.slice(0, -1) })),
-      { barmode: "group", margin: { t: 30 }, yaxis: { title: { text: "accuracy (%)" } }, title: { text: bars.rows.length > 12 ? "the 12 best rows by average" : "" } },
-      { displaylogo: false, responsive: true });
-  }
+
+// ---------- Results: charts ----------
+// Each chart is an SVG image the server draws (matplotlib), requested with the tables: an image runs no script,
+// and its text is text. "Interactive" draws the same chart with plotly.js (loaded then: 4.6 MB), for values on
+// hover, zoom, and series hidden from the legend.
+async function renderCharts(charts) {
+  const figures = charts.map(chartFigure);
+  $("bars").replaceChildren(...figures.filter((f, i) => charts[i].kind === "bars"));
   const sweeps = $("sweeps"); sweeps.replaceChildren();
-  for (const t of tables.filter((t) => t.x)) {
-    const div = el("div", { class: "chart" });
-    sweeps.append(el("h2", {}, t.title), div);
-    window.Plotly.newPlot(div, t.rows.map((r) => ({ type: "scatter", mode: "lines+markers", name: plotText(r.label), x: t.x, y: r.values })),
-      { margin: { t: 20 }, xaxis: { title: { text: t.name.replace(/^sweep_/, "") } }, yaxis: { title: { text: "average accuracy (%)" } } },
-      { displaylogo: false, responsive: true });
+  charts.forEach((c, i) => { if (c.kind === "lines") sweeps.append(el("h2", {}, c.heading), figures[i]); });
+  try {
+    await Promise.all(figures.map((f) => f.querySelector("img").decode()));
+    return true;
+  } catch {
+    $("results-error").textContent = "a chart's image (/charts/...) did not load";
+    return false;
   }
+}
+function chartFigure(chart) {
+  const what = chart.kind === "bars" ? `${chart.ylabel} per task, one bar per row` : `${chart.ylabel} against ${chart.xlabel}, one curve per row`;
+  const img = el("img", { src: chart.url, width: chart.width, height: chart.height, alt: what, "data-chart": chart.id });
+  const button = el("button", { type: "button", title: "draw this chart with plotly.js: values on hover, zoom, series hidden from the legend" }, "Interactive");
+  const figure = el("figure", { class: "chart", "data-chart": chart.id }, img, el("figcaption", {}, button));
+  button.addEventListener("click", () => interactive(chart, figure, button));
+  return figure;
+}
+async function interactive(chart, figure, button) {
+  button.disabled = true;
+  button.textContent = "loading plotly.js…";
+  try { await loadPlotly(); } catch {
+    $("results-error").textContent = "the charts' library /static/plotly.min.js did not load";
+    button.disabled = false; button.textContent = "Interactive";
+    return;
+  }
+  const plot = el("div", { class: "plot", style: `height: ${chart.height}px` });  // the image's height: nothing below moves
+  figure.replaceChildren(plot);
+  const traces = chart.series.map((s) => chart.kind === "bars"
+    ? { type: "bar", name: plotText(s.label), x: chart.categories.map(plotText), y: s.values, marker: { color: s.color } }
+    : { type: "scatter", mode: "lines+markers", name: plotText(s.label), x: chart.x, y: s.values, line: { color: s.color }, marker: { color: s.color } });
+  const layout = { barmode: "group", margin: { t: 30 }, title: { text: plotText(chart.title) },
+    xaxis: { title: { text: plotText(chart.xlabel) } }, yaxis: { title: { text: plotText(chart.ylabel) } } };
+  window.Plotly.newPlot(plot, traces, layout, { displaylogo: false, responsive: true });
+  figure.dataset.interactive = "1";
 }
 function renderReports(runs, highlight) {
   const table = $("reports");

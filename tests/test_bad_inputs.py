@@ -794,3 +794,24 @@ def test_unreachable_hub_fails_at_once_without_retries(user):
     assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fusion_bench: error: model 'shape' (someone/no-such-model)"), err
     assert out == "" and time.monotonic() - started < 30  # the process's own exit status 2; no 25 s of retries
+
+
+def test_an_interrupt_that_python_wrapped_is_still_one_line_exit_130(monkeypatch, capsys, tmp_path):
+    """Ctrl-C inside a class body reaches us as a RuntimeError caused by the KeyboardInterrupt (Python wraps
+    exceptions raised in ``__set_name__``): still the interrupt's one line and exit 130, not Hydra's traceback."""
+    from fusion_bench.program import FabricModelFusionProgram
+    from fusion_bench.scripts import cli
+
+    def interrupted_run(self):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'ret' in 'Op'") from err
+
+    monkeypatch.setattr(FabricModelFusionProgram, "run", interrupted_run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["method=dummy", "taskpool=dummy", f"report_save_path={tmp_path / 'r.json'}"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["fusion_bench: interrupted (Ctrl-C); no report written"]
+    assert not (tmp_path / "r.json").exists()

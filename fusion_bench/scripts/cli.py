@@ -332,6 +332,21 @@ def _app(cfg: DictConfig) -> None:
         FabricModelFusionProgram(cfg).run()
     except FusionBenchError as err:
         _fail(str(err))
+    except Exception as err:
+        if _caused_by_interrupt(err):  # e.g. Ctrl-C inside a class body: Python wraps it in a RuntimeError
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``err``'s chain of causes and contexts."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _fail(message: str) -> None:

@@ -1,3 +1,3 @@
-from fusion_bench.scripts.cli import main
+from fusion_bench.scripts.cli import run
 
-main()
+run()

@@ -383,11 +383,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = [saved_argv[0] if saved_argv else "fusion_bench", *args]
         _app()
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while we exit changes nothing
         print("\nfusion_bench: interrupted (Ctrl-C); no report written", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         sys.argv = saved_argv
 
 
+def run() -> None:
+    """The ``fusion_bench`` command's process: :func:`main`, and after a Ctrl-C an immediate exit with status 130.
+
+    After the interrupt's line the interpreter's own shutdown is skipped (logs and streams are flushed
+    first; every output was already cleaned up while the interrupt unwound): the interpreter sometimes
+    ended such a process by SIGINT instead of status 130 when the interrupt had landed inside library code.
+    """
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code != EXIT_INTERRUPTED:
+            raise
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(EXIT_INTERRUPTED)
+
+
 if __name__ == "__main__":
-    main()
+    run()

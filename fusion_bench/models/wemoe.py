@@ -32,6 +32,7 @@ from fusion_bench.models.hf_clip import CLIPVisionModelWrapper, vision_encoder_l
 from fusion_bench.utils.checkpoint import save_checkpoint
 
 __all__ = [
+    "copy_router_state",
     "MLP_KEYS",
     "ROUTER_DEPTHS",
     "MLPExperts",
@@ -55,6 +56,21 @@ class MLPExperts(NamedTuple):
 
     base: Mapping[str, torch.Tensor]  # e.g. "fc1.weight": (D, d)
     task_vectors: Mapping[str, torch.Tensor]  # e.g. "fc1.weight": (T, D, d)
+
+
+def copy_router_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Copy ``state`` into the router tensors ``own`` (the same keys and shapes), or raise a ModelLoadError
+    naming the first missing, unexpected and mis-shaped keys."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise ModelLoadError(
+            f"{what}: router tensors do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape differs {bad[:3]})"
+        )
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
 
 
 class WEMoERouter(nn.Module):
@@ -229,16 +245,7 @@ class WEMoECLIPVisionModel(CLIPVisionModelWrapper):
     def load_router_state_dict(self, state: Mapping[str, torch.Tensor], *, what: str) -> None:
         """Load what :meth:`router_state_dict` returned, strictly (a mismatch is a ModelLoadError)."""
         own = {f"{name}.{k}": v for name, r in self.routers().items() for k, v in r.state_dict().items()}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise ModelLoadError(
-                f"{what}: router tensors do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape differs {bad[:3]})"
-            )
-        with torch.no_grad():
-            for key, tensor in own.items():
-                tensor.copy_(state[key])
+        copy_router_state(own, state, what=what)
 
     def save_pretrained(self, save_directory: str, **_: Any) -> None:
         """Write the routers with their meta to ``save_directory/wemoe.ckpt`` (the frozen rest is

@@ -47,14 +47,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import ConfigError, ModelLoadError
-from fusion_bench.merge import compute_dtype, stream_merge
+from fusion_bench.merge import compute_dtype
 from fusion_bench.method._options import check_bool, check_choice, check_int, check_range
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.method.data.base import fabric_or_cpu, log_metrics
-from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_tensor
+from fusion_bench.method.task_vector.task_arithmetic import frozen_task_arithmetic
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
 from fusion_bench.models.hf_clip import CLIPVisionModelWrapper, vision_encoder_layers
+from fusion_bench.models.wemoe import copy_router_state
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 from fusion_bench.utils.instantiate import to_container
 from fusion_bench.utils.io import atomic_write, check_output_path
@@ -254,16 +255,7 @@ class PWEMoECLIPVisionModel(CLIPVisionModelWrapper):
     def load_router_state_dict(self, state: Mapping[str, Tensor], *, what: str) -> None:
         """Load what :meth:`router_state_dict` returned, strictly (a mismatch is a ModelLoadError)."""
         own = {f"{name}.{k}": v for name, m in self.upscaled.items() for k, v in m.router.state_dict().items()}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise ModelLoadError(
-                f"{what}: router tensors do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"shape differs {bad[:3]})"
-            )
-        with torch.no_grad():
-            for key, tensor in own.items():
-                tensor.copy_(state[key])
+        copy_router_state(own, state, what=what)
         for module in self.upscaled.values():
             module._merged = None
 
@@ -668,12 +660,7 @@ class PWEMoEAlgorithm(BaseAlgorithm):
     def build(self, modelpool: BaseModelPool, names: list[str], meta: Mapping[str, Any]) -> PWEMoECLIPVisionModel:
         """The frozen task arithmetic (λ = init_lambda), then the MLPs / attentions upscaled (routers seeded)."""
         scaling = self.init_lambda
-        merged = stream_merge(
-            modelpool,
-            lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
-            model_names=names,
-            desc=f"{NAME}: task arithmetic base",
-        ).requires_grad_(False)
+        merged = frozen_task_arithmetic(modelpool, names, scaling, desc=f"{NAME}: task arithmetic base")
         layers = vision_encoder_layers(merged)
         generator = torch.Generator().manual_seed(self.seed)
         upscaled = {}

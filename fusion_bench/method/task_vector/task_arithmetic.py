@@ -24,7 +24,13 @@ from fusion_bench.method.task_vector.core import (
 )
 from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["task_arithmetic_tensor", "task_arithmetic", "task_arithmetic_merge", "TaskArithmeticAlgorithm"]
+__all__ = [
+    "task_arithmetic_tensor",
+    "task_arithmetic",
+    "task_arithmetic_merge",
+    "frozen_task_arithmetic",
+    "TaskArithmeticAlgorithm",
+]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -41,6 +47,22 @@ def task_arithmetic(
 #: through ``transform=f`` (DARE, breadcrumbs; none: plain task arithmetic). Called as
 #: ``task_arithmetic_merge(modelpool, plan, scaling_factor=λ, transform=f, desc=label)``.
 task_arithmetic_merge = partial(family_merge, aggregate=sum_aggregate)
+
+
+def frozen_task_arithmetic(
+    modelpool: BaseModelPool, names: Sequence[str], scaling_factor: float, *, desc: str
+) -> nn.Module:
+    """``θ0 + λ Σ_t τ_t`` over the pool's models ``names`` (streamed per tensor), every parameter frozen: the base
+    over which the upscaling methods (WEMoE, RankOne-MoE, PWE-MoE) route their experts."""
+    from fusion_bench.merge import stream_merge
+
+    merged = stream_merge(
+        modelpool,
+        lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling_factor),
+        model_names=list(names),
+        desc=desc,
+    )
+    return merged.requires_grad_(False)
 
 
 @register_algorithm("task_arithmetic", core=task_arithmetic)

@@ -43,10 +43,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import ConfigError
-from fusion_bench.merge import compute_dtype, stream_merge
+from fusion_bench.merge import compute_dtype
 from fusion_bench.method._options import check_int
 from fusion_bench.method.base_algorithm import register_algorithm
-from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_tensor
+from fusion_bench.method.task_vector.task_arithmetic import frozen_task_arithmetic
 from fusion_bench.method.test_time.weight_ensembling_moe import CLIPWeightEnsemblingMoEAlgorithm
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
 from fusion_bench.models.hf_clip import vision_encoder_layers
@@ -382,13 +382,7 @@ class CLIPRankOneMoEAlgorithm(CLIPWeightEnsemblingMoEAlgorithm):
     def _build(self, modelpool: BaseModelPool, names: list[str], meta: Mapping[str, Any]) -> RankOneMoECLIPVisionModel:
         """Frozen task arithmetic (streamed per tensor), then the MLPs upscaled with rank-one experts."""
         scaling = self.scaling_factor
-        merged = stream_merge(
-            modelpool,
-            lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
-            model_names=names,
-            desc=f"{self.name}: task arithmetic base",
-        )
-        merged.requires_grad_(False)
+        merged = frozen_task_arithmetic(modelpool, names, scaling, desc=f"{self.name}: task arithmetic base")
         layers = vision_encoder_layers(merged)
         generator = torch.Generator().manual_seed(self.seed)
         dtype = next(merged.parameters()).dtype

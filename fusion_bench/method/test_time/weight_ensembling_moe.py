@@ -43,11 +43,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fusion_bench.errors import ConfigError, ModelLoadError
-from fusion_bench.merge import compute_dtype, stream_merge
+from fusion_bench.merge import compute_dtype
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers, entropy_loss
 from fusion_bench.method._options import check_bool, check_choice, check_int, check_range
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
-from fusion_bench.method.task_vector.task_arithmetic import task_arithmetic_tensor
+from fusion_bench.method.task_vector.task_arithmetic import frozen_task_arithmetic
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
 from fusion_bench.models.wemoe import (
     CHECKPOINT_FILE,
@@ -267,12 +267,7 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
     def _build(self, modelpool: BaseModelPool, names: list[str], meta: Mapping[str, Any]) -> WEMoECLIPVisionModel:
         """Frozen task arithmetic (streamed per tensor), then the MLPs upscaled with the experts' task vectors."""
         scaling = self.scaling_factor
-        merged = stream_merge(
-            modelpool,
-            lambda key, base, thetas: task_arithmetic_tensor(base, thetas, scaling_factor=scaling),
-            model_names=names,
-            desc=f"{self.name}: task arithmetic base",
-        )
+        merged = frozen_task_arithmetic(modelpool, names, scaling, desc=f"{self.name}: task arithmetic base")
         experts = {
             i: self._experts(modelpool, names, i)
             for i in tqdm(meta["upscaled_layers"], desc=f"{self.name}: upscaling", leave=False, disable=None)

@@ -546,3 +546,32 @@ def test_method_devices_sets_the_fabric_devices():
     assert FabricModelFusionProgram(cfg).fabric_config().devices == 4
     cfg.method.devices = None
     assert FabricModelFusionProgram(cfg).fabric_config().devices == 1
+
+
+def test_a_checkpoint_made_against_other_heads_is_not_resumed(pool, tiny_example, tmp_path):
+    """Same vision weights, another CLIP text side (a copy of the pre-trained CLIP with only its logit scale
+    changed, as ``_pretrained_``): the entropy trained against differs, so the run starts over instead of
+    taking the other run's coefficients."""
+    from transformers import CLIPModel
+
+    opts = dict(lr=0.05, batch_size=8, save_interval=2, max_steps=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    run(CLIPLayerWiseAdaMergingAlgorithm(**opts), pool)
+    hotter = tmp_path / "clip-hotter"
+    clip = CLIPModel.from_pretrained(str(tiny_example.base_model))
+    with torch.no_grad():
+        clip.logit_scale.add_(1.0)
+    clip.save_pretrained(str(hotter))
+    for file in tiny_example.base_model.iterdir():  # the processor's files
+        if not (hotter / file.name).exists():
+            (hotter / file.name).write_bytes(file.read_bytes())
+    models = {n: pool.get_model_config(n) for n in pool.all_model_names}
+    other_pool = CLIPVisionModelPool(
+        {**models, "_pretrained_": str(hotter)},
+        test_datasets={t: {"path": str(p), "split": "test"} for t, p in tiny_example.datasets.items()},
+    )
+    other = CLIPLayerWiseAdaMergingAlgorithm(**opts)
+    run(other, other_pool)
+    assert other.resumed_at is None and len(list((tmp_path / "ckpt").iterdir())) == 2
+    same = CLIPLayerWiseAdaMergingAlgorithm(**opts)
+    run(same, pool)
+    assert same.resumed_at == 2

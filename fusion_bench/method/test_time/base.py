@@ -307,13 +307,15 @@ class TestTimeAlgorithm(BaseAlgorithm):
     # ---- resumable training ----------------------------------------------------------------
     def identity(self, stack: TaskVectorStack, modelpool: BaseModelPool) -> dict[str, Any]:
         """What a checkpoint of this run must match (its file name is a hash of it)."""
-        sizes = {t: len(self._heads.dataset("test", t)) for t in self.tasks}
+        datasets = {t: self._heads.dataset("test", t) for t in self.tasks}
         return {
             "format": CHECKPOINT_FORMAT,
             "method": self.name,
             "models": list(modelpool.model_names),
             "content": content_fingerprint(stack),
-            "test_sizes": sizes,
+            "heads": self._heads.fingerprint(self.tasks),
+            "test_sizes": {t: len(d) for t, d in datasets.items()},
+            "test_data": {t: getattr(d, "_fingerprint", None) for t, d in datasets.items()},
             "options": self.trajectory_options(),
             "world_size": int(self.fabric.world_size),
         }

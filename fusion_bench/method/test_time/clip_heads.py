@@ -16,6 +16,7 @@ does both once, for any algorithm:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -117,6 +118,18 @@ class CLIPTaskClassifiers:
                 fingerprint=fingerprint,
             )
         return self._heads[task]
+
+    def fingerprint(self, tasks: Sequence[str]) -> str:
+        """A hash of what turns image features into the tasks' logits: each task's head, the CLIP's visual
+        projection and logit scale (a run resumed from a checkpoint must have trained against the same)."""
+        h = hashlib.blake2b(digest_size=16)
+        clip = self.clip_model
+        named = [(f"head:{t}", self.head(t)) for t in tasks]
+        named += [("visual_projection", clip.visual_projection.weight), ("logit_scale", clip.logit_scale)]
+        for name, tensor in named:
+            h.update(name.encode())
+            h.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def classifier(self, vision_model: nn.Module, task: str) -> CLIPZeroShotClassifier:
         """``vision_model`` behind ``task``'s head, the CLIP's (frozen) projection and logit scale."""

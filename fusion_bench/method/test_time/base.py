@@ -14,8 +14,9 @@ Resuming: every ``save_interval`` steps (and at the end of each phase) the learn
 optimiser states, step, per-task batch count, objective history and RNG states are written
 atomically to ``<dir>/<method>-<hash>.ckpt``; ``dir`` is ``checkpoint_dir`` or, by default,
 ``<fabric.loggers.root_dir>/<fabric.loggers.name>/checkpoints``. ``hash`` identifies the run:
-method, the pool's model names, a content fingerprint of θ0 and the task vectors, test set
-sizes, the hyperparameters and the device count (not the step counts). A run whose checkpoint
+method, the pool's model names, a content fingerprint of θ0 and the task vectors, one of the
+heads (each task's head, the visual projection, the logit scale), the test sets' sizes and
+fingerprints, the hyperparameters and the device count (not the step counts). A run whose checkpoint
 exists resumes from it (``resume=false``: start over) and ends exactly where an uninterrupted
 run would: the batch streams skip the used batches, and mask noise is seeded by the step.
 A finished run's checkpoint makes a rerun skip the training.

@@ -14,7 +14,7 @@ Resuming: every ``save_interval`` steps (and at the end of each phase) the learn
 optimiser states, step, per-task batch count, objective history and RNG states are written
 atomically to ``<dir>/<method>-<hash>.ckpt``; ``dir`` is ``checkpoint_dir`` or, by default,
 ``<fabric.loggers.root_dir>/<fabric.loggers.name>/checkpoints``. ``hash`` identifies the run:
-method, the pool's model names, a content fingerprint of θ0 and the task vectors, one of the
+method, the pool's model names, a content fingerprint of θ0 and the task vectors, another of the
 heads (each task's head, the visual projection, the logit scale), the test sets' sizes and
 fingerprints, the hyperparameters and the device count (not the step counts). A run whose checkpoint
 exists resumes from it (``resume=false``: start over) and ends exactly where an uninterrupted

@@ -131,9 +131,8 @@ def patch_reference_task_arithmetic() -> None:
     """The reference's WEMoE builds its base with ``task_arithmetic_merge``, whose last ``state_dict_add`` mixes
     ``Parameter`` and ``Tensor`` values and then fails its own type check; give it plain tensors (start-up only,
     the same sums)."""
-    from torch import nn
-
     import fusion_bench.method.task_arithmetic.task_arithmetic as ta
+    from torch import nn
 
     original = ta.state_dict_add
 
@@ -235,7 +234,7 @@ def mini_benchmark_spec() -> dict[str, Any]:
 def run_worker(python: str, side: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, float]:
     """One timed process; its tagged result line, or exit with the end of its output."""
     argv = [python, str(Path(__file__).resolve()), "--worker", side, "--spec", json.dumps(spec)]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=spec["workdir"])
+    proc = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, cwd=spec["workdir"])
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])

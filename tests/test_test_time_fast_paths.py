@@ -1,5 +1,6 @@
-"""The test-time methods' fast paths give what the plain ones give, bit for bit: batch streams that decode
-and preprocess each image once, and the merged model's parameter swap (vs ``torch.func.functional_call``)."""
+"""Fast paths give what the plain ones give, bit for bit: the collate's grouped preprocessing (vs the
+processor's own per-image default), test-time batch streams that decode and preprocess each image once,
+and the merged model's parameter swap (vs ``torch.func.functional_call``)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,32 @@ class CountingRows(torch.utils.data.Dataset):
 @pytest.fixture(scope="module")
 def collate() -> ImageClassificationCollate:
     return ImageClassificationCollate(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32))
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_collate_preprocesses_like_the_processor_image_by_image(size):
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
+    rng = np.random.default_rng(1)
+    varied = [r["image"] for r in CountingRows(12).rows]
+    same = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(5)]
+    rows = [{"image": image, "label": i} for i, image in enumerate(varied + same)]
+    collate = ImageClassificationCollate(processor)
+    assert collate.processor_kwargs == {"disable_grouping": False}
+    pixels, labels = collate(rows)
+    expected = processor(images=[r["image"].convert("RGB") for r in rows], return_tensors="pt")["pixel_values"]
+    assert pixels.dtype == expected.dtype and torch.equal(pixels, expected)
+    assert labels.tolist() == list(range(len(rows)))
+
+
+def test_collate_passes_no_extra_option_to_a_plain_callable():
+    seen = {}
+
+    def processor(images, return_tensors, **kwargs):
+        seen.update(kwargs)
+        return {"pixel_values": torch.zeros(len(images), 3, 2, 2)}
+
+    pixels, _ = ImageClassificationCollate(processor)([{"image": Image.new("L", (3, 3)), "label": 0}])
+    assert pixels.shape == (1, 3, 2, 2) and seen == {}
 
 
 def loader_batches(dataset, collate, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -148,15 +148,31 @@ class ImageClassificationCollate:
     Images are converted to RGB first (grayscale MNIST, palette PNGs), then preprocessed by
     ``image_processor`` (a Hugging Face image processor, or any callable taking
     ``images=[...]`` and ``return_tensors="pt"``). A top-level class, so DataLoader workers
-    can pickle it.
+    can pickle it. A Hugging Face tensor (torchvision) processor is asked to process the images of
+    one size together (``disable_grouping=False``; on the CPU it would otherwise resize, crop and
+    normalise them one by one): the same values, bit for bit, in fewer operations.
     """
 
     def __init__(self, image_processor: Any) -> None:
         self.image_processor = image_processor
+        self.processor_kwargs = grouping_kwargs(image_processor)
 
     def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[Any, Any]:
         import torch
 
         images = [row["image"].convert("RGB") for row in rows]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor(images=images, return_tensors="pt", **self.processor_kwargs)["pixel_values"]
         return pixels, torch.tensor([int(row["label"]) for row in rows])
+
+
+def grouping_kwargs(image_processor: Any) -> dict[str, Any]:
+    """``{"disable_grouping": False}`` for a Hugging Face torchvision-backed image processor, else ``{}``."""
+    import sys
+
+    if "transformers" not in sys.modules:  # not a Hugging Face processor: no need to import transformers
+        return {}
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # another transformers version: leave the processor's defaults
+        return {}
+    return {"disable_grouping": False} if isinstance(image_processor, TorchvisionBackend) else {}

@@ -136,11 +136,15 @@ def backward_into_merge(merged: Mapping[str, Tensor], leaves: Mapping[str, Tenso
 
 
 class FunctionalMergedModel(nn.Module):
-    """A skeleton module run on given parameters (:meth:`use`) through ``functional_call``.
+    """A skeleton module run on given parameters (:meth:`use`), as ``functional_call`` would run it.
 
     The skeleton's own parameters are frozen; buffers (e.g. position ids) come from it. Its
     forward signature is the skeleton's, so a ``CLIPVisionModel`` skeleton makes this a drop-in
-    vision encoder (it returns ``pooler_output``).
+    vision encoder (it returns ``pooler_output``). During each forward pass the given tensors
+    stand in the skeleton's parameter slots (every name of a tied parameter gets the tensor given
+    for any of them) and the skeleton's own are put back afterwards; the slots are looked up once,
+    when the parameters are given, not at every forward pass. Names that are not parameters of
+    the skeleton (buffers) go through :func:`torch.func.functional_call`.
 
     Args:
         skeleton: the module whose parameters are replaced (usually the one holding ``θ0``).
@@ -150,17 +154,43 @@ class FunctionalMergedModel(nn.Module):
         super().__init__()
         self.skeleton = skeleton.requires_grad_(False)
         self._params: Mapping[str, Tensor] | None = None
+        self._assignments: list[tuple[dict[str, Any], str, Tensor]] | None = None
+        groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for module_name, module in skeleton.named_modules(remove_duplicate=False):
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    name = f"{module_name}.{attr}" if module_name else attr
+                    groups.setdefault(id(param), []).append((name, module, attr))
+        self._groups = list(groups.values())  # each: every (name, module, slot) of one parameter
+        self._names = {name for group in self._groups for name, _, _ in group}
 
     def use(self, params: Mapping[str, Tensor] | None) -> "FunctionalMergedModel":
         """Run on ``params`` (``{parameter name: tensor}``, every parameter of the skeleton) from now on;
         None: release them (a forward pass is then an error, never a silent run on the skeleton's own)."""
         self._params = params
+        self._assignments = None
+        if params is not None and self._names.issuperset(params):
+            assignments = []
+            for group in self._groups:
+                given = next((params[name] for name, _, _ in group if name in params), None)
+                if given is not None:
+                    assignments += [(module._parameters, attr, given) for _, module, attr in group]
+            self._assignments = assignments
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._params is None:
             raise RuntimeError("FunctionalMergedModel: call use(params) before the forward pass")
-        return functional_call(self.skeleton, dict(self._params), args, kwargs, strict=False)
+        if self._assignments is None:
+            return functional_call(self.skeleton, dict(self._params), args, kwargs, strict=False)
+        originals = [(slots, attr, slots[attr]) for slots, attr, _ in self._assignments]
+        try:
+            for slots, attr, tensor in self._assignments:
+                slots[attr] = tensor
+            return self.skeleton(*args, **kwargs)
+        finally:
+            for slots, attr, original in originals:
+                slots[attr] = original
 
 
 @torch.no_grad()

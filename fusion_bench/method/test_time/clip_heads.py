@@ -11,7 +11,11 @@ does both once, for any algorithm:
 * heads are built once per task (class names and templates from the method's options, the mini
   benchmark or the eight CLIP tasks) and cached on disk by content hash, like the task pool's;
 * loaders convert images to RGB and preprocess them with the pool's processor; shuffled loaders
-  are seeded.
+  are seeded;
+* the endless test-time streams (one batch per task per step, many epochs over small test sets)
+  decode and preprocess each image once and keep its pixel tensor (:class:`CachedBatchStream`),
+  when the whole preprocessed split fits in :data:`PREPROCESSED_CACHE_BYTES`; the batches are the
+  same tensors, bit for bit, as those of a loader that preprocesses every draw.
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ from fusion_bench.models.hf_clip import load_clip_model
 from fusion_bench.models.zero_shot import CLIPZeroShotClassifier, cached_zero_shot_classifier, text_tower_fingerprint
 from fusion_bench.taskpool.clip_vision.taskpool import default_head_cache_dir
 
-__all__ = ["CLIPTaskClassifiers", "SeededBatchStream", "cycle", "entropy_loss", "ENTROPY_EPS"]
+__all__ = [
+    "CLIPTaskClassifiers",
+    "CachedBatchStream",
+    "SeededBatchStream",
+    "cycle",
+    "entropy_loss",
+    "ENTROPY_EPS",
+    "PREPROCESSED_CACHE_BYTES",
+]
 
 ENTROPY_EPS = 1e-8
+PREPROCESSED_CACHE_BYTES = 1 << 30  # a test-time stream keeps its split's pixel tensors when they fit in 1 GiB
 
 
 def cycle(loader: Any) -> Iterator[Any]:
@@ -223,6 +236,7 @@ class CLIPTaskClassifiers:
         Test-time methods draw one batch per task per step; each task's stream has its own
         generator (``seed`` + the task's position), so the batches of one task do not depend on
         how many other tasks there are. Labels are there for logging only: the methods never use them.
+        Without workers, each image is decoded and preprocessed once (:class:`CachedBatchStream`).
 
         Args:
             tasks: the tasks, in pool order.
@@ -243,10 +257,57 @@ class CLIPTaskClassifiers:
             if len(dataset) == 0:
                 raise DatasetError(f"{self.what}: {split} dataset {task!r} is empty")
             sampler = SeededBatchStream(len(dataset), batch_size, seed=seed + i, start=start)
-            streams[task] = iter(
-                DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=self.collate())
-            )
+            if num_workers == 0:
+                streams[task] = CachedBatchStream(dataset, sampler, self.collate())
+            else:
+                streams[task] = iter(
+                    DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=self.collate())
+                )
         return streams
+
+
+class CachedBatchStream:
+    """``(pixel_values, labels)`` batches of ``dataset`` at the index batches of ``sampler``, each row read,
+    decoded and preprocessed by ``collate`` once, its tensors kept for the later epochs.
+
+    ``collate`` must treat rows independently (an image processor does); a batch is then the same
+    tensors, bit for bit, as ``collate`` of its rows. The rows are kept only while the whole dataset's
+    tensors, estimated from the first batch, fit in ``max_bytes``; otherwise every batch is collated
+    afresh, as a DataLoader would.
+
+    Args:
+        dataset: a map-style dataset of rows (``__getitems__`` is used when it has one).
+        sampler: an iterable of index batches (endless for a test-time stream).
+        collate: rows -> ``(pixel_values, labels)``.
+        max_bytes: the most the kept tensors of the whole dataset may take.
+    """
+
+    def __init__(self, dataset: Any, sampler: Any, collate: Any, *, max_bytes: int = PREPROCESSED_CACHE_BYTES) -> None:
+        self.dataset, self.collate, self.max_bytes = dataset, collate, max_bytes
+        self._batches = iter(sampler)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}
+
+    def __iter__(self) -> "CachedBatchStream":
+        return self
+
+    def _read(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        rows = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        return self.collate(rows)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = list(next(self._batches))
+        if self._rows is None:
+            return self._read(indices)
+        missing = [i for i in dict.fromkeys(indices) if i not in self._rows]
+        if missing:
+            pixels, labels = self._read(missing)
+            if not self._rows and pixels[0].nbytes * len(self.dataset) > self.max_bytes:
+                self._rows = None  # too large to keep: collate every batch
+                return (pixels, labels) if missing == indices else self._read(indices)
+            self._rows.update((i, (p, y)) for i, p, y in zip(missing, pixels, labels))
+        kept = [self._rows[i] for i in indices]
+        return torch.stack([p for p, _ in kept]), torch.stack([y for _, y in kept])
 
 
 class SeededBatchStream(Sampler[list[int]]):

@@ -91,3 +91,32 @@ def tiny_classification_example(_isolated_caches: None):
     from fusion_bench.testing.tiny_classifiers import build_tiny_classification_example
 
     return build_tiny_classification_example(classification_example_root())
+
+
+def tiny_clip_pool(example, tasks, test_tasks=None, base=None, finetuned=None):
+    """A CLIP vision model pool of the tiny example: ``_pretrained_`` (or ``base``), the experts of ``tasks``
+    (from ``finetuned`` when given) and the test splits of ``test_tasks`` (default: ``tasks``)."""
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    models = {
+        "_pretrained_": str(base or example.base_model),
+        **{t: str((finetuned or example.finetuned)[t]) for t in tasks},
+    }
+    test = {
+        t: {"path": str(example.datasets[t]), "split": "test"} for t in (tasks if test_tasks is None else test_tasks)
+    }
+    return CLIPVisionModelPool(models, test_datasets=test)
+
+
+def interrupt_after_step(method, at: int):
+    """Make ``method`` (WEMoE and the methods built on its loop) raise KeyboardInterrupt right after its step
+    ``at``, its periodic state written: an interrupted run to resume."""
+    after_step = method._after_step
+
+    def crash(step, *args):
+        after_step(step, *args)
+        if step == at:
+            raise KeyboardInterrupt
+
+    method._after_step = crash
+    return method

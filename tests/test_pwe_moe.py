@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import interrupt_after_step, run_cli
 from torch import nn
 
 from fusion_bench.errors import ConfigError
@@ -274,16 +274,7 @@ def test_training_changes_only_the_routers_and_is_seeded(tiny_example, loss):
 
 def _interrupted(opts: dict, at: int) -> PWEMoEAlgorithm:
     """A method that raises KeyboardInterrupt right after its step ``at`` (its periodic state written)."""
-    method = PWEMoEAlgorithm(**opts)
-    after_step = method._after_step
-
-    def crash(step, *args):
-        after_step(step, *args)
-        if step == at:
-            raise KeyboardInterrupt
-
-    method._after_step = crash
-    return method
+    return interrupt_after_step(PWEMoEAlgorithm(**opts), at)
 
 
 def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(tiny_example, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import interrupt_after_step, run_cli, tiny_clip_pool
 
 from fusion_bench.errors import ConfigError
 from fusion_bench.method import CLIPRankOneMoEAlgorithm, TaskArithmeticAlgorithm
@@ -22,7 +22,6 @@ from fusion_bench.method.test_time.rankone_moe import (
     rank_one_experts,
     soft_top_k,
 )
-from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import vision_encoder_layers
 
 TASKS = ["mnist", "eurosat", "svhn"]
@@ -30,9 +29,7 @@ OPTS = {"max_steps": 4, "batch_size": 8, "lr": 0.05, "seed": 0, "svd_accelerator
 
 
 def make_pool(example, tasks=TASKS, test_tasks=TASKS):
-    models = {"_pretrained_": str(example.base_model), **{t: str(example.finetuned[t]) for t in tasks}}
-    test = {t: {"path": str(example.datasets[t]), "split": "test"} for t in test_tasks}
-    return CLIPVisionModelPool(models, test_datasets=test)
+    return tiny_clip_pool(example, tasks, test_tasks)
 
 
 @pytest.fixture(scope="module")
@@ -232,15 +229,9 @@ def test_checkpoint_round_trip_and_refusal_for_another_rank(pool, trained, tmp_p
 def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(pool, trained, tmp_path):
     _, model, _ = trained
     state = tmp_path / "state.ckpt"
-    interrupted = CLIPRankOneMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state))
-    after_step = interrupted._after_step
-
-    def crash(step, *args):
-        after_step(step, *args)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    interrupted._after_step = crash
+    interrupted = interrupt_after_step(
+        CLIPRankOneMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)), at=3
+    )
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(pool)
     assert torch.load(state, weights_only=True)["meta"]["kind"] == "rankone_moe_train_state"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import interrupt_after_step, run_cli, tiny_clip_pool
 
 import fusion_bench.models.wemoe as wemoe
 from fusion_bench.errors import ConfigError, ModelLoadError
@@ -21,7 +21,6 @@ from fusion_bench.method import (
     TaskArithmeticAlgorithm,
 )
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
-from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.models.hf_clip import is_clip_vision_model, vision_encoder_layers
 from fusion_bench.models.wemoe import (
     MLPExperts,
@@ -36,12 +35,7 @@ OPTS = {"max_steps": 4, "batch_size": 8, "lr": 0.05, "seed": 0}
 
 
 def make_pool(example, tasks=TASKS, test_tasks=TASKS, base=None, finetuned=None):
-    models = {
-        "_pretrained_": str(base or example.base_model),
-        **{t: str((finetuned or example.finetuned)[t]) for t in tasks},
-    }
-    test = {t: {"path": str(example.datasets[t]), "split": "test"} for t in test_tasks}
-    return CLIPVisionModelPool(models, test_datasets=test)
+    return tiny_clip_pool(example, tasks, test_tasks, base=base, finetuned=finetuned)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +55,6 @@ def fixed_batches(pool, n=16):
     heads = CLIPTaskClassifiers(pool)
     loaders = {t: heads.loader(heads.dataset("test", t), batch_size=n) for t in TASKS}
     return heads, {t: next(iter(loader))[0] for t, loader in loaders.items()}
-
-
-def interrupt_at(method, at):
-    """Make ``method`` raise KeyboardInterrupt right after its step ``at`` (its periodic state written)."""
-    after_step = method._after_step
-
-    def crash(step, *args):
-        after_step(step, *args)
-        if step == at:
-            raise KeyboardInterrupt
-
-    method._after_step = crash
-    return method
 
 
 def objective(model, heads, batches):
@@ -225,7 +206,7 @@ def test_checkpoint_round_trip_skips_training(pool, trained, tmp_path):
 def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(pool, trained, tmp_path):
     _, model, _ = trained
     state = tmp_path / "state.ckpt"
-    interrupted = interrupt_at(
+    interrupted = interrupt_after_step(
         CLIPWeightEnsemblingMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)), 3
     )
     with pytest.raises(KeyboardInterrupt):
@@ -240,7 +221,7 @@ def test_resume_after_an_interrupt_gives_the_routers_of_an_uninterrupted_run(poo
 
 def test_stale_training_state_is_refused(pool, tmp_path):
     state = tmp_path / "state.ckpt"
-    method = interrupt_at(
+    method = interrupt_after_step(
         CLIPWeightEnsemblingMoEAlgorithm(**{**OPTS, "max_steps": 3}, save_interval=1, train_state_path=str(state)), 1
     )
     with pytest.raises(KeyboardInterrupt):

@@ -355,3 +355,22 @@ def test_cli_trains_saves_and_reevaluates_the_checkpoint(tiny_example, tmp_path)
     for task in TASKS:  # another batch size, the same numbers: routing is per sample
         assert first[task]["accuracy"] == pytest.approx(expected[task]["accuracy"])
         assert first[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-5)
+
+
+def test_routers_or_a_train_state_made_for_other_weights_are_refused(trained, tiny_example, tmp_path):
+    """Same model names, other values (two experts swapped): the saved routers and an interrupted run's state
+    belong to other weights, so the run stops with one ConfigError instead of using them."""
+    _, _, path = trained
+    swapped = dict(
+        tiny_example.finetuned, mnist=tiny_example.finetuned["eurosat"], eurosat=tiny_example.finetuned["mnist"]
+    )
+    other = make_pool(tiny_example, finetuned=swapped)
+    with pytest.raises(ConfigError, match=r"was made for other weights of the pool's models"):
+        CLIPWeightEnsemblingMoEAlgorithm(checkpoint=str(path)).run(other)
+    state = tmp_path / "state.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_after_step(
+            CLIPWeightEnsemblingMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)), at=3
+        ).run(make_pool(tiny_example))
+    with pytest.raises(ConfigError, match=r"train state .* was made for other weights.*delete it to start over"):
+        CLIPWeightEnsemblingMoEAlgorithm(**OPTS, save_interval=2, train_state_path=str(state)).run(other)

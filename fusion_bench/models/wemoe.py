@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_bench.errors import ModelLoadError
+from fusion_bench.errors import ConfigError, ModelLoadError
 from fusion_bench.models.hf_clip import CLIPVisionModelWrapper, vision_encoder_layers
 from fusion_bench.utils.checkpoint import save_checkpoint
 
 __all__ = [
+    "check_same_weights",
+    "frozen_weights_fingerprint",
     "copy_router_state",
     "MLP_KEYS",
     "ROUTER_DEPTHS",
@@ -56,6 +58,27 @@ class MLPExperts(NamedTuple):
 
     base: Mapping[str, torch.Tensor]  # e.g. "fc1.weight": (D, d)
     task_vectors: Mapping[str, torch.Tensor]  # e.g. "fc1.weight": (T, D, d)
+
+
+def frozen_weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every frozen tensor of ``model`` (the merged base and the experts, not the routers): names,
+    shapes, dtypes and bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad] + list(model.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_weights(saved: Mapping[str, Any], content: str, *, what: str, hint: str = "") -> None:
+    """Refuse routers or a training state made for other weights of models with the same names (``saved``: the
+    file's meta; files written before the fingerprint existed carry none and are accepted)."""
+    made_for = saved.get("content")
+    if made_for is not None and made_for != content:
+        raise ConfigError(f"{what} was made for other weights of the pool's models (same names, other values){hint}")
 
 
 def copy_router_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, what: str) -> None:

@@ -32,6 +32,7 @@ from fusion_bench.models.hf_clip import CLIPVisionModelWrapper, vision_encoder_l
 from fusion_bench.utils.checkpoint import save_checkpoint
 
 __all__ = [
+    "adopt_saved_routers",
     "check_same_weights",
     "frozen_weights_fingerprint",
     "copy_router_state",
@@ -79,6 +80,23 @@ def check_same_weights(saved: Mapping[str, Any], content: str, *, what: str, hin
     made_for = saved.get("content")
     if made_for is not None and made_for != content:
         raise ConfigError(f"{what} was made for other weights of the pool's models (same names, other values){hint}")
+
+
+def adopt_saved_routers(
+    model: nn.Module, loaded: Mapping[str, Any] | None, resume: Mapping[str, Any] | None, *, what: str, state: str
+) -> bool:
+    """Stamp ``model.meta["content"]`` with :func:`frozen_weights_fingerprint`, refuse a router checkpoint
+    (``loaded``, named ``what``) or training state (``resume``, named ``state``) made for other weights, and load
+    the checkpoint's routers. Returns whether routers were loaded (then there is nothing to train)."""
+    model.meta["content"] = frozen_weights_fingerprint(model)
+    if resume is not None:
+        hint = "; delete it to start over, or set method.train_state_path"
+        check_same_weights(resume["meta"], model.meta["content"], what=state, hint=hint)
+    if loaded is None:
+        return False
+    check_same_weights(loaded["meta"], model.meta["content"], what=what)
+    model.load_router_state_dict(loaded["routers"], what=what)
+    return True
 
 
 def copy_router_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, what: str) -> None:

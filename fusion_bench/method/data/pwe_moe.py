@@ -55,7 +55,7 @@ from fusion_bench.method.task_vector.task_arithmetic import frozen_task_arithmet
 from fusion_bench.method.test_time.clip_heads import CLIPTaskClassifiers
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
 from fusion_bench.models.hf_clip import CLIPVisionModelWrapper, vision_encoder_layers
-from fusion_bench.models.wemoe import check_same_weights, copy_router_state, frozen_weights_fingerprint
+from fusion_bench.models.wemoe import adopt_saved_routers, copy_router_state
 from fusion_bench.utils.checkpoint import load_checkpoint, save_checkpoint
 from fusion_bench.utils.instantiate import to_container
 from fusion_bench.utils.io import atomic_write, check_output_path
@@ -642,19 +642,11 @@ class PWEMoEAlgorithm(BaseAlgorithm):
             heads.check_tasks("train", names)
             resume = self._load_train_state(meta)
         model = self.build(modelpool, names, meta)
-        model.meta["content"] = frozen_weights_fingerprint(model)
-        if loaded is not None:
-            what = f"{NAME}: checkpoint {self.checkpoint_path!r}"
-            check_same_weights(loaded["meta"], model.meta["content"], what=what)
-            model.load_router_state_dict(loaded["routers"], what=what)
-        else:
-            if resume is not None:
-                check_same_weights(
-                    resume["meta"],
-                    model.meta["content"],
-                    what=f"{NAME}: train state {self.train_state_path!r}",
-                    hint="; delete it to start over, or set method.train_state_path",
-                )
+        checkpoint, state = (
+            f"{NAME}: checkpoint {self.checkpoint_path!r}",
+            f"{NAME}: train state {self.train_state_path!r}",
+        )
+        if not adopt_saved_routers(model, loaded, resume, what=checkpoint, state=state):
             self._train(model, heads, names, resume)
             if self.save_checkpoint is not None and (self.fabric is None or self.fabric.is_global_zero):
                 save_checkpoint(self.save_checkpoint, {"routers": model.router_state_dict()}, meta=model.meta)

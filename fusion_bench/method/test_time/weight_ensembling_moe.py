@@ -50,8 +50,7 @@ from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.method.task_vector.task_arithmetic import frozen_task_arithmetic
 from fusion_bench.modelpool import PRETRAINED, BaseModelPool
 from fusion_bench.models.wemoe import (
-    check_same_weights,
-    frozen_weights_fingerprint,
+    adopt_saved_routers,
     CHECKPOINT_FILE,
     MLP_KEYS,
     ROUTER_DEPTHS,
@@ -216,19 +215,11 @@ class CLIPWeightEnsemblingMoEAlgorithm(BaseAlgorithm):
             heads.check_tasks("test", names)
             resume = self._load_train_state(meta)
         model = self._build(modelpool, names, meta)
-        model.meta["content"] = frozen_weights_fingerprint(model)
-        if loaded is not None:
-            what = f"{self.name}: checkpoint {self.checkpoint!r}"
-            check_same_weights(loaded["meta"], model.meta["content"], what=what)
-            model.load_router_state_dict(loaded["routers"], what=what)
-        else:
-            if resume is not None:
-                check_same_weights(
-                    resume["meta"],
-                    model.meta["content"],
-                    what=f"{self.name}: train state {self.train_state_path!r}",
-                    hint="; delete it to start over, or set method.train_state_path",
-                )
+        checkpoint, state = (
+            f"{self.name}: checkpoint {self.checkpoint!r}",
+            f"{self.name}: train state {self.train_state_path!r}",
+        )
+        if not adopt_saved_routers(model, loaded, resume, what=checkpoint, state=state):
             self._train(model, heads, names, meta, resume)
             if self.save_checkpoint is not None and self._is_global_zero():
                 save_checkpoint(self.save_checkpoint, {"routers": model.router_state_dict()}, meta=model.meta)

@@ -21,7 +21,13 @@ from fusion_bench.merge.cores import pure_core
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 
-__all__ = ["resolve_weights", "weighted_average_tensor", "weighted_average", "WeightedAverageAlgorithm"]
+__all__ = [
+    "resolve_weights",
+    "weight_options",
+    "weighted_average_tensor",
+    "weighted_average",
+    "WeightedAverageAlgorithm",
+]
 
 NAME = "weighted_average"
 
@@ -57,6 +63,20 @@ def resolve_weights(
     return [w / total for w in values]
 
 
+def weight_options(method: str, weights: Sequence[float] | None, normalize: bool) -> tuple[list[float] | None, bool]:
+    """The checked ``weights`` and ``normalize`` options of a weighted method (averaging or ensemble): numbers,
+    a boolean, and weights that must be normalised but sum to 0 refused at once, before any model is read.
+
+    Raises:
+        ConfigError: as :func:`resolve_weights` (the count is checked later, against the pool).
+    """
+    values = None if weights is None else check_number_list(method, "weights", weights)
+    normalize = check_bool(method, "normalize", normalize)
+    if values is not None and normalize:
+        resolve_weights(values, [str(i) for i in range(len(values))], normalize=True, method=method)  # sum 0 raises
+    return values, normalize
+
+
 def weighted_average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``Σ_i w_i · tensors[i]``, accumulated in order."""
     total = torch.zeros_like(tensors[0])
@@ -84,10 +104,7 @@ class WeightedAverageAlgorithm(BaseAlgorithm):
     """
 
     def __init__(self, weights: Sequence[float] | None = None, normalize: bool = True) -> None:
-        self.weights = None if weights is None else check_number_list(NAME, "weights", weights)
-        self.normalize = check_bool(NAME, "normalize", normalize)
-        if self.weights is not None and self.normalize and sum(self.weights) == 0:
-            resolve_weights(self.weights, [str(i) for i in range(len(self.weights))], normalize=True)  # raises
+        self.weights, self.normalize = weight_options(NAME, weights, normalize)
 
     def run(self, modelpool: BaseModelPool) -> nn.Module:
         weights = resolve_weights(self.weights, modelpool.model_names, normalize=self.normalize)

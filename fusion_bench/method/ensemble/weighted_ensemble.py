@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fusion_bench.method._options import check_bool, check_number_list
-from fusion_bench.method.averaging.weighted_average import resolve_weights
+from fusion_bench.method.averaging.weighted_average import resolve_weights, weight_options
 from fusion_bench.method.base_algorithm import BaseAlgorithm, register_algorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.models.ensemble import EnsembleCLIPVisionModel
@@ -43,10 +42,7 @@ class WeightedEnsembleAlgorithm(BaseAlgorithm):
     """
 
     def __init__(self, weights: Sequence[float] | None = None, normalize: bool = True) -> None:
-        self.weights = None if weights is None else check_number_list(NAME, "weights", weights)
-        self.normalize = check_bool(NAME, "normalize", normalize)
-        if self.weights is not None and self.normalize and sum(self.weights) == 0:
-            ensemble_weights(self.weights, [str(i) for i in range(len(self.weights))], normalize=True)  # raises
+        self.weights, self.normalize = weight_options(NAME, weights, normalize)
 
     def run(self, modelpool: BaseModelPool) -> EnsembleCLIPVisionModel:
         weights = ensemble_weights(self.weights, modelpool.model_names, normalize=self.normalize)

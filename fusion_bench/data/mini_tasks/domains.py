@@ -10,10 +10,10 @@ scenes          SUN397 (scene categories)  8        a landscape: sky, horizon, g
 vehicles        Stanford Cars (car types)  8        a side-view vehicle silhouette on a street
 aerial          RESISC45 (land use)        8        a sharp top-down tile (fields, roads, houses)
 landcover       EuroSAT (land cover)       8        a coarse 8×8 multispectral-like patch, upscaled
-house_numbers   SVHN (house numbers)       10       a printed digit on a plaque, neighbours cut off
+house_numbers   SVHN (house numbers)       10       a dark digit on a light plaque, cut neighbours
 signs           GTSRB (traffic signs)      8        a traffic sign over a blurred street scene
 handwritten     MNIST (handwritten digits) 10       a scikit-learn handwritten digit, white on black
-textures        DTD (describable textures) 8        a full-frame pattern in two random colours
+textures        DTD (describable textures) 8        a near-axis full-frame pattern, two colours
 ==============  =========================  =======  ===============================================
 
 Every image is a pure function of a ``numpy.random.Generator``'s state: :func:`render`
@@ -395,18 +395,18 @@ def _glyph(digit: str, cx: float, cy: float, w: float, h: float, stroke: float) 
 
 
 def _draw_house_number(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    plaque, ink = rng.uniform(0.0, 1.0, 3), rng.uniform(0.0, 1.0, 3)
-    if np.abs(plaque - ink).sum() < 0.9:
-        ink = 1.0 - plaque
-    img = np.broadcast_to(plaque, (_N, _N, 3)).copy() * rng.uniform(0.8, 1.1, (1, _N, 1))
-    w, h = rng.uniform(9, 12), rng.uniform(16, 22)
-    cx, cy = 16 + rng.uniform(-1.5, 1.5), 16 + rng.uniform(-2, 2)
+    # Dark ink on a light plaque of a random colour: a 16-patch model can learn the digits (with ink and
+    # plaque both drawn at random, light-on-dark as often as dark-on-light, no expert got past 25%).
+    plaque, ink = rng.uniform(0.55, 1.0, 3), rng.uniform(0.0, 0.3, 3)
+    img = np.broadcast_to(plaque, (_N, _N, 3)).copy() * rng.uniform(0.85, 1.05, (1, _N, 1))
+    w, h = rng.uniform(10, 12), rng.uniform(18, 22)
+    cx, cy = 16 + rng.uniform(-1, 1), 16 + rng.uniform(-1.5, 1.5)
     gap = w + rng.uniform(1, 3)
     img = _paint(img, _glyph(DIGITS[label], cx, cy, w, h, 1.0), ink)
     for side in (-1, 1):
-        if rng.random() < 0.7:
+        if rng.random() < 0.5:
             img = _paint(img, _glyph(DIGITS[int(rng.integers(10))], cx + side * gap, cy, w, h, 1.0), ink)
-    return _noise(rng, _blur(img, int(rng.integers(0, 2))), 0.04)
+    return _noise(rng, img, 0.03)
 
 
 # --------------------------------------------------------------------------- signs (GTSRB)
@@ -505,7 +505,8 @@ TEXTURES = ("banded", "checkered", "dotted", "zigzagged", "grid", "wavy", "marbl
 
 def _draw_texture(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     x, y = _grid()
-    angle = rng.uniform(0, np.pi)
+    # Near the axes (within ±0.25 rad): a 16-patch model cannot learn the patterns at every orientation.
+    angle = rng.uniform(-0.25, 0.25)
     u = x * np.cos(angle) + y * np.sin(angle)
     v = -x * np.sin(angle) + y * np.cos(angle)
     period = rng.uniform(4, 7)

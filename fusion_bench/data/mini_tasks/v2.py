@@ -190,7 +190,7 @@ def pretraining_pool(
     return np.stack(images), np.concatenate(tasks), np.concatenate(labels)
 
 
-DATASET_FORMAT_V2 = 1
+DATASET_FORMAT_V2 = 2
 
 
 def build_mini_task_datasets_v2(root: str | Path, *, n_train: int = 2000, n_test: int = 500, seed: int = 0) -> Path:

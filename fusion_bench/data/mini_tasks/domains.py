@@ -395,8 +395,9 @@ def _glyph(digit: str, cx: float, cy: float, w: float, h: float, stroke: float) 
 
 
 def _draw_house_number(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    # Dark ink on a light plaque of a random colour: a 16-patch model can learn the digits (with ink and
-    # plaque both drawn at random, light-on-dark as often as dark-on-light, no expert got past 25%).
+    # Dark ink on a light plaque of a random colour, a large sharp digit, a neighbour on each side half of the
+    # time: a 16-patch model can learn these (with ink and plaque both drawn at random, light-on-dark as often
+    # as dark-on-light, smaller and sometimes blurred digits, no expert got past 25%).
     plaque, ink = rng.uniform(0.55, 1.0, 3), rng.uniform(0.0, 0.3, 3)
     img = np.broadcast_to(plaque, (_N, _N, 3)).copy() * rng.uniform(0.85, 1.05, (1, _N, 1))
     w, h = rng.uniform(10, 12), rng.uniform(18, 22)

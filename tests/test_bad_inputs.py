@@ -769,6 +769,8 @@ def test_ctrl_c_is_one_line_exit_130_and_no_report(user):
     report = user / "r.json"
     # A run that cannot finish before the interrupt (task arithmetic with its evaluation can end within seconds
     # on a quiet machine, and then exits 0).
+    # SIGINT back to its default in the child: a test session started in the background (``cmd &`` in a script,
+    # ``nohup``) passes SIGINT on as ignored, and Python then never turns it into KeyboardInterrupt.
     proc = _command(
         [
             "method=adamerging",
@@ -777,13 +779,18 @@ def test_ctrl_c_is_one_line_exit_130_and_no_report(user):
             f"report_save_path={report}",
         ],
         user,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 120
-    while not list((user / "outputs").glob("runs/*")) and time.monotonic() < deadline:  # the run has started
-        time.sleep(0.05)
-    time.sleep(3.0)  # past the options' checks (about 1 s after the run folder appears), into the work
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((user / "outputs").glob("runs/*")) and time.monotonic() < deadline:  # the run has started
+            time.sleep(0.05)
+        time.sleep(3.0)  # past the options' checks (about 1 s after the run folder appears), into the work
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave the 10^6-step run behind (a no-op once it has exited)
+        proc.wait()
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["fusion_bench: interrupted (Ctrl-C); no report written"], err
     assert not report.exists() and not list(user.glob(".r.json.*"))

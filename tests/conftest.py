@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +108,23 @@ def tiny_clip_pool(example, tasks, test_tasks=None, base=None, finetuned=None):
         t: {"path": str(example.datasets[t]), "split": "test"} for t in (tasks if test_tasks is None else test_tasks)
     }
     return CLIPVisionModelPool(models, test_datasets=test)
+
+
+@contextlib.contextmanager
+def sigint_not_ignored():
+    """Around starting a child the test stops with SIGINT (Ctrl-C): SIGINT not ignored, so the child inherits it
+    at its default and Python raises KeyboardInterrupt there.
+
+    A test session started in the background (``cmd &`` in a script, ``nohup``) has SIGINT ignored, and children
+    inherit that. Done in the parent (main thread) rather than in a ``preexec_fn``, which is unsafe with threads.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_after_step(method, at: int):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_not_ignored
 
 CHROMIUM = os.environ.get("FUSION_BENCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -84,9 +85,10 @@ def server(results_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         str(workdir / "runs"),
     ]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
-    )
+    with sigint_not_ignored():
+        proc = subprocess.Popen(
+            cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+        )
     line = proc.stdout.readline()
     match = re.fullmatch(r"fusion_bench_webui: serving on (http://127\.0\.0\.1:\d+)/\?token=([\w-]+)\n", line)
     assert match, (line, proc.stderr.read() if proc.poll() is not None else "")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fusion_bench.data.mini_tasks import MINI_TASKS, mini_path
+from fusion_bench.data.mini_tasks import BENCHMARK_TASKS, mini_path
 from fusion_bench.utils.io import atomic_write, atomic_write_json
 
 SKIP = {
@@ -134,9 +134,9 @@ def method_configs(only: Sequence[str] | None, test_time_steps: int = 0) -> list
 
 def multitask_overrides() -> str:
     """Traditional MTL trains like the mini benchmark's experts: their steps, learning rate and (per task) batch."""
-    from fusion_bench.scripts.build_mini_clip import MiniClipRecipe
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2
 
-    r = MiniClipRecipe()
+    r = MiniClipRecipeV2()
     return (
         f"method.num_steps={r.finetune_steps} method.batch_size={r.finetune_batch_size} "
         f"method.learning_rate={r.finetune_learning_rate} method.lr_scheduler=fixed"
@@ -145,16 +145,16 @@ def multitask_overrides() -> str:
 
 def multitask_steps() -> str:
     """The MTL row's label suffix."""
-    from fusion_bench.scripts.build_mini_clip import MiniClipRecipe
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2
 
-    r = MiniClipRecipe()
+    r = MiniClipRecipeV2()
     return f"{r.finetune_steps} steps x {r.finetune_batch_size} images per task"
 
 
 def individual_rows(reports_dir: Path) -> dict[str, tuple[dict[str, Any], float]]:
     """The pre-trained model and each expert, evaluated on all tasks (the 9×8 matrix)."""
     rows = {}
-    for name in ["clip-mini", *(f"clip-mini_{t}" for t in MINI_TASKS)]:
+    for name in ["clip-mini", *(f"clip-mini_{t}" for t in BENCHMARK_TASKS)]:
         path = mini_path(f"models/{name}")
         overrides = [
             "method=dummy",
@@ -191,7 +191,7 @@ def merge_rows(
 
 
 def _cells(report: dict[str, Any]) -> str:
-    accs = [f"{100 * report[t]['accuracy']:.1f}" for t in MINI_TASKS]
+    accs = [f"{100 * report[t]['accuracy']:.1f}" for t in BENCHMARK_TASKS]
     return " | ".join(accs) + f" | **{100 * report['average']['accuracy']:.1f}**"
 
 
@@ -208,19 +208,19 @@ def _grouped(labels: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 def markdown(individual: dict[str, tuple[dict, float]], merged: dict[str, Any]) -> str:
     """The results as Markdown: the methods table, then the 9×8 matrix and notes."""
-    header = "| | " + " | ".join(MINI_TASKS) + " | avg |\n|---|" + "---:|" * (len(MINI_TASKS) + 1) + "\n"
-    own = {t: individual[f"clip-mini_{t}"][0][t]["accuracy"] for t in MINI_TASKS}
+    header = "| | " + " | ".join(BENCHMARK_TASKS) + " | avg |\n|---|" + "---:|" * (len(BENCHMARK_TASKS) + 1) + "\n"
+    own = {t: individual[f"clip-mini_{t}"][0][t]["accuracy"] for t in BENCHMARK_TASKS}
     own_avg = sum(own.values()) / len(own)
     lines = [
         header.rstrip("\n"),
         f"| Pre-trained | {_cells(individual['clip-mini'][0])} |",
         "| Fine-tuned (each expert on its own task) | "
-        + " | ".join(f"{100 * own[t]:.1f}" for t in MINI_TASKS)
+        + " | ".join(f"{100 * own[t]:.1f}" for t in BENCHMARK_TASKS)
         + f" | **{100 * own_avg:.1f}** |",
     ]
     failed = [f"- `{label}`: {row}" for label, row in merged.items() if isinstance(row, str)]
     for group, labels in _grouped([label for label, row in merged.items() if not isinstance(row, str)]):
-        lines.append(f"| *{group}* |" + " |" * (len(MINI_TASKS) + 1))
+        lines.append(f"| *{group}* |" + " |" * (len(BENCHMARK_TASKS) + 1))
         lines += [f"| `{label}` ({merged[label][1]:.0f} s) | {_cells(merged[label][0])} |" for label in labels]
     matrix = [header.rstrip("\n")] + [f"| `{name}` | {_cells(rep)} |" for name, (rep, _) in individual.items()]
     scope = (

@@ -224,13 +224,13 @@ def run_reference(spec: dict[str, Any]) -> None:
 def mini_benchmark_spec() -> dict[str, Any]:
     """Local paths of the mini benchmark's models and test splits (built on first use), and its task text."""
     sys.path.insert(0, str(REPO))
-    from fusion_bench.data.mini_tasks import MINI_TASKS, mini_clip_dir, mini_path
+    from fusion_bench.data.mini_tasks import BENCHMARK_TASKS, mini_clip_dir, mini_path
     from fusion_bench.data.task_text import task_classnames_and_templates
 
-    models = {t: str(mini_clip_dir() / f"clip-mini_{t}") for t in MINI_TASKS}
-    datasets = {t: str(Path(mini_path(f"datasets/{t}")) / "test") for t in MINI_TASKS}
+    models = {t: str(mini_clip_dir() / f"clip-mini_{t}") for t in BENCHMARK_TASKS}
+    datasets = {t: str(Path(mini_path(f"datasets/{t}")) / "test") for t in BENCHMARK_TASKS}
     text = {}
-    for t in MINI_TASKS:
+    for t in BENCHMARK_TASKS:
         classnames, templates = task_classnames_and_templates(t)
         text[t] = {"classnames": list(classnames), "templates": list(templates)}
     return {"pretrained": str(mini_clip_dir() / "clip-mini"), "models": models, "datasets": datasets, "task_text": text}

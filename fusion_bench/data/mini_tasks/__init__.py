@@ -44,6 +44,7 @@ from fusion_bench.errors import ConfigError
 from fusion_bench.utils.paths import cache_root
 
 __all__ = [
+    "BENCHMARK_TASKS",
     "KINDS",
     "MINI_TASKS",
     "RESOLVER",
@@ -64,6 +65,9 @@ __all__ = [
 ]
 
 RESOLVER = "fusion_bench_mini"
+BENCHMARK_TASKS: tuple[str, ...] = tuple(DOMAINS)
+"""The shipped benchmark's eight tasks, in its configs' order (the current design, each task its own image domain:
+:mod:`.domains`); the first design's tasks are :data:`MINI_TASKS`."""
 
 
 def mini_clip_dir() -> Path:

@@ -101,7 +101,7 @@ def bad_model_folder(tmp: Path, name: str, damage: str) -> Path:
     from safetensors.torch import load_file, save_file
 
     folder = tmp / name
-    shutil.copytree(MINI / "clip-mini_shape", folder)
+    shutil.copytree(MINI / "clip-mini_scenes", folder)
     weights = folder / "model.safetensors"
     if damage == "config":
         (folder / "config.json").write_text('{"model_type": "clip_vision_model", ')
@@ -121,13 +121,13 @@ def bad_model_folder(tmp: Path, name: str, damage: str) -> Path:
 
 
 def small_dataset(tmp: Path, *, truncated: bool = False) -> Path:
-    """A saved 8-image dataset for the mini ``shape`` task (whose ``.arrow`` file is cut in half if ``truncated``)."""
+    """A saved 8-image dataset for the mini ``scenes`` task (whose ``.arrow`` file is cut in half if ``truncated``)."""
     import datasets
     from PIL import Image
 
     images = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(8)]
     data = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(8)]})
-    path = tmp / "shape_data"
+    path = tmp / "scenes_data"
     datasets.DatasetDict({"test": data}).save_to_disk(str(path))
     if truncated:
         (arrow,) = path.rglob("*.arrow")
@@ -137,11 +137,11 @@ def small_dataset(tmp: Path, *, truncated: bool = False) -> Path:
 
 
 def one_task(data: Path) -> list[str]:
-    """Overrides: the mini benchmark's task pool with ``data`` as its only task, ``shape``."""
+    """Overrides: the mini benchmark's task pool with ``data`` as its only task, ``scenes``."""
     return [
         "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8",
         "~taskpool.test_datasets",
-        f"+taskpool.test_datasets={{shape: {{path: '{data}', split: test}}}}",
+        f"+taskpool.test_datasets={{scenes: {{path: '{data}', split: test}}}}",
     ]
 
 
@@ -322,7 +322,7 @@ CASES = [
         ["method=pcb_merging", "method.pcb_ratio=2"],
         r"pcb_merging: option 'pcb_ratio' must be in \(0, 1\]",
     ),
-    ("model-entry-a-number", ["modelpool.models.shape=3"], r"model 'shape': expected a path or a mapping, got 3$"),
+    ("model-entry-a-number", ["modelpool.models.scenes=3"], r"model 'scenes': expected a path or a mapping, got 3$"),
     (
         "adamerging-lr-zero",
         ["method=adamerging", "method.lr=0"],
@@ -462,22 +462,22 @@ def test_gpu_accelerator_without_a_gpu(user):
 
 
 MODEL_CASES = [
-    ("config", "mnist", r"model 'shape' \(.*/bad\): '.*/bad/config\.json' is not valid JSON \(Expecting"),
+    ("config", "mnist", r"model 'scenes' \(.*/bad\): '.*/bad/config\.json' is not valid JSON \(Expecting"),
     (
         "extra",
         "_pretrained_",
         r"model '_pretrained_' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$",
     ),
-    ("extra", "shape", r"model 'shape' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$"),
-    ("truncated", "shape", r"model 'shape'.*/bad.*model\.safetensors"),
-    ("nan", "shape", r"model 'shape', tensor 'post_layernorm\.weight' contains NaN"),
+    ("extra", "scenes", r"model 'scenes' has unexpected tensor\(s\) \['stray\.weight'\] that the other models lack$"),
+    ("truncated", "scenes", r"model 'scenes'.*/bad.*model\.safetensors"),
+    ("nan", "scenes", r"model 'scenes', tensor 'post_layernorm\.weight' contains NaN"),
 ]
 
 
 @pytest.mark.parametrize("damage, model, message", MODEL_CASES, ids=[f"{d}-{m}" for d, m, _ in MODEL_CASES])
 def test_damaged_model_names_model_and_path(user, damage, model, message):
     bad = bad_model_folder(user, "bad", damage)
-    model = "shape" if model == "mnist" else model
+    model = "scenes" if model == "mnist" else model
     before = digests(user)
     out = user / "merged"
     result = cli(
@@ -497,11 +497,11 @@ def test_damaged_model_names_model_and_path(user, damage, model, message):
 
 def test_missing_model_path(user):
     result = cli(
-        ["method=task_arithmetic", *FAST, f"modelpool.models.shape.pretrained_model_name_or_path={user}/nowhere"],
+        ["method=task_arithmetic", *FAST, f"modelpool.models.scenes.pretrained_model_name_or_path={user}/nowhere"],
         cwd=user,
     )
     assert result.code == 2 and result.lines == [
-        f"fusion_bench: error: model 'shape': path '{user}/nowhere' does not exist"
+        f"fusion_bench: error: model 'scenes': path '{user}/nowhere' does not exist"
     ]
 
 
@@ -511,7 +511,7 @@ def test_truncated_dataset_names_task_and_path(user):
     result = cli(["method=dummy", *one_task(data), f"report_save_path={user}/r.json"], cwd=user)
     assert result.code == 2 and len(result.lines) == 1, result.err
     assert re.match(
-        rf"fusion_bench: error: test dataset 'shape': cannot read the saved dataset '{re.escape(str(data))}' \(",
+        rf"fusion_bench: error: test dataset 'scenes': cannot read the saved dataset '{re.escape(str(data))}' \(",
         result.lines[0],
     )
     assert digests(user) == before and not (user / "r.json").exists()
@@ -591,7 +591,7 @@ def test_report_is_strict_json_summary_on_stdout_and_json_flag(user):
     result = cli(["method=task_arithmetic", *FAST, f"report_save_path={report}"], cwd=user)
     assert result.code == 0, result.err
     saved = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))
-    assert result.out.strip().splitlines()[-1].startswith("model: 207,488 parameters;")
+    assert result.out.strip().splitlines()[-1].startswith("model: 213,632 parameters;")
     assert f"report: {report}" in result.out and "{" not in result.out
     assert stat.S_IMODE(report.stat().st_mode) == 0o666 & ~_umask()
     printed = cli(["method=task_arithmetic", *FAST, f"report_save_path={report}", "--json"], cwd=user)
@@ -633,7 +633,7 @@ def test_default_report_goes_to_the_run_folder(user):
     result = cli(["method=dummy", *FAST], cwd=user)
     assert result.code == 0, result.err
     (report,) = (user / "outputs" / "runs").glob("*/report.json")
-    assert f"report: {report}" in result.out and json.loads(report.read_text())["model_info"]["all_params"] == 207488
+    assert f"report: {report}" in result.out and json.loads(report.read_text())["model_info"]["all_params"] == 213632
 
 
 def test_evaluation_quiet_when_not_a_terminal_ends_with_the_summary_table(user):
@@ -644,9 +644,13 @@ def test_evaluation_quiet_when_not_a_terminal_ends_with_the_summary_table(user):
     report = json.loads((user / "r.json").read_text())
     lines = result.out.strip().splitlines()
     assert lines[0].split() == ["task", "accuracy", "loss"]
-    assert lines[1].split() == ["shape", f"{100 * report['shape']['accuracy']:.2f}%", f"{report['shape']['loss']:.4f}"]
+    assert lines[1].split() == [
+        "scenes",
+        f"{100 * report['scenes']['accuracy']:.2f}%",
+        f"{report['scenes']['loss']:.4f}",
+    ]
     assert lines[3].split()[:2] == ["average", f"{100 * report['average']['accuracy']:.2f}%"]
-    assert lines[4].startswith("model: 207,488 parameters; ") and lines[4].endswith(f"report: {user}/r.json")
+    assert lines[4].startswith("model: 213,632 parameters; ") and lines[4].endswith(f"report: {user}/r.json")
 
 
 def test_help_starts_with_usage_and_the_options_that_matter(user):
@@ -664,7 +668,7 @@ def test_help_starts_with_usage_and_the_options_that_matter(user):
 
 
 def test_sweep_job_folders_are_one_short_level(user):
-    models = [MINI / "clip-mini_shape", MINI / "clip-mini_color"]
+    models = [MINI / "clip-mini_scenes", MINI / "clip-mini_vehicles"]
     sweep = user / "sweep"
     result = cli(
         [
@@ -797,13 +801,17 @@ def test_unreachable_hub_fails_at_once_without_retries(user):
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens: unreachable
     started = time.monotonic()
     proc = _command(
-        ["method=task_arithmetic", *FAST, "modelpool.models.shape.pretrained_model_name_or_path=someone/no-such-model"],
+        [
+            "method=task_arithmetic",
+            *FAST,
+            "modelpool.models.scenes.pretrained_model_name_or_path=someone/no-such-model",
+        ],
         user,
         env=env,
     )
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("fusion_bench: error: model 'shape' (someone/no-such-model)"), err
+    assert err.startswith("fusion_bench: error: model 'scenes' (someone/no-such-model)"), err
     assert out == "" and time.monotonic() - started < 30  # the process's own exit status 2; no 25 s of retries
 
 

@@ -262,7 +262,7 @@ def test_clip_finetune_example_script(tiny_example, tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, OUT=str(tmp_path / "out"), TASKS="shape", STEPS="2", BATCH="4", PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), TASKS="signs", STEPS="2", BATCH="4", PYTHON=sys.executable)
     done = subprocess.run(
         ["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh"), "fast_dev_run=true"],
         cwd=tmp_path,
@@ -272,9 +272,9 @@ def test_clip_finetune_example_script(tiny_example, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "out" / "mini-clip_full" / "shape" / "config.json").is_file()
-    report = json.loads((tmp_path / "out" / "mini-clip_full" / "shape.json").read_text())
-    assert report["clip_finetune"]["task"] == "shape" and report["clip_finetune"]["num_steps"] == 2
+    assert (tmp_path / "out" / "mini-clip_full" / "signs" / "config.json").is_file()
+    report = json.loads((tmp_path / "out" / "mini-clip_full" / "signs.json").read_text())
+    assert report["clip_finetune"]["task"] == "signs" and report["clip_finetune"]["num_steps"] == 2
     bad = subprocess.run(
         ["bash", str(ROOT / "examples" / "clip_finetune" / "clip_finetune.sh")],
         cwd=tmp_path,

@@ -317,5 +317,5 @@ def test_program_refuses_a_task_pool_with_other_tasks_before_merging(tiny_exampl
         cfg = compose("fusion_bench_config", overrides=[f"method={method}", TINY_POOL])  # mini-clip task pool
     algorithm = {"tall_mask": TallMaskAlgorithm, "emr_merging": EMRMergingAlgorithm}[method]
     monkeypatch.setattr(algorithm, "run", lambda *a: pytest.fail("merged before the check"))
-    with pytest.raises(ConfigError, match=rf"method '{method}': .* no model for task\(s\) 'shape', 'color'"):
+    with pytest.raises(ConfigError, match=rf"method '{method}': .* no model for task\(s\) 'scenes', 'vehicles'"):
         FabricModelFusionProgram(cfg).run()

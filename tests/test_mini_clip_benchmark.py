@@ -1,4 +1,6 @@
-"""The built-in offline benchmark: generated tasks, shipped models, clip_finetune, the default job."""
+"""The built-in offline benchmark: shipped models, clip_finetune, the default job, the table script; and the first
+design's generated tasks and build (its models are no longer shipped; tests/test_mini_clip_v2.py covers the current
+design's tasks and build)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from conftest import run_cli
 from hydra import compose, initialize_config_dir
 
-from fusion_bench.data.mini_tasks import MINI_TASKS, build_task_dataset, mini_clip_dir, mini_path
+from fusion_bench.data.mini_tasks import BENCHMARK_TASKS, MINI_TASKS, build_task_dataset, mini_clip_dir, mini_path
 from fusion_bench.errors import ConfigError
 from fusion_bench.example import register_resolvers
 from fusion_bench.method.train.clip_finetune import CLIPFinetuneAlgorithm
@@ -19,7 +21,8 @@ from fusion_bench.scripts.cli import CONFIG_DIR
 from fusion_bench.utils.instantiate import instantiate_component
 
 register_resolvers()
-TASKS = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]
+TASKS = ["scenes", "vehicles", "aerial", "landcover", "house_numbers", "signs", "handwritten", "textures"]  # shipped
+V1_TASKS = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]  # the first design
 NUM_CLASSES = {"shape": 8, "color": 8, "texture": 8, "background": 8, "size": 3, "quality": 4, "digit": 10, "count": 6}
 
 
@@ -28,9 +31,9 @@ def compose_with(overrides: list[str]):
         return compose("fusion_bench_config", overrides=overrides)
 
 
-def test_tasks_have_their_class_counts_and_are_deterministic():
-    assert list(MINI_TASKS) == TASKS
-    for task in TASKS:
+def test_v1_tasks_have_their_class_counts_and_are_deterministic():
+    assert list(MINI_TASKS) == V1_TASKS
+    for task in V1_TASKS:
         ds = build_task_dataset(task, n_train=NUM_CLASSES[task], n_test=NUM_CLASSES[task], seed=3)
         assert ds["train"].features["label"].names == list(MINI_TASKS[task].classnames)
         assert len(MINI_TASKS[task].classnames) == NUM_CLASSES[task]
@@ -43,9 +46,9 @@ def test_tasks_have_their_class_counts_and_are_deterministic():
     assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(other))
 
 
-def test_taskpool_config_matches_task_definitions():
-    cfg = compose_with(["taskpool=CLIPVisionModelTaskPool/mini-clip_TA8"])
-    assert list(cfg.taskpool.test_datasets) == TASKS
+def test_v1_taskpool_config_matches_task_definitions():
+    cfg = compose_with(["taskpool=CLIPVisionModelTaskPool/mini-clip-v1_TA8"])
+    assert list(cfg.taskpool.test_datasets) == V1_TASKS
     for task, entry in cfg.taskpool.test_datasets.items():
         assert list(entry.classnames) == list(MINI_TASKS[task].classnames), task
         assert list(entry.templates) == list(MINI_TASKS[task].templates), task
@@ -54,7 +57,9 @@ def test_taskpool_config_matches_task_definitions():
 def test_resolver_errors_name_the_item():
     with pytest.raises(ConfigError, match=r"no model 'nope'"):
         mini_path("models/nope")
-    with pytest.raises(ConfigError, match=r"expected 'models/<name>' or 'datasets/<task>'.*shape"):
+    with pytest.raises(
+        ConfigError, match=r"expected 'models/<name>' or 'datasets/<task>'.*scenes.*first design: shape"
+    ):
         mini_path("datasets/nope")
 
 
@@ -64,11 +69,12 @@ def test_shipped_assets_are_intact_and_load_through_the_pool_config():
         assert hashlib.sha256((mini_clip_dir() / rel).read_bytes()).hexdigest() == digest, rel
     cfg = compose_with(["modelpool=CLIPVisionModelPool/mini-clip_TA8_model_only"])
     pool = instantiate_component(cfg.modelpool, MODELPOOLS, key="type", what="modelpool")
-    assert pool.model_names == TASKS and pool.has_pretrained
+    assert list(BENCHMARK_TASKS) == TASKS and pool.model_names == TASKS and pool.has_pretrained
+    assert build["design"] == 2 and build["tasks"] == TASKS
     base_keys = set(pool.keys("_pretrained_"))
     for name in pool.model_names:
         assert set(pool.keys(name)) == base_keys
-    model = pool.load_model("digit")
+    model = pool.load_model("handwritten")
     assert type(model).__name__ == "CLIPVisionModel" and model.config.image_size == 32
     assert pool.load_processor().image_processor.crop_size == {"height": 32, "width": 32}
 
@@ -106,7 +112,7 @@ def test_default_job_runs_the_mini_benchmark(tmp_path):
     proc = run_cli(["method=simple_average", "fast_dev_run=true", f"report_save_path={report_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
-    assert [k for k in report if k in MINI_TASKS] == TASKS and report["meta"]["fast_dev_run"] is True
+    assert [k for k in report if k in BENCHMARK_TASKS] == TASKS and report["meta"]["fast_dev_run"] is True
     assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in TASKS)
 
 

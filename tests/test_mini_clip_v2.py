@@ -182,7 +182,7 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     assert set(signals["pairs"]["aerial+signs"]["0.5"]) == {"aerial", "signs", "avg"}
 
 
-def test_v2_configs_match_the_domains_and_the_resolver_knows_the_v2_tasks():
+def test_shipped_configs_match_the_domains_and_the_resolver_knows_the_tasks():
     from hydra import compose, initialize_config_dir
 
     from fusion_bench.data.mini_tasks import mini_path
@@ -193,8 +193,8 @@ def test_v2_configs_match_the_domains_and_the_resolver_knows_the_v2_tasks():
         cfg = compose(
             "fusion_bench_config",
             overrides=[
-                "taskpool=CLIPVisionModelTaskPool/mini-clip-v2_TA8",
-                "modelpool=CLIPVisionModelPool/mini-clip-v2_TA8",
+                "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8",
+                "modelpool=CLIPVisionModelPool/mini-clip_TA8",
             ],
         )
     assert list(cfg.taskpool.test_datasets) == TASKS == [m for m in cfg.modelpool.models if m != "_pretrained_"]
@@ -202,5 +202,5 @@ def test_v2_configs_match_the_domains_and_the_resolver_knows_the_v2_tasks():
         assert list(entry.classnames) == list(DOMAINS[task].classnames), task
         assert list(entry.templates) == list(DOMAINS[task].templates), task
     assert set(cfg.modelpool.train_datasets) == set(TASKS)
-    with pytest.raises(ConfigError, match=r"second design: scenes, vehicles"):
+    with pytest.raises(ConfigError, match=r"a task among scenes, vehicles, .*textures \(first design: shape, color"):
         mini_path("datasets/nope")

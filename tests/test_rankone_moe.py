@@ -285,7 +285,7 @@ def test_cli_runs_on_the_mini_benchmark_and_refuses_a_bad_option_in_one_line(tmp
     assert proc.returncode == 0, proc.stderr
     result = json.loads(report.read_text())
     assert result["rankone_moe"]["steps_run"] == 2 and result["meta"]["fast_dev_run"] is True
-    tasks = ["shape", "color", "texture", "background", "size", "quality", "digit", "count"]
+    tasks = ["scenes", "vehicles", "aerial", "landcover", "house_numbers", "signs", "handwritten", "textures"]
     assert all(0.0 <= result[t]["accuracy"] <= 1.0 for t in tasks)
     bad = tmp_path / "bad.json"
     proc = run_cli(["method=rankone_moe", "method.rank_k=65", f"report_save_path={bad}"], cwd=tmp_path)

@@ -6,11 +6,11 @@
 #   examples/clip_finetune/clip_finetune.sh                          # mini benchmark, full fine-tuning
 #   VARIANT=lora examples/clip_finetune/clip_finetune.sh             # LoRA (q_proj/v_proj, r 16) adapters
 #   BENCH=hub ARCH=clip-vit-base-patch16 VARIANT=l_lora examples/clip_finetune/clip_finetune.sh
-#   TASKS="shape color" STEPS=10 examples/clip_finetune/clip_finetune.sh fast_dev_run=true   # a quick try
+#   TASKS="scenes signs" STEPS=10 examples/clip_finetune/clip_finetune.sh fast_dev_run=true   # a quick try
 #
 # Variables: BENCH (mini | hub), VARIANT (full | lora | l_lora), ARCH (hub: clip-vit-base-patch32,
 # clip-vit-base-patch16, clip-vit-large-patch14), TASKS (default: all eight), STEPS / BATCH / LR (default:
-# the mini experts' recipe on the mini benchmark, 200 steps x 64 images, lr 1e-3; on the hub the method
+# the mini experts' recipe on the mini benchmark, 400 steps x 32 images, lr 1e-4; on the hub the method
 # config's: lr 1e-5, batch 32, 4000 steps full, 2000 LoRA / L-LoRA), OUT (default outputs/clip_finetune),
 # PYTHON (default python). Extra arguments go to every run (Hydra overrides).
 # Each expert goes to $OUT/<pool>_<variant>/<task> (a model folder, or a peft adapter folder for LoRA / L-LoRA),
@@ -32,8 +32,8 @@ esac
 case "$BENCH" in
   mini)
     POOL=mini-clip
-    DEFAULT_TASKS="shape color texture background size quality digit count"
-    STEPS=${STEPS:-200}; BATCH=${BATCH:-64}; LR=${LR:-1e-3} ;;
+    DEFAULT_TASKS="scenes vehicles aerial landcover house_numbers signs handwritten textures"
+    STEPS=${STEPS:-400}; BATCH=${BATCH:-32}; LR=${LR:-1e-4} ;;
   hub)
     POOL=$ARCH
     DEFAULT_TASKS="sun397 stanford_cars resisc45 eurosat svhn gtsrb mnist dtd" ;;

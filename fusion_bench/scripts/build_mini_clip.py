@@ -1,9 +1,12 @@
 """Build the built-in offline benchmark's models from scratch, deterministically.
 
-    python -m fusion_bench.scripts.build_mini_clip --out DIR [--threads N] [--design v2]
+    python -m fusion_bench.scripts.build_mini_clip --out DIR [--threads N] [--design v1]
 
-``--design v2`` builds the second design instead (eight tasks that are each their own image
-domain; :mod:`fusion_bench.scripts.build_mini_clip_v2`), with its own recipe flags.
+By default this builds the shipped design (eight tasks that are each their own image domain;
+:mod:`fusion_bench.scripts.build_mini_clip_v2`, whose steps differ from the ones below in the
+tasks, the pre-training pool and the recipe; docs/mini_clip_benchmark.md); the shipped
+``fusion_bench/assets/mini-clip`` is ``--threads 1`` with the default recipe. ``--design v1``
+builds the first design (docs/mini_clip_benchmark_v1.md), with its own recipe flags, as follows.
 
 Steps (every one seeded by the recipe's ``seed``):
 
@@ -18,9 +21,9 @@ Steps (every one seeded by the recipe's ``seed``):
 ``DIR`` is replaced atomically by a folder holding ``clip-mini`` (the pre-trained CLIP and its
 processor), ``clip-mini_<task>`` (the experts: ``CLIPVisionModel`` + processor) and
 ``BUILD.json`` (recipe, library versions, thread count, training losses, SHA-256 of every
-file). The shipped ``fusion_bench/assets/mini-clip`` is this command's output with the default
-recipe; ``FUSION_BENCH_MINI_CLIP_DIR=DIR`` makes the configs use a rebuild instead. The same
-machine, thread count and library versions give the same bytes.
+file). ``FUSION_BENCH_MINI_CLIP_DIR=DIR`` makes the configs use a rebuild instead of the shipped
+models (the first design's with the ``mini-clip-v1_TA8`` configs). The same machine, thread
+count and library versions give the same bytes.
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
 
     design = argparse.ArgumentParser(add_help=False)
-    design.add_argument("--design", choices=("v1", "v2"), default="v1")
+    design.add_argument("--design", choices=("v1", "v2"), default="v2")
     chosen, _ = design.parse_known_args(argv)
     recipe_type = MiniClipRecipeV2 if chosen.design == "v2" else MiniClipRecipe
     parser = argparse.ArgumentParser(

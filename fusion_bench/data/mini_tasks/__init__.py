@@ -105,15 +105,15 @@ def mini_path(relative: str) -> str:
                 f"${{{RESOLVER}:{relative}}}: no model {name!r} in {str(mini_clip_dir())!r}; models: {known}"
             )
         return str(path)
-    if kind == "datasets" and name in MINI_TASKS:
-        return str(build_mini_task_datasets(mini_tasks_root()) / name)
-    if kind == "datasets" and name in DOMAINS:  # the second design's tasks (docs/mini_clip_benchmark_v2.md)
+    if kind == "datasets" and name in DOMAINS:  # the shipped design's tasks
         from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
 
         return str(datasets_root_v2(2000, 500) / name)
+    if kind == "datasets" and name in MINI_TASKS:  # the first design's (docs/mini_clip_benchmark_v1.md)
+        return str(build_mini_task_datasets(mini_tasks_root()) / name)
     raise ConfigError(
-        f"${{{RESOLVER}:{relative}}}: expected 'models/<name>' or 'datasets/<task>' with a task among {', '.join(MINI_TASKS)}"
-        f" (second design: {', '.join(DOMAINS)})"
+        f"${{{RESOLVER}:{relative}}}: expected 'models/<name>' or 'datasets/<task>' with a task among"
+        f" {', '.join(DOMAINS)} (first design: {', '.join(MINI_TASKS)})"
     )
 
 

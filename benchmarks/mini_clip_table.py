@@ -195,13 +195,29 @@ def _cells(report: dict[str, Any]) -> str:
     return " | ".join(accs) + f" | **{100 * report['average']['accuracy']:.1f}**"
 
 
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("task known at inference (one model per task)", ("emr_merging", "tall_mask")),
+    ("output ensembles (every expert runs; not merges)", ("ensemble", "max_model_predictor")),
+    ("with training data (256 images per task)", DATA_WORDS),
+    (
+        "test-time adaptation (unlabelled test images)",
+        ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete"),
+    ),
+    ("Pareto-set learning (labelled train batches; the model at equal preferences)", ("pwe_moe",)),
+    ("continual (the pool's order shuffled by the run's seed) and upscaling", ("opcm", "smile")),
+    ("multi-task training (all eight train sets jointly)", MULTITASK),
+)
+"""Row groups after the data-free rows, in table order: a label goes to the first group one of whose words it
+contains (the data-free group takes the rest)."""
+
+
 def _grouped(labels: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Row labels by kind of method (data-free, with training data, test-time), each sorted."""
+    """Row labels by kind of method (data-free first, then :data:`GROUPS`), each group sorted."""
 
     def kind(label: str) -> int:
-        return 2 if any(w in label for w in TRAINING_WORDS) else 1 if any(w in label for w in DATA_WORDS) else 0
+        return next((i + 1 for i, (_, words) in enumerate(GROUPS) if any(w in label for w in words)), 0)
 
-    names = ("data-free", "with training data (256 images per task)", "test-time adaptation (unlabelled test images)")
+    names = ("data-free", *(name for name, _ in GROUPS))
     groups = [(name, sorted(label for label in labels if kind(label) == i)) for i, name in enumerate(names)]
     return [(name, members) for name, members in groups if members]
 

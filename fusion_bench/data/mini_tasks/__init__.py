@@ -1,20 +1,26 @@
-"""The built-in offline benchmark ("mini-clip"): eight generated tasks and a tiny CLIP.
+"""The built-in offline benchmark ("mini-clip"): eight generated image-domain tasks and a tiny CLIP.
 
-* :mod:`.scenes` renders 32×32 scenes (a coloured shape, handwritten digit or dots on a
-  textured background); :mod:`.tasks` defines the eight tasks, each labelling a different
-  attribute, and builds their datasets; :mod:`.captions` describes scenes for pre-training.
-* The models (a contrastively pre-trained tiny CLIP and eight fine-tuned vision encoders)
-  ship in the package under ``fusion_bench/assets/mini-clip`` and are rebuilt from scratch by
-  ``python -m fusion_bench.scripts.build_mini_clip``.
+* :mod:`.domains` renders the shipped design's eight tasks, each its own image domain mirroring one
+  of the real eight CLIP tasks (``scenes`` for SUN397, ..., ``textures`` for DTD;
+  :data:`BENCHMARK_TASKS`); :mod:`.v2` builds their datasets and the pre-training pool
+  (docs/mini_clip_benchmark.md).
+* The first design (docs/mini_clip_benchmark_v1.md; no longer shipped) lives beside it: :mod:`.scenes`
+  renders 32×32 scenes (a coloured shape, handwritten digit or dots on a textured background),
+  :mod:`.tasks` defines its eight tasks (:data:`MINI_TASKS`), each labelling a different attribute,
+  and :mod:`.captions` describes scenes for its pre-training.
+* The shipped design's models (a contrastively pre-trained tiny CLIP and eight fine-tuned vision
+  encoders) ship in the package under ``fusion_bench/assets/mini-clip`` and are rebuilt from scratch
+  by ``python -m fusion_bench.scripts.build_mini_clip`` (``--design v1``: the first design's).
 
 Configs refer to both with the ``${fusion_bench_mini:...}`` resolver:
 
 * ``${fusion_bench_mini:models/clip-mini}``: a shipped model folder (or, with
   ``$FUSION_BENCH_MINI_CLIP_DIR`` set, the folder of the same name there: a rebuild);
-* ``${fusion_bench_mini:datasets/shape}``: a task's ``save_to_disk`` folder, generated on first
-  use (seconds, deterministic) under ``$FUSION_BENCH_MINI_TASKS_DIR`` (default
-  ``$FUSION_BENCH_CACHE_DIR/mini_tasks-v1``, ``FUSION_BENCH_CACHE_DIR`` defaulting to
-  ``~/.cache/fusion_bench``).
+* ``${fusion_bench_mini:datasets/scenes}``: a task's ``save_to_disk`` folder, generated on first
+  use (seconds, deterministic) into ``mini_tasks-design2-v2`` beside the first design's folder
+  ``$FUSION_BENCH_MINI_TASKS_DIR`` (default ``$FUSION_BENCH_CACHE_DIR/mini_tasks-v1``, so
+  ``$FUSION_BENCH_CACHE_DIR/mini_tasks-design2-v2``; ``FUSION_BENCH_CACHE_DIR`` defaults to
+  ``~/.cache/fusion_bench``), where the first design's tasks go.
 
 Importing this package registers the resolver with OmegaConf (like a method registering its
 name where it is defined); :func:`register_resolvers` does it explicitly and is idempotent.

@@ -2,7 +2,7 @@
 
 For each variant (``full``: ``method=clip_finetune``; ``lora``: ``clip_finetune_lora``; ``l_lora``:
 ``clip_finetune_l_lora``) and each task of the pool, fine-tune an expert from the pool's
-``_pretrained_`` model with the same optimiser, learning rate, steps and batch size (saved under
+``_pretrained_`` model with the same optimiser (Adam), fixed learning rate, steps and batch size (saved under
 ``--out``; an existing expert is reused unless ``--retrain``). Then evaluate, through the fusion
 program (the code path of the ``fusion_bench`` command):
 
@@ -12,9 +12,12 @@ program (the code path of the ``fusion_bench`` command):
 
 and write the Markdown tables to ``--doc`` (default ``docs/lora_comparison.md``, between the
 markers ``<!-- lora-comparison:start -->`` / ``end``). Defaults target the built-in offline
-benchmark (mini CLIP, eight tasks; its models must exist). Run from the repository root::
+benchmark (mini CLIP, its eight shipped tasks; its models must exist): ``--steps``, ``--batch-size``
+and ``--learning-rate`` default to the recipe of its shipped experts
+(:class:`~fusion_bench.scripts.build_mini_clip_v2.MiniClipRecipeV2`: 400 steps of batch 32 at lr 1e-4),
+for every variant alike. Run from the repository root::
 
-    python benchmarks/lora_comparison.py --steps 200 --batch-size 64 --learning-rate 1e-3
+    python benchmarks/lora_comparison.py --steps 400 --batch-size 32 --learning-rate 1e-4 --out /tmp/lora
     python benchmarks/lora_comparison.py --modelpool CLIPVisionModelPool/tiny-clip_example \\
         --taskpool CLIPVisionModelTaskPool/tiny-clip_example --steps 20 --doc outputs/tiny.md   # smoke run
 """
@@ -34,6 +37,7 @@ from typing import Any, Sequence
 from mini_clip_table import compose, replace_block  # the sibling script (benchmarks/ is on sys.path)
 from omegaconf import open_dict
 
+from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2
 from fusion_bench.utils.io import atomic_write_json
 
 VARIANTS = {"full": "clip_finetune", "lora": "clip_finetune_lora", "l_lora": "clip_finetune_l_lora"}
@@ -41,6 +45,8 @@ MERGES = {
     "task_arithmetic": ["method=task_arithmetic", "method.scaling_factor=0.3"],
     "simple_average": ["method=simple_average"],
 }
+DEFAULT_MODELPOOL = "CLIPVisionModelPool/mini-clip_TA8"  # the shipped benchmark
+RECIPE = MiniClipRecipeV2()  # the shipped experts' fine-tuning settings: the defaults
 MARK_START, MARK_END = "<!-- lora-comparison:start -->", "<!-- lora-comparison:end -->"
 
 
@@ -75,6 +81,7 @@ def finetune(args: argparse.Namespace, variant: str, task: str) -> tuple[Path, f
             f"method.num_steps={args.steps}",
             f"method.batch_size={args.batch_size}",
             f"method.learning_rate={args.learning_rate}",
+            "method.lr_scheduler=fixed",
             f"method.seed={args.seed}",
             f"method.save_path={out}",
             f"modelpool={args.modelpool}",
@@ -156,6 +163,22 @@ def trainable_parameters(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def _versus_shipped(args: argparse.Namespace) -> str:
+    """How the full experts trained here relate to the shipped ones (the end of a sentence; for other pools: ".")."""
+    recipe = (RECIPE.finetune_steps, RECIPE.finetune_batch_size, RECIPE.finetune_learning_rate)
+    shipped = (
+        f"the shipped experts of the README's table (Adam, lr {recipe[2]:g} fixed, {recipe[0]} steps of batch "
+        f"{recipe[1]}, seed {RECIPE.seed})"
+    )
+    if args.modelpool != DEFAULT_MODELPOOL:
+        return "."
+    if (args.steps, args.batch_size, args.learning_rate) != recipe:
+        return f", so they differ from {shipped}."
+    if args.seed != RECIPE.seed:
+        return f": the recipe of {shipped}, but another seed (data order), so they differ slightly from them."
+    return f": the recipe and seed of {shipped}."
+
+
 def markdown(
     tasks: Sequence[str],
     results: dict[str, dict[str, Any]],
@@ -194,8 +217,7 @@ def markdown(
         f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; LoRA / L-LoRA: q_proj and v_proj, r 16, "
         "alpha 32, dropout 0.1. Merges: task arithmetic λ = 0.3, simple average; adapters folded into weights "
         "(LoRA: W0 + s·B·A; L-LoRA: the linearised layer's exact weights, see `fusion_bench/models/linearized/lora.py`). "
-        "The full experts are fine-tuned here with the same settings as the LoRA ones, so they differ slightly from "
-        "the shipped experts of the README's table."
+        "The full experts are fine-tuned here with the same settings as the LoRA ones" + _versus_shipped(args)
     )
     return (
         "\n".join(
@@ -208,7 +230,8 @@ def markdown(
                 "",
                 setup,
                 "",
-                f"Regenerated with `python benchmarks/lora_comparison.py` in {(seconds + reused_seconds) / 60:.1f} min"
+                f"Regenerated with `python benchmarks/lora_comparison.py --steps {args.steps} --batch-size "
+                f"{args.batch_size} --learning-rate {args.learning_rate:g}` in {(seconds + reused_seconds) / 60:.1f} min"
                 + (
                     f" ({reused} experts reused from an earlier run, their fine-tuning times from its reports)."
                     if reused
@@ -223,12 +246,24 @@ def markdown(
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (see module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modelpool", default="CLIPVisionModelPool/mini-clip_TA8")
+    parser.add_argument("--modelpool", default=DEFAULT_MODELPOOL)
     parser.add_argument("--taskpool", default="CLIPVisionModelTaskPool/mini-clip_TA8")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per expert (the mini experts: 200)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=RECIPE.finetune_steps,
+        help="fine-tuning steps per expert (default: the shipped experts')",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=RECIPE.finetune_batch_size, help="default: the shipped experts'"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=RECIPE.finetune_learning_rate,
+        help="Adam, fixed (default: the shipped experts')",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="outputs/lora_comparison", help="experts and reports")
     parser.add_argument("--doc", default="docs/lora_comparison.md")

@@ -1,6 +1,6 @@
 """A PNG grid of one image under every corruption and severity (rows: corruptions; columns: clean, 1-5).
 
-    python -m fusion_bench.scripts.corruption_figure --mini-task shape --index 3 --table cifar \\
+    python -m fusion_bench.scripts.corruption_figure --mini-task signs --index 0 --table cifar \\
         --out docs/images/corruptions_mini.png
     python -m fusion_bench.scripts.corruption_figure --dataset tanganke/gtsrb --index 0 --crop-size 224 \\
         --out gtsrb_corruptions.png
@@ -86,10 +86,16 @@ def _load_image(args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command-line entry point (see module docstring)."""
+    from fusion_bench.data.mini_tasks import BENCHMARK_TASKS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="a dataset entry: hub id or local save_to_disk folder")
-    source.add_argument("--mini-task", help="a task of the built-in offline benchmark (shape, color, ...)")
+    source.add_argument(
+        "--mini-task",
+        help=f"a task of the built-in offline benchmark ({', '.join(BENCHMARK_TASKS)}; "
+        "the first design's shape, color, ... too)",
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--index", type=int, default=0, help="the image's row (also selects its noise)")
     parser.add_argument("--seed", type=int, default=0, help="the corruption seed")

@@ -20,8 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from fusion_bench.data.mini_tasks import MINI_TASKS, build_mini_task_datasets, mini_tasks_root
 from engines import SLURM_PROGRAMS, missing_engine, ray_cluster, require_engine, slurm_cluster
+
+from fusion_bench.data.mini_tasks import BENCHMARK_TASKS
+from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
 
 TA = ["method=task_arithmetic"]  # default pools: the built-in mini benchmark
 FAST = ["fast_dev_run=true"]  # the failure sweeps: one batch per task is enough to keep a report
@@ -52,7 +54,7 @@ def job_id(folder: Path) -> str:
 def mini_data(_isolated_caches: None) -> None:
     """The mini benchmark's generated datasets, built here once (in this session's cache) rather
     than by the first jobs of a sweep, all at once."""
-    build_mini_task_datasets(mini_tasks_root())
+    datasets_root_v2(2000, 500)  # the shipped tasks' splits, as the configs' resolver builds them
 
 
 def check_reports(sweep: Path, values: tuple[str, ...]) -> dict[str, dict]:
@@ -62,7 +64,7 @@ def check_reports(sweep: Path, values: tuple[str, ...]) -> dict[str, dict]:
         meta = report["meta"]
         assert meta["config"]["method"]["scaling_factor"] == float(value)
         assert meta["hydra"]["mode"] == "MULTIRUN" and meta["fast_dev_run"] is False
-        assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in MINI_TASKS)
+        assert all(0.0 <= report[t]["accuracy"] <= 1.0 for t in BENCHMARK_TASKS)
     first, second = reports.values()
     assert first != second  # two different merges
     return reports

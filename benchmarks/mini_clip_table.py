@@ -36,7 +36,8 @@ SKIP = {
     "task_vector_cos_similarity": "an analysis, returns the pre-trained model",
 }
 MULTITASK = ("clip_multitask_finetune",)  # trains one model on all tasks (traditional MTL): the experts' recipe
-TRAINING_WORDS = ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete", "pwe_moe")
+TEST_TIME_WORDS = ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete")
+TRAINING_WORDS = (*TEST_TIME_WORDS, "pwe_moe")  # the methods that train: rows only with --test-time-steps
 DATA_WORDS = ("fisher", "regmean")
 MARK_START, MARK_END = "<!-- mini-clip-table:start -->", "<!-- mini-clip-table:end -->"
 POOLS = {"merge": "CLIPVisionModelPool/mini-clip_TA8", "single": "CLIPVisionModelPool/mini-clip_individual"}
@@ -199,10 +200,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("task known at inference (one model per task)", ("emr_merging", "tall_mask")),
     ("output ensembles (every expert runs; not merges)", ("ensemble", "max_model_predictor")),
     ("with training data (256 images per task)", DATA_WORDS),
-    (
-        "test-time adaptation (unlabelled test images)",
-        ("adamerging", "wemoe", "weight_ensembling", "rankone", "surgery", "concrete"),
-    ),
+    ("test-time adaptation (unlabelled test images)", TEST_TIME_WORDS),
     ("Pareto-set learning (labelled train batches; the model at equal preferences)", ("pwe_moe",)),
     ("continual (the pool's order shuffled by the run's seed) and upscaling", ("opcm", "smile")),
     ("multi-task training (all eight train sets jointly)", MULTITASK),

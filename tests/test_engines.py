@@ -22,8 +22,7 @@ import pytest
 import yaml
 from engines import SLURM_PROGRAMS, missing_engine, ray_cluster, require_engine, slurm_cluster
 
-from fusion_bench.data.mini_tasks import BENCHMARK_TASKS
-from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
+from fusion_bench.data.mini_tasks import BENCHMARK_TASKS, benchmark_datasets_root
 
 TA = ["method=task_arithmetic"]  # default pools: the built-in mini benchmark
 FAST = ["fast_dev_run=true"]  # the failure sweeps: one batch per task is enough to keep a report
@@ -54,7 +53,7 @@ def job_id(folder: Path) -> str:
 def mini_data(_isolated_caches: None) -> None:
     """The mini benchmark's generated datasets, built here once (in this session's cache) rather
     than by the first jobs of a sweep, all at once."""
-    datasets_root_v2(2000, 500)  # the shipped tasks' splits, as the configs' resolver builds them
+    benchmark_datasets_root()
 
 
 def check_reports(sweep: Path, values: tuple[str, ...]) -> dict[str, dict]:

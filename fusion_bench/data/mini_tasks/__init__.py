@@ -56,6 +56,7 @@ __all__ = [
     "RESOLVER",
     "MiniTask",
     "Scene",
+    "benchmark_datasets_root",
     "build_mini_task_datasets",
     "build_task_dataset",
     "caption",
@@ -90,6 +91,14 @@ def mini_tasks_root() -> Path:
     return cache_root() / f"mini_tasks-v{DATASET_FORMAT}"
 
 
+def benchmark_datasets_root() -> Path:
+    """The folder of the shipped tasks' datasets (:data:`BENCHMARK_TASKS`, 2,000 train / 500 test images each),
+    generated on first use; the configs' ``${fusion_bench_mini:datasets/<task>}`` are its sub-folders."""
+    from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
+
+    return datasets_root_v2(2000, 500)
+
+
 def mini_path(relative: str) -> str:
     """Absolute path of ``models/<name>`` or ``datasets/<task>`` (see module docstring).
 
@@ -112,9 +121,7 @@ def mini_path(relative: str) -> str:
             )
         return str(path)
     if kind == "datasets" and name in DOMAINS:  # the shipped design's tasks
-        from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
-
-        return str(datasets_root_v2(2000, 500) / name)
+        return str(benchmark_datasets_root() / name)
     if kind == "datasets" and name in MINI_TASKS:  # the first design's (docs/mini_clip_benchmark_v1.md)
         return str(build_mini_task_datasets(mini_tasks_root()) / name)
     raise ConfigError(

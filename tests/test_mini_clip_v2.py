@@ -180,6 +180,33 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     assert signals["routing_bound"]["avg"] >= signals["task_arithmetic_0.3"]["avg"] - 5
     assert all(-1 <= rho <= 1 for rho in signals["entropy_loss_spearman"].values())
     assert set(signals["pairs"]["aerial+signs"]["0.5"]) == {"aerial", "signs", "avg"}
+    assert all(100 / 10 <= share <= 100 for share in signals["top_class_share_ta"].values())
+    assert "routed_mlps_entropy" not in signals  # only with routing_steps > 0
+
+
+def test_perfect_router_mlp_weights_start_at_the_merge_and_train(tmp_path):
+    """The perfect-router signal: at step 0 it is the task-arithmetic merge (every MLP weight 0.3), and a
+    few steps on either objective move its weights; measure_signals reports both objectives per task."""
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, build_mini_clip_v2
+    from fusion_bench.scripts.mini_clip_signals import MiniClipSignals, measure_signals, task_arithmetic
+
+    recipe = MiniClipRecipeV2(**{**SMOKE, "finetune_steps": 3, "pretrain_steps": 3})
+    build_mini_clip_v2(tmp_path / "build", recipe, tasks=["aerial", "signs"])
+    signals = MiniClipSignals(tmp_path / "build", n_test=24, n_probe=8)
+    merged = task_arithmetic(signals.pretrained, signals.experts, 0.3)
+    for task in ("aerial", "signs"):
+        accuracy, weights = signals.routed_mlps(task, "entropy", 0)
+        assert accuracy == signals.accuracy(merged, task)
+        assert weights.shape == (recipe.num_layers, 2) and bool((weights == 0.3).all())
+    for objective in ("entropy", "labels"):
+        _, weights = signals.routed_mlps("signs", objective, 3, batch_size=4)
+        assert not bool((weights == 0.3).all())
+    with pytest.raises(ValueError, match="objective must be"):
+        signals.routed_mlps("signs", "loss", 1)
+    result = measure_signals(signals, routing_steps=2)
+    for objective in ("entropy", "labels"):
+        assert set(result[f"routed_mlps_{objective}"]) == {"aerial", "signs", "avg"}
+        assert all(0 <= v <= 100 for v in result[f"routed_mlps_{objective}"].values())
 
 
 def test_shipped_configs_match_the_domains_and_the_resolver_knows_the_tasks():

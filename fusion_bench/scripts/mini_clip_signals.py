@@ -18,7 +18,14 @@ Measures, in one process and without the fusion program (seconds, not minutes):
   everything else, what weight-ensembling MoE reaches with a perfect router;
 * the Spearman correlation, per test image, between the prediction entropy and the cross-entropy
   loss of the task-arithmetic merge: what the test-time methods (AdaMerging, WEMoE) rely on when they
-  minimise entropy instead of the loss.
+  minimise entropy instead of the loss;
+* the share of the task-arithmetic merge's predictions that go to its most predicted class, per task
+  (the labels are balanced: near 1/classes is healthy; much more means the other experts' vectors push
+  the task's images towards one class);
+* with ``--routing-steps N``, weight-ensembling MoE with a perfect router: per task, one MLP weight per
+  layer and expert, trained for N steps on that task's own test images by entropy (what WEMoE
+  minimises) and by the labels (an upper bound). Where entropy ends far below the labels although the
+  task is known, the objective, not the router, is what holds WEMoE back.
 
 The merges here are plain re-implementations for a quick look; the benchmark's table is made
 by the library's methods (``benchmarks/mini_clip_table.py``).
@@ -63,6 +70,9 @@ class MiniClipSignals:
         self.test = {t: v2.sample_task_images(t, "test", n_test, data_seed) for t in v2.TASKS_V2}
         self.probe_train = {t: v2.sample_task_images(t, "train", n_probe, data_seed)[0] for t in v2.TASKS_V2}
         self.heads = {t: self._head(t) for t in v2.TASKS_V2}
+        self._test_pixels: dict[str, torch.Tensor] = {}
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
 
     def _pixels(self, images: np.ndarray) -> torch.Tensor:
         from fusion_bench.scripts.build_mini_clip import _pixel_values
@@ -104,6 +114,67 @@ class MiniClipSignals:
         images, _ = self.test[task]
         embeds = F.normalize(self.model.visual_projection(self.features(state, images)), dim=-1)
         return self.model.logit_scale.exp() * embeds @ self.heads[task].T
+
+    def top_class_share(self, state: State, task: str) -> float:
+        """Share (%) of ``task``'s test images that ``state`` assigns to its most predicted class."""
+        counts = np.bincount(self.logits(state, task).argmax(1).numpy(), minlength=len(self.heads[task]))
+        return float(counts.max() / counts.sum() * 100)
+
+    def _differentiable_logits(self, state: State, task: str, index: torch.Tensor | slice) -> torch.Tensor:
+        """As :meth:`logits` for the test images ``index``, differentiable with respect to ``state``."""
+        from torch.func import functional_call
+
+        if task not in self._test_pixels:
+            self._test_pixels[task] = self._pixels(self.test[task][0])
+        out = functional_call(self.model.vision_model, state, (), {"pixel_values": self._test_pixels[task][index]})
+        embeds = F.normalize(self.model.visual_projection(out.pooler_output), dim=-1)
+        return self.model.logit_scale.exp() * embeds @ self.heads[task].T
+
+    def routed_mlps(
+        self, task: str, objective: str, steps: int, *, lr: float = 1e-2, batch_size: int = 16, seed: int = 0
+    ) -> tuple[float, torch.Tensor]:
+        """Weight-ensembling MoE with a perfect router, for ``task`` alone.
+
+        The task-arithmetic merge (λ 0.3) of every expert, each layer's MLP replaced by
+        ``θ0 + Σ_i w[layer, i] τ_i`` (θ0 pre-trained, τ_i the experts' task vectors; ``w`` from 0.3, so
+        step 0 is the merge itself); ``w`` is trained for ``steps`` Adam steps of ``batch_size`` of
+        ``task``'s test images by ``objective``: ``"entropy"`` (the mean prediction entropy, what WEMoE's
+        routers minimise) or ``"labels"`` (the cross-entropy).
+
+        Returns:
+            ``(accuracy (%) on the task's test images, the trained weights (layers, experts))``.
+        """
+        if objective not in ("entropy", "labels"):
+            raise ValueError(f"objective must be 'entropy' or 'labels', not {objective!r}")
+        merged = task_arithmetic(self.pretrained, self.experts, 0.3)
+        layer_of = {k: int(k.split("layers.")[1].split(".")[0]) for k in merged if ".mlp." in k}
+        vectors = {k: torch.stack([e[k] - self.pretrained[k] for e in self.experts.values()]) for k in layer_of}
+        weights = torch.full((max(layer_of.values()) + 1, len(self.experts)), 0.3, requires_grad=True)
+
+        def state() -> State:
+            routed = {
+                k: self.pretrained[k] + torch.tensordot(weights[layer], vectors[k], dims=1)
+                for k, layer in layer_of.items()
+            }
+            return {**merged, **routed}
+
+        optimizer = torch.optim.Adam([weights], lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.as_tensor(self.test[task][1])
+        for _ in range(steps):
+            index = torch.randint(0, len(labels), (batch_size,), generator=generator)
+            logits = self._differentiable_logits(state(), task, index)
+            if objective == "entropy":
+                log_p = logits.log_softmax(-1)
+                loss = -(log_p.exp() * log_p).sum(-1).mean()
+            else:
+                loss = F.cross_entropy(logits, labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            final = state()
+        return self.accuracy(final, task), weights.detach()
 
     def entropy_loss_spearman(self, state: State, task: str) -> float:
         """Spearman correlation over ``task``'s test images of prediction entropy and cross-entropy loss."""
@@ -169,8 +240,11 @@ def _with_average(values: dict[str, float]) -> dict[str, float]:
     return {**values, "avg": float(np.mean(list(values.values())))} if values else {}
 
 
-def measure_signals(signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-    """Every signal of the module docstring, as a JSON-able dict (accuracies in %)."""
+def measure_signals(
+    signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] = (), routing_steps: int = 0
+) -> dict[str, Any]:
+    """Every signal of the module docstring, as a JSON-able dict (accuracies in %); the perfect-router
+    MLP weights only with ``routing_steps > 0``."""
     s = signals
     result: dict[str, Any] = {"tasks": s.tasks, "head_cosine": {t: round(s.head_cosine(t), 4) for t in v2.TASKS_V2}}
     result["pretrained"] = s.evaluate(s.pretrained, v2.TASKS_V2)
@@ -187,6 +261,12 @@ def measure_signals(signals: MiniClipSignals, pairs: Sequence[tuple[str, str]] =
             {t: s.accuracy(with_expert_mlps(merged, s.experts[t]), t) for t in s.tasks}
         )
         result["entropy_loss_spearman"] = _with_average({t: s.entropy_loss_spearman(merged, t) for t in s.tasks})
+        result["top_class_share_ta"] = {t: round(s.top_class_share(merged, t), 1) for t in s.tasks}
+        if routing_steps > 0:
+            for objective in ("entropy", "labels"):
+                result[f"routed_mlps_{objective}"] = _with_average(
+                    {t: s.routed_mlps(t, objective, routing_steps)[0] for t in s.tasks}
+                )
     result["pairs"] = {}
     for a, b in pairs:
         two = {a: s.experts[a], b: s.experts[b]}
@@ -206,9 +286,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pairs", nargs="*", default=[], help="task pairs as a+b")
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--json", default=None, help="also write the signals here")
+    parser.add_argument(
+        "--routing-steps", type=int, default=0, help="steps of the perfect-router MLP weights (0: not measured)"
+    )
     args = parser.parse_args(argv)
+    if args.routing_steps < 0:
+        parser.error(f"--routing-steps must be >= 0, not {args.routing_steps}")
     pairs = [tuple(p.split("+")) for p in args.pairs]
-    result = measure_signals(MiniClipSignals(args.build, n_test=args.n_test), pairs)  # type: ignore[arg-type]
+    signals = MiniClipSignals(args.build, n_test=args.n_test)
+    result = measure_signals(signals, pairs, routing_steps=args.routing_steps)  # type: ignore[arg-type]
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -184,6 +184,15 @@ def test_smoke_build_v2_orders_like_the_benchmark(tmp_path):
     assert "routed_mlps_entropy" not in signals  # only with routing_steps > 0
 
 
+def test_signals_cli_refuses_negative_routing_steps_before_loading(tmp_path, capsys):
+    from fusion_bench.scripts.mini_clip_signals import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--build", str(tmp_path / "missing"), "--routing-steps", "-1"])
+    assert exit_info.value.code == 2
+    assert "--routing-steps must be >= 0, not -1" in capsys.readouterr().err
+
+
 def test_perfect_router_mlp_weights_start_at_the_merge_and_train(tmp_path):
     """The perfect-router signal: at step 0 it is the task-arithmetic merge (every MLP weight 0.3), and a
     few steps on either objective move its weights; measure_signals reports both objectives per task."""

@@ -111,9 +111,7 @@ class MiniClipSignals:
     @torch.no_grad()
     def logits(self, state: State, task: str) -> torch.Tensor:
         """Zero-shot logits (the model's logit scale) of the vision weights ``state`` on ``task``'s test images."""
-        images, _ = self.test[task]
-        embeds = F.normalize(self.model.visual_projection(self.features(state, images)), dim=-1)
-        return self.model.logit_scale.exp() * embeds @ self.heads[task].T
+        return self._differentiable_logits(state, task, slice(None))
 
     def top_class_share(self, state: State, task: str) -> float:
         """Share (%) of ``task``'s test images that ``state`` assigns to its most predicted class."""
@@ -121,7 +119,8 @@ class MiniClipSignals:
         return float(counts.max() / counts.sum() * 100)
 
     def _differentiable_logits(self, state: State, task: str, index: torch.Tensor | slice) -> torch.Tensor:
-        """As :meth:`logits` for the test images ``index``, differentiable with respect to ``state``."""
+        """:meth:`logits` of the test images ``index``, differentiable with respect to ``state`` (the test
+        images' pixel values are prepared once per task)."""
         from torch.func import functional_call
 
         if task not in self._test_pixels:
@@ -146,10 +145,12 @@ class MiniClipSignals:
         """
         if objective not in ("entropy", "labels"):
             raise ValueError(f"objective must be 'entropy' or 'labels', not {objective!r}")
+        from fusion_bench.method.task_vector.lines import layer_index, num_layers
+
         merged = task_arithmetic(self.pretrained, self.experts, 0.3)
-        layer_of = {k: int(k.split("layers.")[1].split(".")[0]) for k in merged if ".mlp." in k}
+        layer_of = {k: layer_index(k) for k in merged if ".mlp." in k}
         vectors = {k: torch.stack([e[k] - self.pretrained[k] for e in self.experts.values()]) for k in layer_of}
-        weights = torch.full((max(layer_of.values()) + 1, len(self.experts)), 0.3, requires_grad=True)
+        weights = torch.full((num_layers(layer_of), len(self.experts)), 0.3, requires_grad=True)
 
         def state() -> State:
             routed = {

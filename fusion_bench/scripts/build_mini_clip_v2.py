@@ -79,7 +79,8 @@ def datasets_root_v2(n_train: int, n_test: int) -> Path:
     from fusion_bench.data.mini_tasks import mini_tasks_root
 
     base = mini_tasks_root()
-    suffix = "" if (n_train, n_test) == (2000, 500) else f"-{n_train}-{n_test}"
+    shipped = (MiniClipRecipeV2.n_train, MiniClipRecipeV2.n_test)  # the recipe's defaults: the shipped sizes
+    suffix = "" if (n_train, n_test) == shipped else f"-{n_train}-{n_test}"
     return v2.build_mini_task_datasets_v2(
         base.parent / f"mini_tasks-design2-v{v2.DATASET_FORMAT_V2}{suffix}", n_train=n_train, n_test=n_test
     )

@@ -94,9 +94,9 @@ def mini_tasks_root() -> Path:
 def benchmark_datasets_root() -> Path:
     """The folder of the shipped tasks' datasets (:data:`BENCHMARK_TASKS`, 2,000 train / 500 test images each),
     generated on first use; the configs' ``${fusion_bench_mini:datasets/<task>}`` are its sub-folders."""
-    from fusion_bench.scripts.build_mini_clip_v2 import datasets_root_v2
+    from fusion_bench.scripts.build_mini_clip_v2 import MiniClipRecipeV2, datasets_root_v2
 
-    return datasets_root_v2(2000, 500)
+    return datasets_root_v2(MiniClipRecipeV2.n_train, MiniClipRecipeV2.n_test)
 
 
 def mini_path(relative: str) -> str:

@@ -5,9 +5,10 @@ image domains of :mod:`fusion_bench.data.mini_tasks.domains`:
 
 1. the tasks' datasets (:func:`fusion_bench.data.mini_tasks.v2.build_mini_task_datasets_v2`);
 2. a tokenizer trained on the captions and prompts, and a randomly initialised ``CLIPModel``;
-3. contrastive pre-training on a pool of generated images of all eight domains
-   (:func:`~fusion_bench.data.mini_tasks.v2.pretraining_pool`), each step a seeded random batch
-   with freshly drawn captions that name the class (80% of them) or only the domain;
+3. contrastive pre-training (4,800 steps) on a pool of 6,000 generated images per domain
+   (:func:`~fusion_bench.data.mini_tasks.v2.pretraining_pool`: colours rotated, and the four domains
+   that rotation leaves alone at 40% contrast), each step a seeded random batch with freshly drawn
+   captions that name the class (80% of them) or only the domain;
 4. one expert per task: ``clip_finetune`` (Adam, lr 1e-4, 400 steps of 32 images): far enough that
    the experts gain 35 points over zero-shot and task arithmetic keeps part of every gain, near
    enough that the merges stay in the pre-trained model's basin (a smaller learning rate, 3e-5 for
@@ -45,6 +46,8 @@ class MiniClipRecipeV2:
         class_mention: chance that a pre-training caption names the class.
         pretrain_task_appearance: share of the pre-training images rendered as the tasks' images are
             (the others in the pool's own colours, :func:`~fusion_bench.data.mini_tasks.v2.pool_appearance`).
+        pool_contrast: contrast of the pool's images of the domains the colour change leaves alone
+            (:data:`~fusion_bench.data.mini_tasks.v2.POOL_CONTRAST_DOMAINS`; 1.0: the tasks' own contrast).
         pretrain_steps / pretrain_batch_size / pretrain_learning_rate: contrastive pre-training
             (AdamW, warm-up then cosine decay).
         finetune_steps / finetune_batch_size / finetune_learning_rate: each expert's
@@ -61,10 +64,11 @@ class MiniClipRecipeV2:
     num_heads: int = 4
     patch_size: int = 8
     projection_dim: int = 64
-    pretrain_images_per_task: int = 1500
+    pretrain_images_per_task: int = 6000
     class_mention: float = 0.8
     pretrain_task_appearance: float = 0.0
-    pretrain_steps: int = 1200
+    pool_contrast: float = 0.4
+    pretrain_steps: int = 4800
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3
     finetune_steps: int = 400
@@ -95,7 +99,7 @@ def _pretrain_v2(clip_dir: Path, recipe: MiniClipRecipeV2) -> list[float]:
 
     model, processor = CLIPModel.from_pretrained(str(clip_dir)), CLIPProcessor.from_pretrained(str(clip_dir))
     images, tasks, labels = v2.pretraining_pool(
-        recipe.seed, recipe.pretrain_images_per_task, recipe.pretrain_task_appearance
+        recipe.seed, recipe.pretrain_images_per_task, recipe.pretrain_task_appearance, recipe.pool_contrast
     )
 
     def batches(step: int) -> tuple[torch.Tensor, list[str]]:

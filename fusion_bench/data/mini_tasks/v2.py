@@ -30,7 +30,9 @@ __all__ = [
     "build_mini_task_datasets_v2",
     "build_task_dataset_v2",
     "caption_v2",
+    "POOL_CONTRAST_DOMAINS",
     "pool_appearance",
+    "pool_contrast",
     "pretraining_pool",
     "tokenizer_corpus_v2",
 ]
@@ -163,8 +165,26 @@ def pool_appearance(image: np.ndarray) -> np.ndarray:
     return image[..., (1, 2, 0)].copy()
 
 
+POOL_CONTRAST_DOMAINS = ("house_numbers", "handwritten", "textures", "vehicles")
+"""The domains that :func:`pool_appearance` leaves as they are (grey digits; house numbers, textures and vehicle
+bodies in random colours): :func:`pretraining_pool` can draw them at a lower contrast instead."""
+
+
+def pool_contrast(image: np.ndarray, contrast: float) -> np.ndarray:
+    """``image`` with its contrast scaled by ``contrast`` around its mean grey level (1.0: unchanged).
+
+    The pool's rendering of the domains that the colour rotation leaves alone: a gap between
+    pre-training and the tasks that the first layers can undo, so zero-shot transfer to those
+    domains is partial too.
+    """
+    if contrast == 1.0:
+        return image
+    f = image.astype(np.float32)
+    return np.clip(contrast * f + (1.0 - contrast) * f.mean(), 0, 255).astype(np.uint8)
+
+
 def pretraining_pool(
-    seed: int, per_task: int, task_appearance: float = 1.0
+    seed: int, per_task: int, task_appearance: float = 1.0, contrast: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The images pre-training draws its batches from: ``per_task`` of each domain.
 
@@ -172,8 +192,10 @@ def pretraining_pool(
         seed: seeds the images and which of them keep the tasks' appearance.
         per_task: images per domain.
         task_appearance: share of the images rendered as the tasks' images are; the others are in
-            the pool's own appearance (:func:`pool_appearance`), so zero-shot transfer to the tasks
-            is partial, as the real CLIP's is.
+            the pool's own appearance (:func:`pool_appearance`, then for
+            :data:`POOL_CONTRAST_DOMAINS` :func:`pool_contrast`), so zero-shot transfer to the
+            tasks is partial, as the real CLIP's is.
+        contrast: the pool's contrast for :data:`POOL_CONTRAST_DOMAINS` (1.0: the tasks' own).
 
     Returns:
         ``(images (8·per_task, 32, 32, 3) uint8, task index (N,), label (N,))``.
@@ -184,7 +206,8 @@ def pretraining_pool(
         y = rng.integers(len(DOMAINS[task].classnames), size=per_task)
         rendered = [render(rng, task, int(label), "train") for label in y]
         shifted = _split_rng(seed, task, _APPEARANCE_STREAM).random(per_task) >= task_appearance
-        images += [pool_appearance(img) if s else img for img, s in zip(rendered, shifted)]
+        task_contrast = contrast if task in POOL_CONTRAST_DOMAINS else 1.0
+        images += [pool_contrast(pool_appearance(img), task_contrast) if s else img for img, s in zip(rendered, shifted)]
         tasks.append(np.full(per_task, t))
         labels.append(y)
     return np.stack(images), np.concatenate(tasks), np.concatenate(labels)

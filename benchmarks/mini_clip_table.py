@@ -301,7 +301,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = markdown(individual, merged)
     total = time.perf_counter() - start
     atomic_write_json(reports / "summary.json", {"seconds": round(total, 1), "markdown": table})
-    block = table + f"\nRegenerated with `python benchmarks/mini_clip_table.py` in {total / 60:.1f} min.\n"
+    options = "".join(
+        [
+            f" --test-time-steps {args.test_time_steps}" if args.test_time_steps else "",
+            f" --methods {' '.join(args.methods)}" if args.methods is not None else "",
+            " --fast-dev-run" if args.fast_dev_run else "",
+        ]
+    )
+    block = table + f"\nRegenerated with `python benchmarks/mini_clip_table.py{options}` in {total / 60:.1f} min.\n"
     for path in filter(None, [args.doc, args.readme]):
         replace_block(Path(path), block)
     print(block)

@@ -175,6 +175,8 @@ def test_table_script_smoke_run_writes_the_tables_from_its_reports(tmp_path):
         assert cells == [f"{100 * report[t]['accuracy']:.1f}" for t in TASKS] + [
             f"{100 * report['average']['accuracy']:.1f}"
         ], name
+    regenerated = "Regenerated with `python benchmarks/mini_clip_table.py --methods simple_average task_arithmetic"
+    assert regenerated + " --fast-dev-run` in " in text  # the command that made the block, options included
     own = [json.loads((reports / f"clip-mini_{t}.json").read_text())[t]["accuracy"] for t in TASKS]
     fine_tuned = [c.strip(" *|") for c in rows["Fine-tuned (each expert on its own task)"].split(" | ")[1:]]
     assert fine_tuned == [f"{100 * a:.1f}" for a in own] + [f"{100 * sum(own) / len(own):.1f}"]

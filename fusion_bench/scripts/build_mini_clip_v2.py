@@ -10,7 +10,7 @@ image domains of :mod:`fusion_bench.data.mini_tasks.domains`:
    that rotation leaves alone at 40% contrast), each step a seeded random batch with freshly drawn
    captions that name the class (80% of them) or only the domain;
 4. one expert per task: ``clip_finetune`` (Adam, lr 1e-4, 400 steps of 32 images): far enough that
-   the experts gain 35 points over zero-shot and task arithmetic keeps part of every gain, near
+   the experts gain 35–42 points over zero-shot and task arithmetic keeps part of every gain, near
    enough that the merges stay in the pre-trained model's basin (a smaller learning rate, 3e-5 for
    200 steps, gained 28 points and left task arithmetic only 8 above zero-shot).
 """

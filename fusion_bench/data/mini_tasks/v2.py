@@ -26,11 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLASS_MENTION",
+    "POOL_CONTRAST_DOMAINS",
     "TASKS_V2",
     "build_mini_task_datasets_v2",
     "build_task_dataset_v2",
     "caption_v2",
-    "POOL_CONTRAST_DOMAINS",
     "pool_appearance",
     "pool_contrast",
     "pretraining_pool",
@@ -207,7 +207,8 @@ def pretraining_pool(
         rendered = [render(rng, task, int(label), "train") for label in y]
         shifted = _split_rng(seed, task, _APPEARANCE_STREAM).random(per_task) >= task_appearance
         task_contrast = contrast if task in POOL_CONTRAST_DOMAINS else 1.0
-        images += [pool_contrast(pool_appearance(img), task_contrast) if s else img for img, s in zip(rendered, shifted)]
+        for img, s in zip(rendered, shifted):
+            images.append(pool_contrast(pool_appearance(img), task_contrast) if s else img)
         tasks.append(np.full(per_task, t))
         labels.append(y)
     return np.stack(images), np.concatenate(tasks), np.concatenate(labels)

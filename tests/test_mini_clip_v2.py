@@ -112,6 +112,26 @@ def test_pretraining_pool_lowers_the_contrast_of_the_domains_the_colour_change_l
     assert v2.pool_contrast(image, 1.0) is image  # 1.0 leaves the image as it is
 
 
+def test_pretraining_pool_tints_house_numbers_and_textures_instead_of_lowering_their_contrast():
+    low, tasks, labels = v2.pretraining_pool(seed=0, per_task=20, task_appearance=0.0, contrast=0.4)
+    tinted, tasks_again, labels_again = v2.pretraining_pool(
+        seed=0, per_task=20, task_appearance=0.0, contrast=0.4, tint=0.3
+    )
+    rotated, _, _ = v2.pretraining_pool(seed=0, per_task=20, task_appearance=0.0, contrast=1.0)
+    assert np.array_equal(tasks, tasks_again) and np.array_equal(labels, labels_again)
+    assert set(v2.POOL_TINT_DOMAINS) <= set(v2.POOL_CONTRAST_DOMAINS)
+    for t, task in enumerate(TASKS):
+        a, b = low[tasks == t], tinted[tasks == t]
+        if task not in v2.POOL_TINT_DOMAINS:  # the other domains keep the contrast gap (or none)
+            assert np.array_equal(a, b), task
+            continue
+        full = rotated[tasks == t]  # the tint replaces the contrast gap: green and blue as rendered, red × 0.3
+        assert np.array_equal(b[..., 1:], full[..., 1:]), task
+        assert np.abs(b[..., 0].astype(int) - (full[..., 0] * 0.3).astype(int)).max() <= 1, task
+    image = low[0]
+    assert v2.pool_tint(image, 1.0) is image
+
+
 def test_build_cli_refuses_a_share_outside_0_1(tmp_path, capsys):
     from fusion_bench.scripts.build_mini_clip import main
 
@@ -123,6 +143,10 @@ def test_build_cli_refuses_a_share_outside_0_1(tmp_path, capsys):
         main(["--design", "v2", "--out", str(tmp_path / "b"), "--pool-contrast", "-0.1"])
     assert exit_info.value.code == 2
     assert "--pool-contrast must be in [0, 1], got -0.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--design", "v2", "--out", str(tmp_path / "b"), "--pool-tint", "1.2"])
+    assert exit_info.value.code == 2
+    assert "--pool-tint must be in [0, 1], got 1.2" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 

@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
-    for share in ("class_mention", "pretrain_task_appearance", "pool_contrast"):
+    for share in ("class_mention", "pretrain_task_appearance", "pool_contrast", "pool_tint"):
         value = getattr(args, share, 0.0)
         if not 0.0 <= value <= 1.0:
             parser.error(f"--{share.replace('_', '-')} must be in [0, 1], got {value!r}")

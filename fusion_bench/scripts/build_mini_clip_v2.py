@@ -48,6 +48,8 @@ class MiniClipRecipeV2:
             (the others in the pool's own colours, :func:`~fusion_bench.data.mini_tasks.v2.pool_appearance`).
         pool_contrast: contrast of the pool's images of the domains the colour change leaves alone
             (:data:`~fusion_bench.data.mini_tasks.v2.POOL_CONTRAST_DOMAINS`; 1.0: the tasks' own contrast).
+        pool_tint: below 1.0, the pool's house numbers and textures are tinted instead (red channel × this,
+            :func:`~fusion_bench.data.mini_tasks.v2.pool_tint`); 1.0: no tint.
         pretrain_steps / pretrain_batch_size / pretrain_learning_rate: contrastive pre-training
             (AdamW, warm-up then cosine decay).
         finetune_steps / finetune_batch_size / finetune_learning_rate: each expert's
@@ -68,6 +70,7 @@ class MiniClipRecipeV2:
     class_mention: float = 0.8
     pretrain_task_appearance: float = 0.0
     pool_contrast: float = 0.4
+    pool_tint: float = 1.0
     pretrain_steps: int = 4800
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 2e-3
@@ -99,7 +102,11 @@ def _pretrain_v2(clip_dir: Path, recipe: MiniClipRecipeV2) -> list[float]:
 
     model, processor = CLIPModel.from_pretrained(str(clip_dir)), CLIPProcessor.from_pretrained(str(clip_dir))
     images, tasks, labels = v2.pretraining_pool(
-        recipe.seed, recipe.pretrain_images_per_task, recipe.pretrain_task_appearance, recipe.pool_contrast
+        recipe.seed,
+        recipe.pretrain_images_per_task,
+        recipe.pretrain_task_appearance,
+        recipe.pool_contrast,
+        recipe.pool_tint,
     )
 
     def batches(step: int) -> tuple[torch.Tensor, list[str]]:
